@@ -1,0 +1,1 @@
+"""Kernel families, one file each: the C++ op wrappers (``cpp.py``) and the Triton kernels."""

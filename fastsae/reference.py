@@ -1,0 +1,367 @@
+"""Eager PyTorch reference: every op and every loss of DESIGN.md §1, written for clarity.
+
+This module is the oracle for every test and the "eager" backend. It materialises the dense
+``[B, d_sae]`` tensors on purpose: it is what the fused backends must agree with.
+
+Conventions (shared by every backend):
+- ``x`` is ``[B, d_in]`` here; the modules flatten ``[..., d_in]`` before calling.
+- ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``,
+  ``threshold [d_sae]``, ``bandwidth`` a positive float or a ``[d_sae]`` tensor.
+- JumpReLU: ``f = pre * H(pre - θ)`` with ``H(0) = 0``; the rectangle kernel is the *open*
+  interval ``K(u) = 1{-1/2 < u < 1/2}``.
+- Reconstruction error ``mse = mean_b Σ_i (x̂ - x)²`` (sum over d_in, mean over the batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Bandwidth = Union[float, Tensor]
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel ``K(u) = 1{-1/2 < u < 1/2}`` (open interval), in ``u``'s dtype."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _sum_to_latents(t: Tensor) -> Tensor:
+    """Sum every leading (batch) dimension away, leaving ``[d_sae]``."""
+    return t.reshape(-1, t.shape[-1]).sum(0)
+
+
+def _kernel_window(pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> tuple[Tensor, Tensor]:
+    """``(K(u), ε)`` in float32-or-wider, ``u = (pre - θ) / ε``; θ and ε broadcast over rows."""
+    wide = torch.promote_types(torch.promote_types(pre.dtype, threshold.dtype), torch.float32)
+    eps = bandwidth.to(wide)
+    u = (pre.to(wide) - threshold.to(wide)) / eps
+    return rectangle(u), eps
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """``f = pre · H(pre - θ)``.
+
+    ``∂f/∂pre = H(pre - θ)``; ``∂f/∂θ := -(θ/ε) K((pre - θ)/ε)`` (rectangle-kernel pseudo-derivative).
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, threshold, bandwidth)
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold, bandwidth = ctx.saved_tensors
+        grad_pre = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_pre = grad * (pre > threshold).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            k, eps = _kernel_window(pre, threshold, bandwidth)
+            theta = threshold.to(eps.dtype)
+            g = -(theta / eps) * k * grad.to(eps.dtype)
+            grad_threshold = _sum_to_latents(g).to(threshold.dtype)
+        return grad_pre, grad_threshold, None
+
+
+class StepFunction(torch.autograd.Function):
+    """``H(pre - θ)``.
+
+    ``∂H/∂pre := 0`` (no gradient reaches the encoder through the step);
+    ``∂H/∂θ := -(1/ε) K((pre - θ)/ε)``.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, threshold, bandwidth)
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold, bandwidth = ctx.saved_tensors
+        grad_pre = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_pre = torch.zeros_like(pre)
+        if ctx.needs_input_grad[1]:
+            k, eps = _kernel_window(pre, threshold, bandwidth)
+            g = -(1.0 / eps) * k * grad.to(eps.dtype)
+            grad_threshold = _sum_to_latents(g).to(threshold.dtype)
+        return grad_pre, grad_threshold, None
+
+
+def _as_tensor(bandwidth: Bandwidth, like: Tensor) -> Tensor:
+    if isinstance(bandwidth, Tensor):
+        return bandwidth.to(like.device)
+    return torch.tensor(float(bandwidth), dtype=like.dtype, device=like.device)
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: Bandwidth = 1e-3) -> Tensor:
+    """JumpReLU ``pre · H(pre - θ)`` with the rectangle-kernel pseudo-derivative for ``θ``."""
+    return JumpReLUFunction.apply(pre, threshold, _as_tensor(bandwidth, threshold))
+
+
+def step(pre: Tensor, threshold: Tensor, bandwidth: Bandwidth = 1e-3) -> Tensor:
+    """Heaviside ``H(pre - θ)`` with the rectangle-kernel pseudo-derivative for ``θ`` only."""
+    return StepFunction.apply(pre, threshold, _as_tensor(bandwidth, threshold))
+
+
+def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row, sorted descending: ``(values [.., k], indices [.., k] int64)``."""
+    return torch.topk(pre, k, dim=-1, largest=True, sorted=True)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
+    """``x̂[b] = Σ_j values[b, j] · W_dec[indices[b, j]] (+ b_dec)``; ``[..., k] -> [..., d_in]``."""
+    out = torch.einsum("...k,...kd->...d", values, W_dec[indices])
+    return out if b_dec is None else out + b_dec
+
+
+# ----------------------------------------------------------------------------------------------
+# SAE forward passes. Every backend implements these with the same signature and outputs;
+# the losses below are computed from their outputs and are shared by every backend.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SAEForward:
+    """What one SAE forward pass hands to the loss.
+
+    x_hat:    ``[B, d_in]`` reconstruction.
+    l0:       ``[B]`` active latents per row (float). For JumpReLU it carries the step function's
+              pseudo-gradient to the threshold, so ``l0.mean()`` is the differentiable L0 penalty.
+    fired:    ``[d_sae]`` bool, latents active in at least one row (dead-latent tracking).
+    values, indices: the sparse code (TopK / BatchTopK); ``None`` where the backend keeps it dense.
+    sparsity: ``[B]`` differentiable per-row sparsity penalty where it is not ``l0`` (ReLU, Gated).
+    aux:      scalar auxiliary loss computed inside the forward (Gated's frozen-decoder term).
+    min_kept: BatchTopK's smallest kept activation (for its inference threshold).
+    """
+
+    x_hat: Tensor
+    l0: Tensor
+    fired: Tensor
+    values: Optional[Tensor] = None
+    indices: Optional[Tensor] = None
+    sparsity: Optional[Tensor] = None
+    aux: Optional[Tensor] = None
+    min_kept: Optional[Tensor] = None
+
+
+def encoder_input(x: Tensor, b_dec: Tensor, apply_b_dec_to_input: bool) -> Tensor:
+    return x - b_dec if apply_b_dec_to_input else x
+
+
+def jumprelu_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: Bandwidth,
+    apply_b_dec_to_input: bool = False,
+) -> SAEForward:
+    pre = encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc
+    f = jumprelu(pre, threshold, bandwidth)
+    x_hat = f @ W_dec + b_dec
+    l0 = step(pre, threshold, bandwidth).sum(-1, dtype=torch.float32)
+    fired = (pre > threshold).any(0)
+    return SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+
+
+def topk_scatter(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
+    """Dense ``[B, d_sae]`` code from a sparse one (the eager way; what the fused path avoids)."""
+    return torch.zeros(*values.shape[:-1], d_sae, dtype=values.dtype, device=values.device).scatter(
+        -1, indices, values
+    )
+
+
+def topk_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    apply_b_dec_to_input: bool = True,
+) -> SAEForward:
+    pre = F.relu(encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc)
+    values, indices = topk(pre, k)
+    f = topk_scatter(values, indices, W_enc.shape[1])
+    x_hat = f @ W_dec + b_dec
+    active = f > 0
+    return SAEForward(
+        x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), values=values, indices=indices
+    )
+
+
+def batchtopk_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    apply_b_dec_to_input: bool = True,
+) -> SAEForward:
+    """Keep the ``B·k`` largest activations of the whole batch (Bussmann et al. 2024)."""
+    pre = F.relu(encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc)
+    B = pre.shape[0]
+    flat = pre.reshape(-1)
+    n_keep = min(B * k, flat.numel())
+    kept_vals, kept_idx = torch.topk(flat, n_keep, sorted=False)
+    f = torch.zeros_like(flat).scatter(0, kept_idx, kept_vals).reshape(pre.shape)
+    x_hat = f @ W_dec + b_dec
+    active = f > 0
+    positive = kept_vals[kept_vals > 0]
+    min_kept = positive.min().detach() if positive.numel() else None
+    return SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), min_kept=min_kept)
+
+
+def relu_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    apply_b_dec_to_input: bool = False,
+) -> SAEForward:
+    """ReLU SAE; ``sparsity`` is the decoder-norm-weighted L1 ``Σ_j f_j ‖W_dec[j]‖`` per row."""
+    f = F.relu(encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc)
+    x_hat = f @ W_dec + b_dec
+    sparsity = f @ W_dec.norm(dim=1)
+    active = f > 0
+    return SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), sparsity=sparsity)
+
+
+def gated_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_gate: Tensor,
+    r_mag: Tensor,
+    b_mag: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    apply_b_dec_to_input: bool = True,
+) -> SAEForward:
+    """Gated SAE (Rajamanoharan et al. 2024). ``W_enc`` is ``W_gate``; ``W_mag = exp(r_mag) ⊙ W_gate``.
+
+    ``sparsity`` is ``‖relu(π_gate)‖₁`` per row; ``aux`` is ``mean_b ‖x - x̂_frozen(relu(π_gate))‖²``
+    with *detached* decoder weights and bias, as in the paper.
+    """
+    x_in = encoder_input(x, b_dec, apply_b_dec_to_input)
+    pi_gate = x_in @ W_enc + b_gate
+    pi_mag = x_in @ (W_enc * torch.exp(r_mag)) + b_mag
+    gate = pi_gate > 0
+    f = gate.to(pi_mag.dtype) * F.relu(pi_mag)
+    x_hat = f @ W_dec + b_dec
+    relu_gate = F.relu(pi_gate)
+    x_hat_frozen = relu_gate @ W_dec.detach() + b_dec.detach()
+    aux = (x_hat_frozen - x).pow(2).sum(-1).mean()
+    active = f > 0
+    return SAEForward(
+        x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), sparsity=relu_gate.sum(-1), aux=aux
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """``mean_b Σ_i (x̂ - x)²``."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Fraction of variance unexplained: ``Σ (x̂ - x)² / Σ (x - mean_b x)²`` over the batch."""
+    total = (x - x.mean(0)).pow(2).sum()
+    return (x_hat - x).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def auxk_loss(residual: Tensor, residual_hat: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): ``‖e - ê‖² / ‖e - mean e‖²`` over the batch; ``e`` is detached by the caller."""
+    total = (residual - residual.mean(0)).pow(2).sum()
+    return (residual_hat - residual).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def auxk_reconstruction(
+    x_in: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_mask: Tensor, k_aux: int,
+    topk=topk, decode=sparse_decode,
+) -> Optional[Tensor]:
+    """``ê``: the residual reconstructed from the top ``k_aux`` dead pre-activations, *without* ``b_dec``.
+
+    Only the dead latents' encoder columns are multiplied. ``topk``/``decode`` let a backend supply
+    its own kernels. Returns ``None`` when no latent is dead.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    if dead.numel() == 0:
+        return None
+    pre_dead = F.relu(x_in @ W_enc[:, dead] + b_enc[dead])
+    values, idx = topk(pre_dead, min(k_aux, dead.numel()))
+    return decode(values, idx, W_dec[dead], None)
+
+
+def jumprelu_loss(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: Bandwidth,
+    sparsity_coefficient: float,
+    apply_b_dec_to_input: bool = False,
+) -> dict:
+    """``mean_b Σ_i (x̂ - x)² + λ · mean_b Σ_j H(pre - θ)``."""
+    out = jumprelu_sae_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input)
+    m = mse(out.x_hat, x)
+    sparsity = out.l0.mean()
+    return dict(loss=m + sparsity_coefficient * sparsity, mse=m, sparsity=sparsity, x_hat=out.x_hat)
+
+
+def topk_loss(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Optional[Tensor] = None,
+    k_aux: int = 512,
+    aux_coefficient: float = 1 / 32,
+    apply_b_dec_to_input: bool = True,
+    batch_topk: bool = False,
+) -> dict:
+    """``mean_b Σ_i (x̂ - x)² + α · AuxK`` (TopK, or BatchTopK with ``batch_topk=True``)."""
+    forward = batchtopk_sae_forward if batch_topk else topk_sae_forward
+    out = forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+    m = mse(out.x_hat, x)
+    aux = x.new_zeros(())
+    if dead_mask is not None:
+        x_in = encoder_input(x, b_dec, apply_b_dec_to_input)
+        e_hat = auxk_reconstruction(x_in, W_enc, b_enc, W_dec, dead_mask, k_aux)
+        if e_hat is not None:
+            aux = auxk_loss((x - out.x_hat).detach(), e_hat)
+    return dict(loss=m + aux_coefficient * aux, mse=m, aux=aux, x_hat=out.x_hat)
+
+
+def relu_loss(x, W_enc, b_enc, W_dec, b_dec, sparsity_coefficient: float, apply_b_dec_to_input=False) -> dict:
+    """``mean_b Σ_i (x̂ - x)² + λ · mean_b Σ_j f_j ‖W_dec[j]‖``."""
+    out = relu_sae_forward(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input)
+    m = mse(out.x_hat, x)
+    sparsity = out.sparsity.mean()
+    return dict(loss=m + sparsity_coefficient * sparsity, mse=m, sparsity=sparsity, x_hat=out.x_hat)
+
+
+def gated_loss(
+    x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, sparsity_coefficient: float, apply_b_dec_to_input=True
+) -> dict:
+    """``MSE + λ‖relu(π_gate)‖₁ + ‖x - x̂_frozen(relu(π_gate))‖²`` (all means over the batch)."""
+    out = gated_sae_forward(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, apply_b_dec_to_input)
+    m = mse(out.x_hat, x)
+    sparsity = out.sparsity.mean()
+    return dict(loss=m + sparsity_coefficient * sparsity + out.aux, mse=m, sparsity=sparsity, aux=out.aux,
+                x_hat=out.x_hat)

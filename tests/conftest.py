@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+import fastsae
+
+# Triton is exercised on CPU tensors through its interpreter; .ci/run sets TRITON_INTERPRET=1.
+BACKENDS = fastsae.backends()
+FAST_BACKENDS = [b for b in BACKENDS if b != "eager"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    return f"fastsae backends here: {BACKENDS} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
