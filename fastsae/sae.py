@@ -176,6 +176,11 @@ class SAE(nn.Module):
         if self.unit_norm_decoder:
             self.normalize_decoder()
 
+    def observe(self, x: Tensor, out: TrainOutput) -> None:
+        """Training-loop hook, called after every optimizer step with the batch ``x [B, d_in]`` (in the
+        parameters' dtype) and its ``TrainOutput``. Architectures with running statistics (e.g. an adaptive
+        JumpReLU bandwidth) update them here; the default keeps none."""
+
     def config(self) -> dict:
         """Constructor arguments that rebuild this module (used by ``save``/``load``)."""
         return dict(
