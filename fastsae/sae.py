@@ -202,14 +202,22 @@ class SAE(nn.Module):
 
 
 def dense_to_padded(f: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense ``[B, d_sae]`` -> padded ``(values, indices) [B, K]`` of the nonzero entries, K = max row count."""
-    active = f != 0
-    K = int(active.sum(-1).max()) if f.shape[0] else 0
-    # Sorting the mask puts each row's active latents first; ties keep latent order (stable).
-    order = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :K]
-    values = f.gather(-1, order)
-    keep = active.gather(-1, order)
-    return values * keep, torch.where(keep, order, torch.zeros_like(order))
+    """Dense ``[B, d_sae]`` -> padded ``(values, indices) [B, K]`` of the nonzero entries, K = max row count.
+
+    Each row's active latents come first, in latent order; the rest is padding (value 0, index 0).
+    One pass over ``f`` plus O(nnz) work: no sort over ``d_sae``.
+    """
+    B = f.shape[0]
+    rows, cols = (f != 0).nonzero(as_tuple=True)  # row-major order
+    counts = torch.bincount(rows, minlength=B)
+    K = int(counts.max()) if B else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=f.device) - starts[rows]
+    values = f.new_zeros(B, K)
+    indices = torch.zeros(B, K, dtype=torch.long, device=f.device)
+    values[rows, slot] = f[rows, cols]
+    indices[rows, slot] = cols
+    return values, indices
 
 
 class JumpReLUSAE(SAE):
