@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from . import _checks as check
 from .backends import Backend, check_name, get as get_backend
 from . import reference as ref
+from . import adaptive as adaptive_rule
+from .adaptive import AdaptiveBandwidth
 
 
 @dataclass
@@ -224,22 +226,34 @@ class JumpReLUSAE(SAE):
     """JumpReLU SAE (Rajamanoharan et al. 2024): ``f = pre · H(pre - θ)``, L0 penalty via pseudo-derivatives.
 
     Args:
-        bandwidth: ε of the rectangle kernel, a float or a per-latent ``[d_sae]`` tensor.
+        bandwidth: ε of the rectangle kernel: a float, a per-latent ``[d_sae]`` tensor, or ``"adaptive"``
+            (or a :class:`fastsae.adaptive.AdaptiveBandwidth`) for a per-latent ε adapted during training
+            from running statistics of each latent's pre-activations near its threshold (see
+            ``fastsae/adaptive.py``; updated in :meth:`observe`, which the training loop calls).
         sparsity_coefficient: λ of the L0 penalty.
         threshold_init: initial θ (the paper: 0.001, for inputs with mean squared norm 1).
-    ``threshold`` is stored directly, in float32 (float64 for a float64 SAE), and kept >= 0.
+        threshold_parameterization: ``"direct"`` (default): θ is the parameter, clamped at 0 after each
+            step, so Adam moves it by about ``lr`` per step; ``"log"`` (the paper): the parameter is
+            ``log_threshold`` and ``threshold`` is its exponential (moves only about ``θ · lr`` per step).
+        adaptive: options of the adaptive rule (a dict of :class:`~fastsae.adaptive.AdaptiveBandwidth`
+            fields), only with ``bandwidth="adaptive"``.
+    θ (and ε) are kept in float32 (float64 for a float64 SAE) whatever the module's compute dtype, also
+    across ``.to(dtype)``: a bf16 threshold stops learning once its updates fall below its precision.
     """
 
     architecture = "jumprelu"
+    PARAMETERIZATIONS = ("direct", "log")
 
     def __init__(
         self,
         d_in: int,
         d_sae: int,
         *,
-        bandwidth: Union[float, Tensor] = 1e-3,
+        bandwidth: Union[float, Tensor, str, "AdaptiveBandwidth"] = 1e-3,
         sparsity_coefficient: float = 1e-3,
         threshold_init: float = 1e-3,
+        threshold_parameterization: str = "direct",
+        adaptive: Optional[dict] = None,
         apply_b_dec_to_input: bool = False,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
@@ -247,13 +261,57 @@ class JumpReLUSAE(SAE):
     ):
         super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
                          device=device)
+        if threshold_parameterization not in self.PARAMETERIZATIONS:
+            raise ValueError(f"threshold_parameterization must be one of {list(self.PARAMETERIZATIONS)}, "
+                             f"got {threshold_parameterization!r}")
         if threshold_init < 0:
             raise ValueError(f"threshold_init must be >= 0, got {threshold_init}")
+        if threshold_parameterization == "log" and not threshold_init > 0:
+            raise ValueError(f"threshold_init must be > 0 with threshold_parameterization='log', got {threshold_init}")
         self.sparsity_coefficient = float(sparsity_coefficient)
+        self.threshold_parameterization = threshold_parameterization
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
-        th_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold_init), dtype=th_dtype, device=device))
-        self.register_buffer("bandwidth", check.bandwidth(bandwidth, d_sae, self.threshold))
+        th_init = torch.full((d_sae,), float(threshold_init), dtype=self._wide_dtype(), device=device)
+        if threshold_parameterization == "log":
+            self.log_threshold = nn.Parameter(th_init.log())
+        else:
+            self.threshold = nn.Parameter(th_init)
+
+        # The bandwidth: fixed (float or [d_sae]) or adapted per latent by the rule of fastsae/adaptive.py.
+        if isinstance(bandwidth, AdaptiveBandwidth):
+            if adaptive is not None:
+                raise ValueError("adaptive options go either in bandwidth=AdaptiveBandwidth(...) or in adaptive=, "
+                                 "not both")
+            rule = bandwidth
+        elif isinstance(bandwidth, str):
+            if bandwidth != "adaptive":
+                raise ValueError(f"bandwidth must be a float, a [d_sae] tensor or 'adaptive', got {bandwidth!r}")
+            rule = AdaptiveBandwidth.from_config(adaptive)
+        else:
+            if adaptive is not None:
+                raise ValueError("adaptive options need bandwidth='adaptive'")
+            rule = None
+        self.adaptive = rule
+        self.register_buffer("bandwidth", check.bandwidth(rule.eps_init if rule else bandwidth, d_sae, th_init))
+        self._observed = 0
+        if rule is not None:
+            # Running statistics are not saved: after a load they re-warm within ~1/(1 - decay) updates,
+            # while ε itself (the `bandwidth` buffer) is saved, so nothing jumps.
+            for name, t in adaptive_rule.new_state(d_sae, th_init.dtype, device).items():
+                self.register_buffer(f"_adaptive_{name}", t, persistent=False)
+
+    def _wide_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def threshold(self) -> Tensor:
+        """θ ``[d_sae]`` (float32, or float64 for a float64 SAE): the parameter itself, or ``exp(log_threshold)``."""
+        if self.__dict__.get("threshold_parameterization") == "log":
+            return self.log_threshold.exp()
+        p = self._parameters.get("threshold")
+        if p is None:  # AttributeError (not KeyError) so that hasattr() and nn.Module registration work
+            raise AttributeError("threshold")
+        return p
 
     def _dense_code(self, x):
         return self.ops(x.device).jumprelu(self._pre(x), self.threshold, self.bandwidth)
@@ -268,10 +326,76 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def apply_constraints(self) -> None:
         super().apply_constraints()
-        self.threshold.clamp_(min=0)
+        if self.threshold_parameterization == "direct":
+            self.threshold.clamp_(min=0)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor, out: TrainOutput) -> None:
+        """Adapt the per-latent bandwidth (``bandwidth="adaptive"`` only) from a subsample of the batch ``x``.
+
+        ``pre`` is recomputed under ``no_grad`` on at most ``adaptive.sample_rows`` evenly strided rows,
+        so no kernel has to expose it; see ``fastsae/adaptive.py`` for the rule.
+        """
+        rule = self.adaptive
+        if rule is None:
+            return
+        self._observed += 1
+        if (self._observed - 1) % rule.every:
+            return
+        x2 = x.reshape(-1, self.d_in).to(self.dtype)
+        B = x2.shape[0]
+        if B == 0:
+            return
+        sub = x2[:: max(1, B // rule.sample_rows)][: rule.sample_rows]
+        state = {name: getattr(self, f"_adaptive_{name}") for name in adaptive_rule.STATE}
+        adaptive_rule.update(rule, self.bandwidth, state, self._pre(sub), self.threshold, B)
+
+    def _wide_tensors(self) -> list[tuple[dict, str]]:
+        names = ["log_threshold" if self.threshold_parameterization == "log" else "threshold"]
+        out = [(self._parameters, n) for n in names]
+        out += [(self._buffers, n) for n in self._buffers if n == "bandwidth" or n.startswith("_adaptive_")]
+        return out
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating tensor; θ and ε must stay float32 (float64 for a float64 SAE).
+        # Keep the originals and re-cast them from full precision, so no round trip through bf16 happens.
+        before = {}
+        for store, name in self._wide_tensors():
+            t = store[name]
+            if t is not None and t.is_floating_point():
+                before[name] = (t.detach(), None if getattr(t, "grad", None) is None else t.grad.detach())
+        super()._apply(fn, recurse)
+        wide = self._wide_dtype()
+        for store, name in self._wide_tensors():
+            if name not in before or store[name].dtype == wide:
+                continue
+            old, old_grad = before[name]
+            cur = store[name]
+            fixed = old.to(device=cur.device, dtype=wide)
+            if isinstance(cur, nn.Parameter):
+                cur.data = fixed
+                if old_grad is not None:
+                    cur.grad = old_grad.to(device=cur.device, dtype=wide)
+            else:
+                store[name] = fixed
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept either parameterisation's key (e.g. a SAELens/Gemma Scope `threshold` into a log-θ module).
+        direct, log = prefix + "threshold", prefix + "log_threshold"
+        if self.threshold_parameterization == "log" and direct in state_dict and log not in state_dict:
+            th = state_dict.pop(direct)
+            state_dict[log] = th.clamp_min(torch.finfo(th.dtype).tiny).log()
+        elif self.threshold_parameterization == "direct" and log in state_dict and direct not in state_dict:
+            state_dict[direct] = state_dict.pop(log).exp()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def config(self):
-        return dict(super().config(), sparsity_coefficient=self.sparsity_coefficient)
+        cfg = dict(super().config(), sparsity_coefficient=self.sparsity_coefficient,
+                   threshold_parameterization=self.threshold_parameterization)
+        if self.adaptive is not None:
+            cfg.update(bandwidth="adaptive", adaptive=self.adaptive.config())
+        return cfg
 
 
 class TopKSAE(SAE):
