@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "info": "fastsae.cli:add_info",
+    "harvest": "fastsae.activations:add_cli",
 }
 
 
