@@ -1,0 +1,184 @@
+"""The ``triton`` backend: fused sparse SAE training on GPUs (DESIGN.md §2).
+
+JumpReLU training step::
+
+    encode_jumprelu      one GEMM x @ W_enc; epilogue keeps active ∪ window entries   (encode.py)
+    sampled_encoder      attaches the encoder's sparse backward to those entries       (encode.py)
+    jumprelu_decode      x̂ = Σ f·W_dec rows, l0; backward: SDDMM + per-latent segments (decode.py)
+
+TopK / BatchTopK: ``encode_topk`` / ``encode_batchtopk`` (GEMM + per-tile top-k epilogue), then
+``sampled_encoder`` and ``sparse_decode``. Nothing of size ``[B, d_sae]`` is written in training.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a correctness tool). Inputs
+whose dtype the kernels do not take on a device (bf16 in the interpreter), empty batches, and the
+architectures without fused kernels (ReLU, Gated) use the eager reference — never an approximation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference as ref
+from ..backends import Backend
+
+
+def _triton_import_error():
+    try:
+        import triton  # noqa: F401
+
+        return None
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({type(e).__name__}: {e}); install it with `pip install triton`"
+
+
+class TritonBackend(Backend):
+    """Triton kernels: fused encoder, sparse decode, sparse backward, elementwise JumpReLU/step, top-k."""
+
+    name = "triton"
+
+    @classmethod
+    def availability(cls):
+        why = _triton_import_error()
+        if why is not None:
+            return False, why
+        from .triton_common import interpreting
+
+        if torch.cuda.is_available():
+            import triton
+
+            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        if interpreting():
+            return True, "triton interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for testing)"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter)"
+
+    def supports(self, device):
+        from .triton_common import interpreting
+
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and interpreting():
+            return None
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device.type}"
+
+    # -- helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _ok(*tensors) -> bool:
+        """Every tensor has a dtype the kernels take on its device, and there is work to do."""
+        from .triton_common import kernel_dtypes
+
+        for t in tensors:
+            if t is None:
+                continue
+            if t.dtype not in kernel_dtypes(t.device) or t.numel() == 0:
+                return False
+        return True
+
+    # -- elementwise and selection ops ----------------------------------------------------
+    def jumprelu(self, pre, threshold, bandwidth):
+        if not self._ok(pre, threshold, bandwidth):
+            return super().jumprelu(pre, threshold, bandwidth)
+        from . import jumprelu as ops
+
+        return ops.jumprelu(pre, threshold, bandwidth.to(threshold.dtype))
+
+    def step(self, pre, threshold, bandwidth):
+        if not self._ok(pre, threshold, bandwidth):
+            return super().step(pre, threshold, bandwidth)
+        from . import jumprelu as ops
+
+        return ops.step(pre, threshold, bandwidth.to(threshold.dtype))
+
+    def topk(self, pre, k):
+        if not self._ok(pre):
+            return super().topk(pre, k)
+        from . import topk as ops
+
+        lead = pre.shape[:-1]
+        v, i = ops.topk(pre.reshape(-1, pre.shape[-1]), k)
+        return v.reshape(*lead, k), i.reshape(*lead, k)
+
+    def sparse_decode(self, values, indices, W_dec, b_dec):
+        if not self._ok(values, W_dec) or values.shape[-1] == 0:
+            return super().sparse_decode(values, indices, W_dec, b_dec)
+        from . import decode as ops
+
+        lead, k = values.shape[:-1], values.shape[-1]
+        out = ops.sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec, b_dec)
+        return out.reshape(*lead, W_dec.shape[1])
+
+    # -- fused SAE forward passes ---------------------------------------------------------
+    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input):
+        if not self._ok(x, W_enc, b_enc, W_dec, b_dec, threshold):
+            return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input)
+        from .decode import jumprelu_decode
+        from .encode import encode_jumprelu, sampled_encoder
+        from .triton_common import segments
+
+        d_sae = W_enc.shape[1]
+        x = x.contiguous()
+        bandwidth = bandwidth.to(device=threshold.device, dtype=threshold.dtype).contiguous()
+        with torch.no_grad():
+            x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
+            idx, pre, counts = encode_jumprelu(x_in.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(),
+                                               bandwidth)
+            order, offsets = segments(idx, counts, d_sae)
+        pre = sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, idx, counts, pre,
+                              order, offsets)
+        x_hat, l0 = jumprelu_decode(pre, idx, counts, threshold, bandwidth, W_dec, b_dec, order, offsets)
+        with torch.no_grad():
+            K = idx.shape[1]
+            valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
+            active = valid & (pre > threshold[idx.long()])
+            fired = _fired(idx, active, d_sae)
+        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+
+    def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
+        if not self._ok(x, W_enc, b_enc, W_dec, b_dec):
+            return super().topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+        from .decode import sparse_decode
+        from .encode import encode_topk, sampled_encoder
+        from .triton_common import segments
+
+        d_sae = W_enc.shape[1]
+        x = x.contiguous()
+        with torch.no_grad():
+            x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
+            values, indices = encode_topk(x_in.detach(), W_enc.detach(), b_enc.detach(), k)
+            order, offsets = segments(indices, None, d_sae)
+        values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, None,
+                                        values, order, offsets))
+        x_hat = sparse_decode(values, indices, W_dec, b_dec)
+        with torch.no_grad():
+            active = values > 0
+            fired = _fired(indices, active, d_sae)
+        return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values, indices=indices)
+
+    def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
+        if not self._ok(x, W_enc, b_enc, W_dec, b_dec):
+            return super().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+        from .decode import sparse_decode
+        from .encode import encode_batchtopk, sampled_encoder
+        from .triton_common import segments
+
+        d_sae = W_enc.shape[1]
+        x = x.contiguous()
+        with torch.no_grad():
+            x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
+            values, indices, counts = encode_batchtopk(x_in.detach(), W_enc.detach(), b_enc.detach(), k)
+            order, offsets = segments(indices, counts, d_sae)
+        values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, counts,
+                                        values, order, offsets))
+        x_hat = sparse_decode(values, indices, W_dec, b_dec)
+        with torch.no_grad():
+            active = values > 0
+            fired = _fired(indices, active, d_sae)
+            positive = values[active]
+            min_kept = positive.min() if positive.numel() else None
+        return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, min_kept=min_kept)
+
+
+def _fired(indices, active, d_sae):
+    """``[d_sae]`` bool: latents active in at least one row, from compact lists (no dense code)."""
+    slot = torch.where(active, indices.long(), torch.full_like(indices, d_sae, dtype=torch.long))
+    hit = torch.zeros(d_sae + 1, dtype=torch.int8, device=indices.device)
+    return hit.scatter_(0, slot.reshape(-1), 1)[:d_sae].bool()
