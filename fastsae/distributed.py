@@ -1,0 +1,974 @@
+"""Beyond one device: data-parallel and latent-sharded SAE training on ``torch.distributed``.
+
+Everything here runs on PyTorch's own distributed engine (process groups launched by ``torchrun`` or any
+launcher that sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``): NCCL when the ranks own GPUs,
+gloo on CPU, chosen automatically by :func:`init`.
+
+The process grid
+----------------
+``world_size = data_size × latent_size``. Rank ``r`` sits at ``(data_rank, latent_rank) = divmod(r, latent_size)``,
+so the ranks that split one SAE's latents are neighbours (same node, fastest links) and the ranks that hold
+the same latent slice on different data form the data groups.
+
+Data parallel (``latent_size == 1``)
+------------------------------------
+Every rank reads a disjoint slice of the data (:func:`shard_range`, :func:`shard_items`) and computes the
+loss of its local batch. :class:`DataParallel` then reduces, once per step:
+- the gradients, summed and divided by ``data_size`` in one flat all-reduce per dtype (with the per-rank
+  losses riding in the same buffer, so a NaN on one rank is seen by every rank in the same collective and
+  all of them raise :class:`NonFiniteLossError` together);
+- the running-statistic buffers (adaptive bandwidth, BatchTopK threshold, ...): each rank's *change*
+  in this step is averaged, so constant buffers stay bit-exact and every rank ends the step identical;
+- the ``fired`` mask (dead-latent statistics, OR over ranks) and the dataset normalisation factor.
+Decoder normalisation and the threshold clamp are elementwise functions of identical parameters, so
+they stay identical without communication.
+Because the loss of every architecture except the AuxK term is a mean over rows, the mean of the per-rank
+gradients equals the gradient of one process on the global batch (``per-rank batch × data_size``). AuxK's
+normaliser ``‖e - mean e‖²`` and BatchTopK's ``B·k`` selection are per rank (as in other libraries).
+
+Latent sharding (``latent_size > 1``)
+-------------------------------------
+:class:`ShardedSAE` keeps ``W_enc[:, s]``, ``b_enc[s]``, ``threshold[s]``, ``W_dec[s]`` (and every other
+per-latent tensor) for one contiguous slice ``s`` of the latents; ``b_dec`` is replicated. Each rank
+encodes its slice with the backend's kernels. TopK/BatchTopK take a local top-k, and the candidates are
+merged with one all-gather of ``(value, global index)`` pairs per row (``[B, k]`` per rank, never the dense
+``[B, d_sae]``); each rank decodes the winners it owns and the partial reconstructions are all-reduced.
+JumpReLU/ReLU need no merge: partial ``x̂`` and ``l0`` are all-reduced. Backward mirrors it (Megatron's
+"copy in / reduce out" pair): the all-reduce of partial sums has an identity backward, and the replicated
+``b_dec`` entering the encoder all-reduces its gradient. AuxK runs the same merge over the dead latents.
+Data and latent parallelism combine on the 2-D grid.
+
+Checkpoints
+-----------
+:func:`save_sharded` writes one safetensors file per latent shard plus a ``shards.json`` manifest written
+last (temp file + rename), so a directory with a manifest is always complete. :func:`load_sharded` rebuilds
+a single-process SAE from it (``fastsae.load`` recognises the manifest); :func:`load_shard` resumes a
+:class:`ShardedSAE` on any latent size.
+
+Failures
+--------
+Every collective runs under the process group's time-out (:func:`init`, default 600 s, env
+``FASTSAE_DIST_TIMEOUT``); a failing collective (peer died, time-out) is re-raised as
+:class:`DistributedError` naming this rank and the operation, instead of hanging.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference as ref
+
+MANIFEST = "shards.json"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank died, raised, or did not arrive within the time-out."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or a gradient) is NaN/inf on at least one rank; raised on every rank at the same step."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Process grid
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where this process sits. A single process is ``Grid()`` (every size 1, no process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    data_rank: int = 0
+    data_size: int = 1
+    latent_rank: int = 0
+    latent_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: Optional[str] = None
+    timeout: datetime.timedelta = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    data_group: Any = None
+    latent_group: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 of the world: the one that logs and writes replicated files."""
+        return self.rank == 0
+
+    def global_rank(self, data_rank: int, latent_rank: int) -> int:
+        return data_rank * self.latent_size + latent_rank
+
+
+_GRID: Optional[Grid] = None
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when not launched by a distributed launcher)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as e:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from e
+
+
+def launched() -> bool:
+    """True when this process was started by torchrun (or a launcher setting the same variables) with >1 rank,
+    or a process group is already initialised."""
+    return (dist.is_available() and dist.is_initialized()) or env_world_size() > 1
+
+
+def _timeout(timeout) -> datetime.timedelta:
+    if timeout is None:
+        timeout = float(os.environ.get("FASTSAE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if isinstance(timeout, datetime.timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}")
+    return datetime.timedelta(seconds=float(timeout))
+
+
+def init(
+    latent_parallel: int = 1,
+    *,
+    backend: Optional[str] = None,
+    timeout=None,
+    init_method: Optional[str] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> Grid:
+    """Join (or create) the process group and build the ``data × latent`` grid; returns this rank's :class:`Grid`.
+
+    Without a launcher (no ``WORLD_SIZE`` > 1, no ``init_method``) this is a no-op returning the single-process
+    grid. ``backend``: ``"nccl"`` when CUDA is available, else ``"gloo"``. ``timeout`` (seconds or timedelta)
+    bounds every collective. ``latent_parallel`` ranks share one SAE's latents; it must divide the world size.
+    """
+    global _GRID
+    if isinstance(latent_parallel, bool) or not isinstance(latent_parallel, int) or latent_parallel < 1:
+        raise ValueError(f"latent_parallel must be a positive int, got {latent_parallel!r}")
+    td = _timeout(timeout)
+    if not dist.is_available():
+        raise DistributedError("torch.distributed is not available in this PyTorch build")
+    if not dist.is_initialized():
+        ws = world_size if world_size is not None else env_world_size()
+        if ws <= 1 and init_method is None:
+            if latent_parallel != 1:
+                raise ValueError(f"latent_parallel={latent_parallel} needs that many ranks; this is one process")
+            _GRID = Grid(timeout=td)
+            return _GRID
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            # A collective that times out aborts the communicator and raises instead of hanging forever.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs = dict(backend=backend, timeout=td, init_method=init_method or "env://")
+        if rank is not None:
+            kwargs["rank"] = rank
+        if world_size is not None:
+            kwargs["world_size"] = world_size
+        dist.init_process_group(**kwargs)
+    backend = dist.get_backend()
+    r, ws = dist.get_rank(), dist.get_world_size()
+    if ws % latent_parallel:
+        raise ValueError(f"latent_parallel={latent_parallel} must divide the world size {ws}")
+    lp = latent_parallel
+    dp = ws // lp
+    data_rank, latent_rank = divmod(r, lp)
+    data_group = latent_group = None
+    if lp == 1:
+        data_group = dist.group.WORLD
+    elif dp == 1:
+        latent_group = dist.group.WORLD
+    else:
+        # new_group is collective: every rank creates every group, in the same order.
+        for d in range(dp):
+            g = dist.new_group([d * lp + j for j in range(lp)], timeout=td)
+            if d == data_rank:
+                latent_group = g
+        for j in range(lp):
+            g = dist.new_group([d * lp + j for d in range(dp)], timeout=td)
+            if j == latent_rank:
+                data_group = g
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    _GRID = Grid(rank=r, world_size=ws, data_rank=data_rank, data_size=dp, latent_rank=latent_rank,
+                 latent_size=lp, device=device, backend=backend, timeout=td, data_group=data_group,
+                 latent_group=latent_group)
+    return _GRID
+
+
+def grid() -> Grid:
+    """The grid of the last :func:`init` (the single-process grid before any)."""
+    return _GRID if _GRID is not None else Grid()
+
+
+def shutdown() -> None:
+    """Leave the process group (call at the end of a distributed run)."""
+    global _GRID
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _GRID = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives: error wrapping and byte accounting
+# ------------------------------------------------------------------------------------------------
+
+#: ``(op, group_size, payload_bytes)`` of every collective issued inside :func:`count_bytes`.
+_comm_log: Optional[list] = None
+
+
+@contextmanager
+def count_bytes():
+    """Record every collective issued by this module: yields a list of ``(op, group_size, payload_bytes)``.
+
+    Payload is the tensor handed to the collective on this rank (for an all-gather: this rank's input).
+    """
+    global _comm_log
+    prev, _comm_log = _comm_log, []
+    try:
+        yield _comm_log
+    finally:
+        _comm_log = prev
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _run(op: str, t: Tensor, group, fn):
+    if _comm_log is not None:
+        _comm_log.append((op, _group_size(group), t.numel() * t.element_size()))
+    try:
+        return fn()
+    except Exception as e:
+        r = dist.get_rank() if dist.is_initialized() else 0
+        raise DistributedError(
+            f"rank {r}: {op} over {_group_size(group)} ranks failed — another rank died, raised or did not arrive "
+            f"within the time-out ({type(e).__name__}: {e})"
+        ) from e
+
+
+def all_reduce_(t: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce of ``t`` over ``group`` (no-op for a group of one)."""
+    if group is None or _group_size(group) == 1:
+        return t
+    _run("all_reduce", t, group, lambda: dist.all_reduce(t, op=op, group=group))
+    return t
+
+
+def all_gather(t: Tensor, group) -> Tensor:
+    """``[n, ...] -> [group_size, n, ...]`` (every rank passes the same shape)."""
+    if group is None or _group_size(group) == 1:
+        return t.unsqueeze(0)
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(_group_size(group))]
+    _run("all_gather", t, group, lambda: dist.all_gather(parts, t, group=group))
+    return torch.stack(parts)
+
+
+def broadcast_(t: Tensor, src: int, group) -> Tensor:
+    if group is None or _group_size(group) == 1:
+        return t
+    _run("broadcast", t, group, lambda: dist.broadcast(t, src=src, group=group))
+    return t
+
+
+def barrier(group=None) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # A tiny all-reduce instead of dist.barrier: it honours the group's time-out on every backend.
+    all_reduce_(torch.zeros(1, device=grid().device), group if group is not None else dist.group.WORLD)
+
+
+class _ReduceOut(torch.autograd.Function):
+    """Forward: sum of the partial results of a latent group. Backward: identity (every rank holds the same
+    loss of the summed value, so each partial gets that gradient unchanged)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        return all_reduce_(t.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _CopyIn(torch.autograd.Function):
+    """Forward: identity on a tensor replicated across a latent group. Backward: sum of the gradients of all
+    the ranks' uses (each rank only sees its own latents' contribution)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+def reduce_out(t: Tensor, group) -> Tensor:
+    if group is None or _group_size(group) == 1:
+        return t
+    return _ReduceOut.apply(t, group)
+
+
+def copy_in(t: Tensor, group) -> Tensor:
+    if group is None or _group_size(group) == 1:
+        return t
+    return _CopyIn.apply(t, group)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data sharding
+# ------------------------------------------------------------------------------------------------
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous chunks of ``n`` items; the first ``n % parts`` get one more."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``rank`` of ``n`` items split in ``size`` contiguous, disjoint chunks."""
+    sizes = split_sizes(n, size)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def shard_items(items: Sequence, g: Optional[Grid] = None) -> list:
+    """This data rank's share of a list of files/shards (round-robin, disjoint; latent peers get the same)."""
+    g = g or grid()
+    return list(items)[g.data_rank :: g.data_size]
+
+
+def shard_rows(x: Tensor, g: Optional[Grid] = None) -> Tensor:
+    """This data rank's contiguous slice of the rows of a tensor (a view, no copy)."""
+    g = g or grid()
+    start, stop = shard_range(x.shape[0], g.data_rank, g.data_size)
+    return x[start:stop]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data parallel
+# ------------------------------------------------------------------------------------------------
+
+
+class DataParallel:
+    """The per-step reductions of data-parallel training, for a plain SAE or a :class:`ShardedSAE`.
+
+    Usage on every rank::
+
+        dp = DataParallel(sae)                     # broadcasts parameters and buffers from data-rank 0
+        out = sae.training_forward(x_local)
+        out.loss.backward()
+        loss = dp.reduce_gradients(out.loss)       # averaged grads; global mean loss; raises on NaN anywhere
+        opt.step(); sae.apply_constraints(); sae.observe(x_local, out)
+        dp.sync_buffers()                          # running statistics identical on every rank
+        fired = dp.reduce_fired(out.fired)         # dead-latent statistics of the global batch
+
+    Why one flat all-reduce per dtype after backward rather than ``DistributedDataParallel``: an SAE has
+    three or four large tensors whose gradients are all ready at the very end of a short backward, so
+    DDP's overlap of communication with backward hides little, while its forward hook and buffer broadcast
+    do not fit ``training_forward`` / running statistics; one collective per step also carries the
+    per-rank losses (NaN detection at no extra latency). Measured in benchmarks/bench_comm.py ``--ddp``.
+    """
+
+    def __init__(self, module: nn.Module, g: Optional[Grid] = None, *, broadcast: bool = True):
+        self.module = module
+        self.grid = g or getattr(module, "grid", None) or grid()
+        self.group = self.grid.data_group if self.grid.data_size > 1 else None
+        self.size = self.grid.data_size
+        self.step = 0
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if broadcast and self.group is not None:
+            src = self.grid.global_rank(0, self.grid.latent_rank)
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    broadcast_(t.data, src, self.group)
+        self._buffer_ref = [b.detach().clone() for b in self._float_buffers()]
+
+    def _float_buffers(self) -> list[Tensor]:
+        return [b for b in self.module.buffers() if b.is_floating_point()]
+
+    @torch.no_grad()
+    def reduce_gradients(self, loss: Tensor) -> Tensor:
+        """Average every parameter's gradient over the data group; return the global mean loss (detached).
+
+        Raises :class:`NonFiniteLossError` on every rank when any rank's loss or any gradient is not finite.
+        """
+        self.step += 1
+        losses = torch.zeros(self.size, dtype=torch.float64, device=loss.device)
+        losses[self.grid.data_rank] = loss.detach().double()
+        if self.group is None:
+            bad = not bool(torch.isfinite(losses).all())
+            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None)
+            self._raise_if(bad, losses, grads_finite)
+            return loss.detach()
+        # One buffer per dtype; float64 carries the per-rank losses and one "has a gradient" flag per parameter.
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self.params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        by_dtype.setdefault(torch.float64, [])
+        grads_finite = True
+        for dtype, params in by_dtype.items():
+            parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+            if dtype == torch.float64:
+                has = torch.tensor([float(p.grad is not None) for p in self.params], dtype=dtype, device=loss.device)
+                parts = parts + [losses, has]
+            flat = torch.cat(parts)
+            all_reduce_(flat, self.group)
+            if dtype == torch.float64:
+                n = flat.numel() - self.size - len(self.params)
+                losses, has = flat[n : n + self.size], flat[n + self.size :]
+                flat = flat[:n]
+            flat.div_(self.size)
+            grads_finite &= bool(torch.isfinite(flat).all())
+            offset = 0
+            for p in params:
+                chunk = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if p.grad is None:
+                    p.grad = chunk.clone()
+                else:
+                    p.grad.copy_(chunk)
+        for p, h in zip(self.params, has.tolist()):
+            if h == 0:
+                p.grad = None  # no rank produced one: keep the optimizer's "no gradient" semantics
+        bad = not bool(torch.isfinite(losses).all())
+        if self.grid.latent_size > 1:
+            # Latent peers may disagree (a NaN in one shard's gradient): agree on one verdict.
+            flag = torch.tensor([float(bad or not grads_finite)], device=loss.device)
+            all_reduce_(flag, self.grid.latent_group, dist.ReduceOp.MAX)
+            if flag.item() and not bad:
+                grads_finite = False
+        self._raise_if(bad, losses, grads_finite)
+        return losses.mean().to(loss.dtype)
+
+    def _raise_if(self, bad_loss: bool, losses: Tensor, grads_finite: bool) -> None:
+        if bad_loss:
+            ranks = [self.grid.global_rank(d, self.grid.latent_rank) for d in range(self.size)
+                     if not torch.isfinite(losses[d])]
+            raise NonFiniteLossError(
+                f"non-finite loss on rank(s) {ranks} at step {self.step} (per-data-rank losses {losses.tolist()}); "
+                "every rank stops here"
+            )
+        if not grads_finite:
+            raise NonFiniteLossError(f"non-finite gradient at step {self.step}; every rank stops here")
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average this step's change of every floating-point buffer over the data group.
+
+        Buffers that did not change (constants such as a fixed bandwidth) stay bit-exact; running statistics
+        (EMAs of batch means) become the EMA of the global batch's mean.
+        """
+        if self.group is None:
+            return
+        bufs = self._float_buffers()
+        if not bufs:
+            return
+        deltas = torch.cat([(b.double() - r.double()).reshape(-1) for b, r in zip(bufs, self._buffer_ref)])
+        all_reduce_(deltas, self.group)
+        deltas.div_(self.size)
+        offset = 0
+        for b, r in zip(bufs, self._buffer_ref):
+            d = deltas[offset : offset + b.numel()].view_as(b)
+            offset += b.numel()
+            b.copy_(r.double() + d)
+            r.copy_(b)
+
+    def reduce_fired(self, fired: Tensor) -> Tensor:
+        """``fired [d_sae(_local)]`` bool OR-ed over the data group."""
+        if self.group is None:
+            return fired
+        t = fired.to(torch.uint8)
+        return all_reduce_(t, self.group, dist.ReduceOp.MAX).bool()
+
+    def mean(self, values: dict[str, Tensor]) -> dict[str, float]:
+        """Mean over the data group of scalar metrics (one small all-reduce; for logging)."""
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.grid.device)
+        all_reduce_(t, self.group)
+        return {k: v / self.size for k, v in zip(keys, t.tolist())}
+
+
+def global_mean(total: float, count: int, g: Optional[Grid] = None) -> float:
+    """``Σ total / Σ count`` over the data group (e.g. the dataset's mean squared norm for the scale factor)."""
+    g = g or grid()
+    t = torch.tensor([float(total), float(count)], dtype=torch.float64, device=g.device)
+    if g.data_size > 1:
+        all_reduce_(t, g.data_group)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def assert_in_sync(module: nn.Module, g: Optional[Grid] = None, atol: float = 0.0) -> None:
+    """Raise if the parameters differ between data-parallel replicas (a debugging aid; one all-reduce)."""
+    g = g or grid()
+    if g.data_size == 1:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.double().sum() for p in module.parameters()])
+        lo, hi = sums.clone(), sums.clone()
+        all_reduce_(lo, g.data_group, dist.ReduceOp.MIN)
+        all_reduce_(hi, g.data_group, dist.ReduceOp.MAX)
+        if bool(((hi - lo).abs() > atol).any()):
+            raise DistributedError(f"rank {g.rank}: parameters differ between data-parallel replicas")
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent sharding
+# ------------------------------------------------------------------------------------------------
+
+
+def _pack(values: Tensor, indices: Tensor) -> Tensor:
+    """``(values [..., w], int32 indices [..., w]) -> uint8 [..., w * (bytes+4)]``: one all-gather for both."""
+    v = values.contiguous().view(torch.uint8).reshape(*values.shape, -1)
+    i = indices.to(torch.int32).contiguous().view(torch.uint8).reshape(*indices.shape, -1)
+    return torch.cat([v, i], -1).reshape(*values.shape[:-1], -1)
+
+
+def _unpack(packed: Tensor, dtype: torch.dtype, w: int) -> tuple[Tensor, Tensor]:
+    vb = torch.empty((), dtype=dtype).element_size()
+    p = packed.reshape(*packed.shape[:-1], w, vb + 4)
+    values = p[..., :vb].contiguous().view(dtype).squeeze(-1)
+    indices = p[..., vb:].contiguous().view(torch.int32).squeeze(-1).long()
+    return values, indices
+
+
+def merge_topk(values: Tensor, indices: Tensor, k: int, group, latent_rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global top-``k`` per row from each rank's local candidates.
+
+    ``values [R, w]`` (this rank's candidates, padded with ``-inf``), ``indices [R, w]`` their *global* ids.
+    Returns ``(top_values [R, k], top_indices [R, k], mine [R, w] bool)``: the merged winners (sorted
+    descending, identical on every rank) and which of this rank's candidates won. Communication: one
+    all-gather of ``R·w`` (value, int32 index) pairs per rank.
+    """
+    w = values.shape[-1]
+    if group is None or _group_size(group) == 1:
+        top, pos = torch.topk(values, k, dim=-1)
+        mine = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, pos, True)
+        return top, indices.gather(-1, pos), mine
+    if indices.numel() and int(indices.max()) >= 2**31:
+        raise ValueError("latent sharding supports d_sae < 2**31")
+    gathered = all_gather(_pack(values, indices), group)  # [P, R, w*(vb+4)]
+    vals, idx = _unpack(gathered, values.dtype, w)  # [P, R, w]
+    P, R = vals.shape[0], vals.shape[1]
+    vals = vals.permute(1, 0, 2).reshape(R, P * w)
+    idx = idx.permute(1, 0, 2).reshape(R, P * w)
+    top, pos = torch.topk(vals, k, dim=-1)
+    won = torch.zeros(R, P * w, dtype=torch.bool, device=values.device).scatter_(-1, pos, True)
+    return top, idx.gather(-1, pos), won[:, latent_rank * w : (latent_rank + 1) * w]
+
+
+def _pad(t: Tensor, width: int, value) -> Tensor:
+    if t.shape[-1] == width:
+        return t
+    return F.pad(t, (0, width - t.shape[-1]), value=value)
+
+
+def _build(config: dict, d_sae: int, *, backend: str = "auto", device=None):
+    """An SAE module from a saved config with ``d_sae`` replaced (``k`` clipped to it)."""
+    from .sae import ARCHITECTURES
+
+    cfg = dict(config)
+    cfg.pop("fastsae", None)
+    arch = cfg.pop("architecture", None)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    dtype = getattr(torch, cfg.pop("dtype", "float32"))
+    d_in = cfg.pop("d_in")
+    cfg.pop("d_sae")
+    args = (d_in, d_sae, min(cfg.pop("k"), d_sae)) if "k" in cfg else (d_in, d_sae)
+    return ARCHITECTURES[arch](*args, **cfg, dtype=dtype, backend=backend, device=device)
+
+
+def _split_dims(full_shapes: dict[str, torch.Size], local_shapes: dict[str, torch.Size]) -> dict[str, Optional[int]]:
+    """For each state entry: the dimension split across latent shards, or ``None`` when replicated."""
+    dims = {}
+    for name, fs in full_shapes.items():
+        ls = local_shapes[name]
+        diff = [i for i, (a, b) in enumerate(zip(fs, ls)) if a != b]
+        dims[name] = diff[0] if diff else None
+    return dims
+
+
+SHARDABLE = ("jumprelu", "topk", "batchtopk", "relu")
+
+
+class ShardedSAE(nn.Module):
+    """One latent shard of an SAE too wide for one device (see the module docstring).
+
+    ``self.shard`` is an ordinary SAE module of the same architecture with ``d_sae = d_sae_local`` holding
+    this rank's slice ``[start, stop)``; its kernels, ``apply_constraints`` and ``observe`` (per-latent
+    statistics) are used as they are. ``training_forward`` returns the global loss/``x_hat``/``l0`` (identical
+    on the latent group) and ``fired [d_sae_local]`` for this shard's latents; ``dead_mask`` is local too.
+    """
+
+    def __init__(self, shard: nn.Module, full_config: dict, g: Grid, split: dict[str, Optional[int]]):
+        super().__init__()
+        arch = full_config["architecture"]
+        if arch not in SHARDABLE:
+            raise ValueError(f"latent sharding supports architectures {list(SHARDABLE)}, got {arch!r}")
+        self.shard = shard
+        self.grid = g
+        self.full_config = dict(full_config)
+        self.split = dict(split)
+        sizes = split_sizes(full_config["d_sae"], g.latent_size)
+        self.start = sum(sizes[: g.latent_rank])
+        self.stop = self.start + sizes[g.latent_rank]
+        if shard.d_sae != self.stop - self.start:
+            raise ValueError(f"shard has d_sae={shard.d_sae}, expected {self.stop - self.start}")
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_full(cls, sae: nn.Module, g: Optional[Grid] = None) -> "ShardedSAE":
+        """Slice a full SAE (identical on every rank) into this rank's shard."""
+        g = g or grid()
+        cfg = sae.config()
+        _check_shardable(cfg, g)
+        start, stop = shard_range(cfg["d_sae"], g.latent_rank, g.latent_size)
+        with torch.random.fork_rng(devices=[]):  # building the shard must not move the caller's RNG
+            local = _build(cfg, stop - start, backend=sae.backend, device=sae.device)
+        full_state = sae.state_dict()
+        split = _split_dims({k: v.shape for k, v in full_state.items()}, {k: v.shape for k, v in local.state_dict().items()})
+        local.load_state_dict({k: _slice(v, split[k], start, stop) for k, v in full_state.items()})
+        local.train(sae.training)
+        return cls(local, cfg, g, split)
+
+    @classmethod
+    def create(cls, architecture: str, d_in: int, d_sae: int, g: Optional[Grid] = None, *, seed: int = 0,
+               **kwargs) -> "ShardedSAE":
+        """Build the shard directly (never materialising the full SAE): the same initialisation distribution
+        as the full module, from the RNG seeded with ``seed`` and the latent rank (data replicas agree)."""
+        from .sae import ARCHITECTURES
+
+        g = g or grid()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+        k = kwargs.pop("k", None)
+        args = (d_in, d_sae) if k is None else (d_in, d_sae, k)
+        with torch.device("meta"):
+            cfg = ARCHITECTURES[architecture](*args, **{k_: v for k_, v in kwargs.items() if k_ != "device"}).config()
+        _check_shardable(cfg, g)
+        start, stop = shard_range(d_sae, g.latent_rank, g.latent_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + g.latent_rank)
+            local = _build(cfg, stop - start, backend=kwargs.get("backend", "auto"), device=kwargs.get("device"))
+        meta_full = {k_: v.shape for k_, v in _meta_state(cfg).items()}
+        return cls(local, cfg, g, _split_dims(meta_full, {k_: v.shape for k_, v in local.state_dict().items()}))
+
+    # -- the SAE surface the training loop uses -----------------------------------------
+    @property
+    def d_sae(self) -> int:
+        return self.full_config["d_sae"]
+
+    @property
+    def d_sae_local(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def d_in(self) -> int:
+        return self.shard.d_in
+
+    @property
+    def architecture(self) -> str:
+        return self.full_config["architecture"]
+
+    @property
+    def dtype(self):
+        return self.shard.dtype
+
+    @property
+    def device(self):
+        return self.shard.device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            cfg = self.__dict__.get("full_config", {})
+            if name in cfg:
+                return cfg[name]
+            return getattr(self._modules["shard"], name)
+
+    def config(self) -> dict:
+        return dict(self.full_config)
+
+    def ops(self, device=None):
+        return self.shard.ops(device)
+
+    def apply_constraints(self) -> None:
+        self.shard.apply_constraints()
+
+    def observe(self, x: Tensor, out) -> None:
+        self.shard.observe(x, out)
+
+    def save(self, path) -> Path:
+        """Collective: every rank calls it (see :func:`save_sharded`)."""
+        return save_sharded(self, path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.training_forward(x).x_hat.to(x.dtype).reshape(x.shape)
+
+    # -- the sharded training forward -----------------------------------------------------
+    def training_forward(self, x: Tensor, *, dead_mask: Optional[Tensor] = None,
+                         sparsity_coefficient: Optional[float] = None):
+        s = self.shard
+        x2, _ = s._flatten(x)
+        if dead_mask is not None:
+            if not isinstance(dead_mask, Tensor) or dead_mask.shape != (self.d_sae_local,):
+                raise ValueError(f"dead_mask must be a [d_sae_local]=[{self.d_sae_local}] bool tensor (this shard's latents)")
+            dead_mask = dead_mask.to(device=x2.device, dtype=torch.bool)
+        group = self.grid.latent_group if self.grid.latent_size > 1 else None
+        ops = s.ops(x2.device)
+        # b_dec is replicated: its use in the encoder input gathers every shard's gradient in backward.
+        b_in = copy_in(s.b_dec, group)
+        x_in = x2 - b_in if s.apply_b_dec_to_input else x2
+        zero_b = torch.zeros_like(s.b_dec).detach()
+        arch = self.architecture
+        aux = x2.new_zeros(())
+        if arch == "jumprelu":
+            out = ops.jumprelu_sae(x_in, s.W_enc, s.b_enc, s.W_dec, zero_b, s.threshold, s.bandwidth, False)
+            x_hat = reduce_out(out.x_hat, group) + s.b_dec
+            l0 = reduce_out(out.l0, group)
+            lam = s.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
+            fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=out.fired)
+            return s._output(x2, fwd, l0.mean(), aux, lam, 0.0)
+        if arch == "relu":
+            out = ops.relu_sae(x_in, s.W_enc, s.b_enc, s.W_dec, zero_b, False)
+            x_hat = reduce_out(out.x_hat, group) + s.b_dec
+            sparsity = reduce_out(out.sparsity, group)
+            l0 = all_reduce_(out.l0.detach().clone(), group)
+            lam = s.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
+            fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=out.fired)
+            return s._output(x2, fwd, sparsity.mean(), aux, lam, 0.0)
+        # TopK / BatchTopK: local selection, merged across the latent group.
+        pre = F.relu(x_in @ s.W_enc + s.b_enc)  # [B, n_local]
+        B, n = pre.shape
+        k = self.full_config["k"]
+        if arch == "topk":
+            vals, idx = ops.topk(pre, min(k, n))
+            cand_v = _pad(vals.detach(), k, float("-inf"))
+            cand_i = _pad(idx + self.start, k, 0)
+            top, _, mine = merge_topk(cand_v, cand_i, k, group, self.grid.latent_rank)
+            mine = mine[:, : vals.shape[1]]
+            partial = ops.sparse_decode(vals * mine, idx, s.W_dec, None)
+            kept_local = mine & (vals > 0)
+            min_kept = None
+        else:  # batchtopk: the B·k largest entries of the whole [B, d_sae] batch
+            n_keep = min(B * k, B * self.d_sae)
+            flat = pre.reshape(-1)
+            vals, fidx = torch.topk(flat, min(n_keep, flat.numel()), sorted=False)
+            rows, cols = fidx // n, fidx % n
+            cand_v = _pad(vals.detach().unsqueeze(0), n_keep, float("-inf"))
+            cand_i = _pad((rows * self.d_sae + cols + self.start).unsqueeze(0), n_keep, 0)
+            top, _, mine = merge_topk(cand_v, cand_i, n_keep, group, self.grid.latent_rank)
+            mine = mine[0, : vals.shape[0]]
+            f = torch.zeros_like(flat).scatter(0, fidx, vals * mine).reshape(B, n)
+            partial = f @ s.W_dec
+            kept_local = torch.zeros(B, n, dtype=torch.bool, device=pre.device).reshape(-1)
+            kept_local[fidx[mine & (vals > 0)]] = True
+            kept_local = kept_local.reshape(B, n)
+            idx = None
+            positive = top[top > 0]
+            min_kept = positive.min().detach() if positive.numel() else None
+        x_hat = reduce_out(partial, group) + s.b_dec
+        with torch.no_grad():
+            if arch == "topk":
+                l0 = (top > 0).sum(-1).float()
+                fired = torch.zeros(n, dtype=torch.bool, device=pre.device)
+                fired[idx[kept_local]] = True
+            else:
+                l0 = all_reduce_(kept_local.sum(-1).float(), group)
+                fired = kept_local.any(0)
+        if arch == "batchtopk" and s.training and min_kept is not None:
+            with torch.no_grad():
+                m = min_kept.float()
+                if s.calibrated:
+                    s.threshold.mul_(s.threshold_decay).add_((1 - s.threshold_decay) * m)
+                else:
+                    s.threshold.copy_(m)
+        if dead_mask is not None and B:
+            e_hat = self._auxk(x_in, dead_mask, group, ops, B)
+            if e_hat is not None:
+                aux = ref.auxk_loss((x2 - x_hat).detach(), e_hat)
+        fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+        return s._output(x2, fwd, x2.new_zeros(()), aux, 0.0, s.aux_coefficient)
+
+    def _auxk(self, x_in: Tensor, dead_mask: Tensor, group, ops, B: int) -> Optional[Tensor]:
+        """AuxK's ``ê`` with the top ``k_aux`` dead latents of the whole SAE, merged like the main top-k."""
+        s = self.shard
+        k_aux = self.full_config["k_aux"]
+        dead = dead_mask.nonzero().squeeze(1)
+        if dead.numel():
+            pre_dead = F.relu(x_in @ s.W_enc[:, dead] + s.b_enc[dead])
+            vals, idx = ops.topk(pre_dead, min(k_aux, dead.numel()))
+        else:
+            vals = x_in.new_zeros(B, 0)
+            idx = torch.zeros(B, 0, dtype=torch.long, device=x_in.device)
+        cand_v = _pad(vals.detach(), k_aux, float("-inf"))
+        cand_i = _pad(dead[idx] + self.start if dead.numel() else idx, k_aux, 0)
+        top, _, mine = merge_topk(cand_v, cand_i, k_aux, group, self.grid.latent_rank)
+        if not bool(torch.isfinite(top).any()):
+            return None  # no dead latent on any shard (the same verdict everywhere: `top` is identical)
+        mine = mine[:, : vals.shape[1]]
+        if dead.numel():
+            partial = ops.sparse_decode(vals * mine, idx, s.W_dec[dead], None)
+        else:
+            partial = x_in.new_zeros(B, s.d_in)
+        return reduce_out(partial, group)
+
+
+def _check_shardable(cfg: dict, g: Grid) -> None:
+    if cfg["architecture"] not in SHARDABLE:
+        raise ValueError(f"latent sharding supports architectures {list(SHARDABLE)}, got {cfg['architecture']!r}")
+    if cfg["d_sae"] < g.latent_size:
+        raise ValueError(f"d_sae={cfg['d_sae']} must be >= the latent-parallel size {g.latent_size}")
+
+
+def _slice(t: Tensor, dim: Optional[int], start: int, stop: int) -> Tensor:
+    return t if dim is None else t.narrow(dim, start, stop - start).clone()
+
+
+def _meta_state(cfg: dict) -> dict[str, Tensor]:
+    with torch.device("meta"):
+        return _build(cfg, cfg["d_sae"], device="meta").state_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def _shard_file(i: int, n: int) -> str:
+    return f"shard-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _optim_file(i: int, n: int) -> str:
+    return f"optim-{i:05d}-of-{n:05d}.pt"
+
+
+def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optimizer] = None,
+                 extra: Optional[dict] = None) -> Path:
+    """Write one consistent sharded checkpoint. Collective: every rank of the grid calls it.
+
+    The ranks of data-rank 0 each write their shard (and optimizer shard); after a barrier rank 0 writes
+    ``shards.json`` (temp + rename). An existing manifest is removed first, so a crash midway leaves a
+    directory without manifest (incomplete) rather than a manifest pointing at mixed files.
+    """
+    from safetensors.torch import save as st_save
+
+    from .io import atomic_write_bytes
+
+    g = module.grid
+    path = Path(path)
+    n = g.latent_size
+    if g.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)
+    barrier()
+    if g.data_rank == 0:
+        state = {k: v.detach().cpu().contiguous() for k, v in module.shard.state_dict().items()}
+        atomic_write_bytes(path / _shard_file(g.latent_rank, n), st_save(state))
+        if optimizer is not None:
+            import io as _io
+
+            buf = _io.BytesIO()
+            torch.save(optimizer.state_dict(), buf)
+            atomic_write_bytes(path / _optim_file(g.latent_rank, n), buf.getvalue())
+    barrier()
+    if g.is_main:
+        sizes = split_sizes(module.d_sae, n)
+        manifest = dict(
+            fastsae=1,
+            sharded=True,
+            config=module.config(),
+            split=module.split,
+            shards=[dict(file=_shard_file(i, n), start=sum(sizes[:i]), stop=sum(sizes[: i + 1]),
+                         bytes=(path / _shard_file(i, n)).stat().st_size) for i in range(n)],
+            optimizer=[_optim_file(i, n) for i in range(n)] if optimizer is not None else None,
+            extra=extra or {},
+        )
+        atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=2).encode())
+    barrier()
+    return path
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath} is not valid JSON: {e}") from e
+    for s in manifest["shards"]:
+        f = path / s["file"]
+        if not f.is_file() or f.stat().st_size != s["bytes"]:
+            raise ValueError(f"{mpath}: shard {s['file']} is missing or has the wrong size")
+    return manifest
+
+
+def _full_state(path: Path, manifest: dict) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    shards = [load_file(str(path / s["file"])) for s in manifest["shards"]]
+    out = {}
+    for name, dim in manifest["split"].items():
+        out[name] = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim)
+    return out
+
+
+def load_sharded(path, *, device=None, backend: str = "auto"):
+    """Reassemble a sharded checkpoint into one single-process SAE (for inference or further training)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    cfg = manifest["config"]
+    sae = _build(cfg, cfg["d_sae"], backend=backend)
+    try:
+        sae.load_state_dict(_full_state(path, manifest))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: shards do not match the manifest's config: {e}") from e
+    return sae.to(device) if device is not None else sae
+
+
+def load_shard(path, g: Optional[Grid] = None, *, optimizer: Optional[torch.optim.Optimizer] = None,
+               backend: str = "auto", device=None) -> ShardedSAE:
+    """Resume: this rank's :class:`ShardedSAE` from a sharded checkpoint (any latent size; the optimizer
+    state is restored only when the latent size is the one it was saved with)."""
+    from safetensors.torch import load_file
+
+    g = g or grid()
+    path = Path(path)
+    manifest = read_manifest(path)
+    cfg = manifest["config"]
+    n = len(manifest["shards"])
+    if n == g.latent_size:
+        state = load_file(str(path / manifest["shards"][g.latent_rank]["file"]))
+        start, stop = shard_range(cfg["d_sae"], g.latent_rank, g.latent_size)
+        local = _build(cfg, stop - start, backend=backend, device=device)
+        local.load_state_dict(state)
+        module = ShardedSAE(local, cfg, g, manifest["split"])
+        if optimizer is not None and manifest.get("optimizer"):
+            optimizer.load_state_dict(torch.load(path / manifest["optimizer"][g.latent_rank], map_location=device))
+        return module
+    full = _build(cfg, cfg["d_sae"], backend=backend, device=device)
+    full.load_state_dict(_full_state(path, manifest))
+    return ShardedSAE.from_full(full, g)

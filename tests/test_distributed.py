@@ -1,0 +1,370 @@
+"""Data-parallel and latent-sharded training on torch.distributed, tested with CPU processes and gloo.
+
+Each test spawns 2, 3 or 4 processes on loopback. Every rank also computes the single-process run on the
+same global batch (the sizes are tiny) and compares loss, gradients and parameters after several steps; a
+rank that finds a mismatch raises, which fails the test with the rank's traceback.
+"""
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastsae
+from fastsae import distributed as fd
+
+D_IN, B = 7, 12  # per-rank batch; odd sizes on purpose
+STEPS = 3
+TOL = dict(atol=1e-9, rtol=1e-9)  # float64: the sharded/data-parallel math is the same sums, reordered
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, scenario, out_dir, timeout_s):
+    """Process entry point: join the group, run one scenario, record the outcome."""
+    torch.set_num_threads(1)
+    status = "ok"
+    try:
+        fd.init(scenario_lp(scenario, world), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                timeout=timeout_s)
+        SCENARIOS[scenario](rank, world, out_dir)
+    except BaseException:  # noqa: BLE001 — report every failure to the parent
+        status = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(status)
+    try:
+        fd.shutdown()
+    except Exception:
+        pass
+    # Skip interpreter teardown: a peer that died may leave gloo threads that would block a clean exit.
+    os._exit(0)
+
+
+def scenario_lp(scenario, world):
+    return {"dp": 1, "latent": world, "grid2d": 2, "killed": 1, "nan": 1}[scenario.split(":")[0]]
+
+
+def _context():
+    # forkserver: one fresh server process imports torch and fastsae once, and every rank of every test
+    # forks from it (a spawned rank would pay the imports again; forking pytest itself is unsafe after OpenMP).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "fastsae", "fastsae.distributed", __name__])
+    return ctx
+
+
+def _spawn(scenario, world, tmp_path, timeout_s=30.0, wait_s=90.0):
+    out_dir = str(tmp_path)
+    ctx = _context()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, scenario, out_dir, timeout_s)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:  # never leave a process behind, even when the test fails
+        p.kill()
+        p.join(5)
+    assert not alive, f"{len(alive)} rank(s) still running after {wait_s}s"
+    results = {}
+    for r in range(world):
+        f = os.path.join(out_dir, f"rank{r}.txt")
+        results[r] = open(f).read() if os.path.exists(f) else f"no report (exit code {procs[r].exitcode})"
+    return results
+
+
+def _assert_ok(results):
+    bad = {r: s for r, s in results.items() if s != "ok"}
+    assert not bad, "\n".join(f"--- rank {r} ---\n{s}" for r, s in bad.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenarios (run inside the spawned ranks)
+# ------------------------------------------------------------------------------------------------
+
+
+def _make(arch, d_sae, seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    if arch == "jumprelu":
+        sae = fastsae.JumpReLUSAE(D_IN, d_sae, bandwidth=0.3, threshold_init=0.1, dtype=dtype, **kw)
+    elif arch == "topk":
+        sae = fastsae.TopKSAE(D_IN, d_sae, k=kw.pop("k", 4), k_aux=kw.pop("k_aux", 3), dtype=dtype, **kw)
+    elif arch == "batchtopk":
+        sae = fastsae.BatchTopKSAE(D_IN, d_sae, k=kw.pop("k", 3), k_aux=3, dtype=dtype, **kw)
+    else:
+        sae = fastsae.ReLUSAE(D_IN, d_sae, dtype=dtype, **kw)
+    with torch.no_grad():  # break W_enc = W_decᵀ and give the biases values
+        sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
+        sae.b_dec.add_(0.1 * torch.randn_like(sae.b_dec))
+        sae.b_enc.add_(0.1 * torch.randn_like(sae.b_enc))
+    return sae
+
+
+def _batches(global_rows, steps, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randn(global_rows, D_IN, generator=g, dtype=dtype) for _ in range(steps)]
+
+
+def _dead_mask(d_sae, step):
+    g = torch.Generator().manual_seed(99 + step)
+    return torch.rand(d_sae, generator=g) < 0.4
+
+
+def _reference_run(arch, d_sae, xs, use_dead, **kw):
+    """The single-process run on the global batches: per step (loss, grads), and the final parameters."""
+    sae = _make(arch, d_sae, **kw)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    history = []
+    for step, x in enumerate(xs):
+        opt.zero_grad()
+        out = sae.training_forward(x, dead_mask=_dead_mask(d_sae, step) if use_dead else None)
+        out.loss.backward()
+        history.append((out.loss.detach().clone(), {n: p.grad.clone() for n, p in sae.named_parameters()},
+                        out.fired.clone(), out.l0.clone()))
+        opt.step()
+        sae.apply_constraints()
+    return sae, history
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _run_dp(arch, rank, world, d_sae=11, **kw):
+    g = fd.grid()
+    xs = _batches(B * world, STEPS)
+    ref_sae, history = _reference_run(arch, d_sae, xs, use_dead=False, **kw)
+    sae = _make(arch, d_sae, **kw)
+    dp = fd.DataParallel(sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for step, x in enumerate(xs):
+        opt.zero_grad()
+        x_local = fd.shard_rows(x)
+        assert x_local.shape[0] == B
+        out = sae.training_forward(x_local)
+        out.loss.backward()
+        loss = dp.reduce_gradients(out.loss)
+        ref_loss, ref_grads, ref_fired, _ = history[step]
+        _close(loss, ref_loss, f"{arch} dp loss step {step}")
+        for n, p in sae.named_parameters():
+            _close(p.grad, ref_grads[n], f"{arch} dp grad {n} step {step}")
+        opt.step()
+        sae.apply_constraints()
+        sae.observe(x_local, out)
+        dp.sync_buffers()
+        assert torch.equal(dp.reduce_fired(out.fired), ref_fired)
+    for n, p in sae.named_parameters():
+        _close(p.detach(), dict(ref_sae.named_parameters())[n].detach(), f"{arch} dp final {n}")
+    for n, b in sae.named_buffers():
+        _close(b, dict(ref_sae.named_buffers())[n], f"{arch} dp buffer {n}")
+    fd.assert_in_sync(sae)
+    assert g.data_size == world
+
+
+def _run_latent(arch, rank, world, d_sae, use_dead, data_size=1, **kw):
+    g = fd.grid()
+    xs = _batches(B * data_size, STEPS)
+    ref_sae, history = _reference_run(arch, d_sae, xs, use_dead, **kw)
+    sharded = fd.ShardedSAE.from_full(_make(arch, d_sae, **kw), g)
+    assert sharded.d_sae == d_sae and sharded.d_sae_local == fd.split_sizes(d_sae, g.latent_size)[g.latent_rank]
+    dp = fd.DataParallel(sharded)
+    opt = torch.optim.Adam(sharded.parameters(), lr=1e-2)
+    lo, hi = sharded.start, sharded.stop
+    for step, x in enumerate(xs):
+        opt.zero_grad()
+        x_local = fd.shard_rows(x)
+        dead = _dead_mask(d_sae, step)[lo:hi] if use_dead else None
+        out = sharded.training_forward(x_local, dead_mask=dead)
+        out.loss.backward()
+        loss = dp.reduce_gradients(out.loss)
+        ref_loss, ref_grads, ref_fired, ref_l0 = history[step]
+        _close(loss, ref_loss, f"{arch} latent loss step {step}")
+        if data_size == 1:
+            _close(out.l0, ref_l0, f"{arch} latent l0 step {step}")
+            assert torch.equal(out.fired, ref_fired[lo:hi]), f"{arch} fired step {step}"
+        for n, p in sharded.shard.named_parameters():
+            _close(p.grad, fd._slice(ref_grads[n], sharded.split[n], lo, hi), f"{arch} latent grad {n} step {step}")
+        opt.step()
+        sharded.apply_constraints()
+        sharded.observe(x_local, out)
+        dp.sync_buffers()
+    ref_params = dict(ref_sae.named_parameters())
+    for n, p in sharded.shard.named_parameters():
+        _close(p.detach(), fd._slice(ref_params[n].detach(), sharded.split[n], lo, hi), f"{arch} latent final {n}")
+    return sharded, ref_sae
+
+
+def sc_dp(rank, world, out_dir):
+    for arch in ("jumprelu", "topk", "relu"):
+        _run_dp(arch, rank, world)
+    # A float32 run agrees to float32 tolerance too (the brief's bar).
+    _run_dp_f32(rank, world)
+
+
+def _run_dp_f32(rank, world):
+    xs = _batches(B * world, 2, torch.float32)
+    full = _make("topk", 13, dtype=torch.float32)
+    sae = _make("topk", 13, dtype=torch.float32)
+    fd.DataParallel(sae)  # just the broadcast
+    dp = fd.DataParallel(sae, broadcast=False)
+    for x in xs:
+        full.zero_grad()
+        sae.zero_grad()
+        ref = full.training_forward(x)
+        ref.loss.backward()
+        out = sae.training_forward(fd.shard_rows(x))
+        out.loss.backward()
+        loss = dp.reduce_gradients(out.loss)
+        torch.testing.assert_close(loss, ref.loss.detach(), atol=1e-5, rtol=1e-5)
+        for (n, p), q in zip(sae.named_parameters(), full.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"f32 grad {n}: {m}")
+
+
+def sc_latent(rank, world, out_dir):
+    d_sae = 10 if world == 3 else 9  # uneven shards: 4/3/3 and 5/4
+    # k = 4 exceeds the 3-latent shards of the 3-way split: padded candidates must never win.
+    _run_latent("topk", rank, world, d_sae, use_dead=True, k=4)
+    _run_latent("jumprelu", rank, world, d_sae, use_dead=False, apply_b_dec_to_input=True)
+    _run_latent("batchtopk", rank, world, d_sae, use_dead=True)
+    sharded, ref_sae = _run_latent("relu", rank, world, d_sae, use_dead=False)
+    # Sharded checkpoint -> single-process SAE with the same outputs; resume on the same grid.
+    path = os.path.join(out_dir, "ckpt")
+    fd.save_sharded(sharded, path)
+    loaded = fd.load_sharded(path)
+    x = torch.randn(5, D_IN, dtype=torch.float64)
+    _close(loaded(x), ref_sae(x), "load_sharded outputs")
+    _close(sharded(x), ref_sae(x), "sharded forward")
+    resumed = fd.load_shard(path)
+    for (n, p), q in zip(resumed.shard.named_parameters(), sharded.shard.parameters()):
+        assert torch.equal(p, q), n
+
+
+def sc_grid2d(rank, world, out_dir):
+    g = fd.grid()
+    assert (g.data_size, g.latent_size) == (2, 2)
+    # AuxK normalises by each data rank's own residual variance, so the 2-D check runs without dead latents.
+    _run_latent("topk", rank, world, 9, use_dead=False, data_size=2)
+    _run_latent("jumprelu", rank, world, 9, use_dead=False, data_size=2)
+
+
+def sc_killed(rank, world, out_dir):
+    sae = _make("topk", 9)
+    dp = fd.DataParallel(sae)
+    t0 = time.monotonic()
+    for step in range(1000):
+        if rank == 1 and step == 2:
+            os._exit(1)
+        out = sae.training_forward(torch.randn(B, D_IN, dtype=torch.float64))
+        out.loss.backward()
+        try:
+            dp.reduce_gradients(out.loss)
+        except fd.DistributedError as e:
+            elapsed = time.monotonic() - t0
+            assert "rank 0" in str(e) and "all_reduce" in str(e), str(e)
+            assert elapsed < fd.grid().timeout.total_seconds() + 5, elapsed
+            return
+    raise AssertionError("the surviving rank never noticed that its peer died")
+
+
+def sc_nan(rank, world, out_dir):
+    sae = _make("jumprelu", 9)
+    dp = fd.DataParallel(sae)
+    for step in range(3):
+        x = torch.randn(B, D_IN, dtype=torch.float64)
+        if step == 1 and rank == world - 1:
+            x[0, 0] = float("nan")
+        out = sae.training_forward(x)
+        out.loss.backward()
+        try:
+            dp.reduce_gradients(out.loss)
+        except fd.NonFiniteLossError as e:
+            assert step == 1 and f"rank(s) [{world - 1}]" in str(e), str(e)
+            return
+    raise AssertionError("the NaN on the last rank was not reported")
+
+
+SCENARIOS = {"dp": sc_dp, "latent": sc_latent, "grid2d": sc_grid2d, "killed": sc_killed, "nan": sc_nan}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+
+
+def test_data_parallel_matches_single_process_2_ranks(tmp_path):
+    _assert_ok(_spawn("dp", 2, tmp_path))
+
+
+def test_latent_sharding_matches_single_process_uneven_3_ranks(tmp_path):
+    """TopK (+AuxK), JumpReLU, BatchTopK, ReLU over 3 uneven shards; sharded checkpoint round trip."""
+    _assert_ok(_spawn("latent", 3, tmp_path))
+
+
+def test_latent_sharding_2_ranks(tmp_path):
+    _assert_ok(_spawn("latent", 2, tmp_path))
+
+
+def test_data_times_latent_grid_4_ranks(tmp_path):
+    _assert_ok(_spawn("grid2d", 4, tmp_path))
+
+
+def test_killed_rank_ends_the_others_with_an_error(tmp_path):
+    t0 = time.monotonic()
+    results = _spawn("killed", 2, tmp_path, timeout_s=5.0, wait_s=60.0)
+    assert results[0] == "ok", results[0]
+    assert results[1].startswith("no report"), results[1]
+    assert time.monotonic() - t0 < 60
+
+
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    _assert_ok(_spawn("nan", 2, tmp_path))
+
+
+# -- single-process pieces (no spawn) --------------------------------------------------------------
+
+
+def test_split_and_shard_helpers():
+    assert fd.split_sizes(10, 3) == [4, 3, 3]
+    assert [fd.shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    g = fd.Grid(rank=1, world_size=2, data_rank=1, data_size=2)
+    assert fd.shard_items(list("abcde"), g) == ["b", "d"]
+    x = torch.arange(10.0).reshape(5, 2)
+    assert torch.equal(fd.shard_rows(x, g), x[3:])
+
+
+def test_single_process_init_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    g = fd.init()
+    assert not g.distributed and g.is_main and g.world_size == 1
+    with pytest.raises(ValueError, match="latent_parallel"):
+        fd.init(2)
+    with pytest.raises(ValueError, match="latent_parallel"):
+        fd.init(0)
+    with pytest.raises(ValueError, match="timeout"):
+        fd.init(timeout=-1)
+
+
+def test_merge_topk_local_and_packing():
+    v = torch.tensor([[3.0, 1.0, float("-inf")], [0.5, 2.0, 1.0]])
+    i = torch.tensor([[4, 7, 0], [1, 2, 3]])
+    top, idx, mine = fd.merge_topk(v, i, 2, None, 0)
+    assert torch.equal(top, torch.tensor([[3.0, 1.0], [2.0, 1.0]]))
+    assert torch.equal(idx, torch.tensor([[4, 7], [2, 3]]))
+    assert torch.equal(mine, torch.tensor([[True, True, False], [False, True, True]]))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        vals, ids = fd._unpack(fd._pack(v.to(dtype), i), dtype, 3)
+        assert torch.equal(vals, v.to(dtype)) and torch.equal(ids, i)
+
+
+def test_gated_cannot_be_sharded():
+    with pytest.raises(ValueError, match="latent sharding supports"):
+        fd.ShardedSAE.from_full(fastsae.GatedSAE(4, 6), fd.Grid(world_size=2, latent_size=2))
