@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "info": "fastsae.cli:add_info",
     "harvest": "fastsae.activations:add_cli",
+    "eval": "fastsae.evaluate:add_cli",
 }
 
 

@@ -12,6 +12,15 @@ pytest.importorskip("tokenizers")
 from fastsae import activations as act  # noqa: E402
 from fastsae.cli import main  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny models' 32-wide matmuls are slower with several threads spinning on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 WORDS = ("the cat sat on a mat and dog ran far away from big red house while small bird sang loud song "
          "in green tree near old river under blue sky").split()
 
