@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
-from .triton_common import NS, TritonKernel, cfg, segments, valid_mask
+from .triton_common import NS, kernel_op, no_work, TritonKernel, cfg, segments, valid_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +206,7 @@ def gather_rows(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tenso
     B, K = values.shape
     D = W.shape[1]
     out = torch.empty(B, D, dtype=out_dtype or W.dtype, device=values.device)
-    if B == 0 or D == 0:
+    if no_work(B, D):
         return out
     dummy = values
     _gather_rows(
@@ -232,9 +231,9 @@ def segment_rows(order: Tensor, offsets: Tensor, weights: Tensor, X: Tensor, K: 
     if out is None:
         out = torch.empty(n_lat, D, dtype=X.dtype, device=X.device)
     tout = torch.empty(n_lat, dtype=t_dtype or weights.dtype, device=X.device) if t is not None else None
-    if n_lat == 0:
+    if no_work(n_lat):
         return out, tout
-    if D == 0:
+    if no_work(D):
         if tout is not None:
             tout.zero_()
         return out, tout
@@ -261,7 +260,7 @@ def _sddmm_launch(grad: Tensor, indices: Tensor, W: Tensor, counts: Optional[Ten
     out = torch.empty(B, K, dtype=out_dtype or (pre.dtype if jump else W.dtype), device=grad.device)
     wide = torch.float64 if _is64(pre, threshold) else torch.float32
     t = torch.empty(B, K, dtype=wide, device=grad.device) if jump else None
-    if B == 0 or K == 0:
+    if no_work(B, K):
         return out, t
     dummy = grad
     _sddmm(
@@ -281,23 +280,32 @@ def _sddmm_launch(grad: Tensor, indices: Tensor, W: Tensor, counts: Optional[Ten
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_op(f"{NS}::sddmm", mutates_args=())
+@kernel_op("sddmm")
 def sddmm(grad: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     """``out[b, e] = grad[b] · W[indices[b, e]]``: ``grad [B, D]``, ``indices [B, K]``, ``W [N, D]`` -> ``[B, K]``."""
     return _sddmm_launch(grad, indices, W)[0]
 
 
-@triton_op(f"{NS}::segment_reduce", mutates_args=())
+@kernel_op("segment_reduce")
 def segment_reduce(order: Tensor, offsets: Tensor, weights: Tensor, X: Tensor, K: int,
-                   x_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Latent-wise scatter-add as a segment reduction: ``(Σ_seg weights·(X[row] - x_bias)  [N, D],  Σ_seg weights  [N])``.
+                   t: Optional[Tensor] = None, x_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Latent-wise scatter-add as a segment reduction over entries sorted by latent.
 
-    ``weights`` is the flat ``[B*K]`` list, ``order``/``offsets`` from ``triton_common.segments``.
+    Returns ``(out [N, D], tsum [N])`` with ``out[j] = Σ_seg(j) weights · (X[row] - x_bias)`` (``X``'s
+    dtype) and ``tsum[j] = Σ_seg(j) t`` (``t`` defaults to ``weights``; float32, float64 for float64).
+    ``weights``/``t`` are flat ``[B*K]`` lists; ``order``/``offsets`` come from ``triton_common.segments``.
     """
-    return segment_rows(order, offsets, weights, X, K, t=weights, x_bias=x_bias)
+    wide = torch.float64 if _is64(weights, X, t) else torch.float32
+    return segment_rows(order, offsets, weights, X, K, t=weights if t is None else t, x_bias=x_bias, t_dtype=wide)
 
 
-@triton_op(f"{NS}::jumprelu_sddmm", mutates_args=())
+@kernel_op("gather_sum")
+def gather_sum(values: Tensor, indices: Tensor, W: Tensor, counts: Optional[Tensor] = None) -> Tensor:
+    """``out[b] = Σ_{e < counts[b]} values[b,e] · W[indices[b,e]]`` for any 2-D strided ``W`` (e.g. ``W_enc.t()``)."""
+    return gather_rows(values, indices, W, counts=counts)
+
+
+@kernel_op("jumprelu_sddmm")
 def jumprelu_sddmm(grad_x_hat: Tensor, grad_l0: Tensor, pre: Tensor, indices: Tensor, counts: Tensor,
                    threshold: Tensor, bandwidth: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
     """JumpReLU backward at compact entries: ``(∂L/∂pre [B, K], per-entry θ-gradient [B, K])``."""
@@ -309,7 +317,7 @@ def jumprelu_sddmm(grad_x_hat: Tensor, grad_l0: Tensor, pre: Tensor, indices: Te
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_op(f"{NS}::sparse_decode", mutates_args=())
+@kernel_op("sparse_decode")
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
     """``x̂[b] = Σ_e values[b,e] · W_dec[indices[b,e]] (+ b_dec)``: ``values [B,K]``, ``indices [B,K]`` int -> ``[B, d_in]``."""
     return gather_rows(values, indices, W_dec, b_dec)
@@ -329,7 +337,7 @@ def _sparse_decode_backward(ctx, grad):
         grad_values = sddmm(grad, indices, W_dec).to(values.dtype)
     if ctx.needs_input_grad[2]:
         order, offsets = segments(indices, None, W_dec.shape[0])
-        grad_W, _ = segment_reduce(order, offsets, values.reshape(-1), grad, values.shape[1])
+        grad_W, _ = segment_reduce(order, offsets, values.contiguous().reshape(-1), grad, values.shape[1])
         grad_W = grad_W.to(W_dec.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = grad.sum(0)
@@ -344,7 +352,7 @@ sparse_decode.register_autograd(_sparse_decode_backward, setup_context=_sparse_d
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_op(f"{NS}::jumprelu_decode", mutates_args=())
+@kernel_op("jumprelu_decode")
 def jumprelu_decode(pre: Tensor, indices: Tensor, counts: Tensor, threshold: Tensor, bandwidth: Tensor,
                     W_dec: Tensor, b_dec: Tensor, order: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """``(x̂ [B, d_in], l0 [B] float32)`` from compact pre-activations.
@@ -378,10 +386,9 @@ def _jumprelu_decode_backward(ctx, grad_x_hat, grad_l0):
     grad_W = grad_theta = grad_b = None
     if ctx.needs_input_grad[5] or ctx.needs_input_grad[3]:
         f = torch.where(pre > threshold[indices.long()], pre, torch.zeros_like(pre))
-        W_out, theta_out = segment_rows(order, offsets, f.reshape(-1), grad_x_hat, K, t=t.reshape(-1),
-                                        t_dtype=threshold.dtype)
+        W_out, theta_out = segment_reduce(order, offsets, f.reshape(-1), grad_x_hat, K, t.reshape(-1))
         grad_W = W_out.to(W_dec.dtype) if ctx.needs_input_grad[5] else None
-        grad_theta = theta_out if ctx.needs_input_grad[3] else None
+        grad_theta = theta_out.to(threshold.dtype) if ctx.needs_input_grad[3] else None
     if ctx.needs_input_grad[6]:
         grad_b = grad_x_hat.sum(0)
     return grad_pre, None, None, grad_theta, None, grad_W, grad_b, None, None

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import custom_op, triton_op
+from torch.library import custom_op
 
-from .decode import gather_rows, segment_rows
+from .decode import gather_sum, segment_reduce
 from .topk import merge_candidates, tile_shape, tile_topk_store
-from .triton_common import NS, TritonKernel, cfg
+from .triton_common import NS, kernel_op, TritonKernel, cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def _(x_in, W_enc, b_enc, k):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_op(f"{NS}::sampled_encoder", mutates_args=())
+@kernel_op("sampled_encoder")
 def sampled_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], indices: Tensor,
                     counts: Optional[Tensor], pre: Tensor, order: Tensor, offsets: Tensor) -> Tensor:
     """Returns ``pre [B, K]`` unchanged, differentiable as ``pre[b, e] = x_in[b] · W_enc[:, indices[b, e]] + b_enc[indices[b, e]]``
@@ -345,8 +345,8 @@ def _sampled_encoder_backward(ctx, grad):
     if need_W or need_b or need_bd:
         # One pass over the entries sorted by latent gives both grad W_enc (transposed) and grad b_enc.
         flat = grad.reshape(-1)
-        W_t, gb = segment_rows(order, offsets, flat, x, K, t=flat, x_bias=b_dec if ctx.has_b_dec else None,
-                               t_dtype=b_enc.dtype)
+        W_t, gb = segment_reduce(order, offsets, flat, x, K, None, b_dec if ctx.has_b_dec else None)
+        gb = gb.to(b_enc.dtype)
         if need_W:
             grad_W = W_t.t().to(W_enc.dtype)
         if need_b:
@@ -354,7 +354,7 @@ def _sampled_encoder_backward(ctx, grad):
         if need_bd:
             grad_bd = -(W_enc @ gb.to(W_enc.dtype)).to(b_dec.dtype)
     if need_x:
-        grad_x = gather_rows(grad, indices, W_enc.t(), counts=counts if ctx.has_counts else None).to(x.dtype)
+        grad_x = gather_sum(grad, indices, W_enc.t(), counts if ctx.has_counts else None).to(x.dtype)
     return grad_x, grad_W, grad_b, grad_bd, None, None, None, None, None
 
 

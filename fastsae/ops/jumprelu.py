@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
-from .triton_common import NS, TritonKernel, cfg
+from .triton_common import NS, kernel_op, TritonKernel, cfg
 
 
 @triton.jit
@@ -103,19 +102,19 @@ def _forward(pre: Tensor, threshold: Tensor, step: bool) -> Tensor:
     return out.reshape(pre.shape)
 
 
-@triton_op(f"{NS}::jumprelu", mutates_args=())
+@kernel_op("jumprelu")
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
     """``pre·H(pre - θ)``: ``pre [..., d_sae]``, ``threshold``/``bandwidth [d_sae]``; same shape and dtype as ``pre``."""
     return _forward(pre, threshold, step=False)
 
 
-@triton_op(f"{NS}::step", mutates_args=())
+@kernel_op("step")
 def step(pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
     """``H(pre - θ)`` in ``pre``'s dtype."""
     return _forward(pre, threshold, step=True)
 
 
-@triton_op(f"{NS}::jumprelu_backward", mutates_args=())
+@kernel_op("jumprelu_backward")
 def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor,
                       is_step: bool) -> tuple[Tensor, Tensor]:
     """``(grad_pre, grad_threshold [d_sae])`` of :func:`jumprelu` (or :func:`step` with ``is_step``)."""

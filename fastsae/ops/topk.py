@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import custom_op, triton_op
+from torch.library import custom_op
 
-from .triton_common import INTERPRET, NS, TritonKernel, cfg
+from .triton_common import INTERPRET, NS, kernel_op, TritonKernel, cfg
 
 #: Candidates kept per (row, tile) and the tile width on GPUs / in the interpreter.
 KP_GPU, BLOCK_N_GPU = 8, 128
@@ -93,7 +93,7 @@ def merge_candidates(cand_val: Tensor, cand_idx: Tensor, drop: Tensor, k: int) -
     return vals, idx, unsafe
 
 
-@triton_op(f"{NS}::topk_candidates", mutates_args=())
+@kernel_op("topk_candidates")
 def topk_candidates(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-tile candidates of ``pre [B, N]``: ``(values [B, T*kp], indices [B, T*kp] int32, dropped max [B, T])``."""
     B, N = pre.shape

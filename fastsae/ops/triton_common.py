@@ -86,6 +86,8 @@ class TritonKernel:
     def __call__(self, grid, *args, **kwargs):
         from torch.library import wrap_triton
 
+        if INTERPRET and any(_is_fake(a) for a in args):
+            return  # shape propagation of an interpreter op (see kernel_op): nothing to compute
         if self.tuned is not None:
             wrap_triton(self.tuned)[grid](*args, **kwargs)
             return
@@ -95,6 +97,41 @@ class TritonKernel:
             cfg = self.configs[0]
             meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         wrap_triton(self.fn)[grid](*args, **kwargs, **meta)
+
+
+def no_work(*sizes) -> bool:
+    """True when some size is 0 (skip the launch). Sizes that are unknown while tracing (the dynamic
+    width of a compact list) count as nonzero: a launch over an empty grid is harmless anyway."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return any(guard_or_false(n == 0) for n in sizes)
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return isinstance(t, Tensor) and (is_fake(t) or t.device.type == "meta")
+
+
+def kernel_op(name: str):
+    """Register ``fn`` as the op ``fastsae_triton::<name>``.
+
+    On GPUs it is a ``torch.library.triton_op``: ``torch.compile`` traces through it and sees the
+    kernels themselves. Under ``TRITON_INTERPRET=1`` ``wrap_triton`` cannot trace interpreted kernels,
+    so the op is an opaque ``custom_op`` instead, whose fake implementation is the same body with the
+    launches skipped (the bodies only allocate outputs and launch kernels, so shapes come out right).
+    """
+
+    def deco(fn):
+        from torch.library import custom_op, triton_op
+
+        if INTERPRET:
+            op = custom_op(f"{NS}::{name}", mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(f"{NS}::{name}", mutates_args=())(fn)
+
+    return deco
 
 
 def cfg(num_warps=4, num_stages=2, **blocks):
