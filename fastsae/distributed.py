@@ -616,7 +616,8 @@ class ShardedSAE(nn.Module):
     ``self.shard`` is an ordinary SAE module of the same architecture with ``d_sae = d_sae_local`` holding
     this rank's slice ``[start, stop)``; its kernels, ``apply_constraints`` and ``observe`` (per-latent
     statistics) are used as they are. ``training_forward`` returns the global loss/``x_hat``/``l0`` (identical
-    on the latent group) and ``fired [d_sae_local]`` for this shard's latents; ``dead_mask`` is local too.
+    on the latent group) and ``fired [d_sae]`` for the whole SAE, so a training loop sees the interface of a
+    single-process SAE; ``dead_mask`` may be the whole ``[d_sae]`` mask or this shard's ``[d_sae_local]``.
     """
 
     def __init__(self, shard: nn.Module, full_config: dict, g: Grid, split: dict[str, Optional[int]]):
@@ -732,8 +733,11 @@ class ShardedSAE(nn.Module):
         s = self.shard
         x2, _ = s._flatten(x)
         if dead_mask is not None:
-            if not isinstance(dead_mask, Tensor) or dead_mask.shape != (self.d_sae_local,):
-                raise ValueError(f"dead_mask must be a [d_sae_local]=[{self.d_sae_local}] bool tensor (this shard's latents)")
+            if not isinstance(dead_mask, Tensor) or dead_mask.shape not in ((self.d_sae,), (self.d_sae_local,)):
+                raise ValueError(f"dead_mask must be a [d_sae]=[{self.d_sae}] (or this shard's "
+                                 f"[d_sae_local]=[{self.d_sae_local}]) bool tensor")
+            if dead_mask.shape[0] == self.d_sae:
+                dead_mask = dead_mask[self.start : self.stop]
             dead_mask = dead_mask.to(device=x2.device, dtype=torch.bool)
         group = self.grid.latent_group if self.grid.latent_size > 1 else None
         ops = s.ops(x2.device)
@@ -748,7 +752,7 @@ class ShardedSAE(nn.Module):
             x_hat = reduce_out(out.x_hat, group) + s.b_dec
             l0 = reduce_out(out.l0, group)
             lam = s.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
-            fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=out.fired)
+            fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=self._gather_fired(out.fired, group))
             return s._output(x2, fwd, l0.mean(), aux, lam, 0.0)
         if arch == "relu":
             out = ops.relu_sae(x_in, s.W_enc, s.b_enc, s.W_dec, zero_b, False)
@@ -756,7 +760,7 @@ class ShardedSAE(nn.Module):
             sparsity = reduce_out(out.sparsity, group)
             l0 = all_reduce_(out.l0.detach().clone(), group)
             lam = s.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
-            fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=out.fired)
+            fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=self._gather_fired(out.fired, group))
             return s._output(x2, fwd, sparsity.mean(), aux, lam, 0.0)
         # TopK / BatchTopK: local selection, merged across the latent group.
         pre = F.relu(x_in @ s.W_enc + s.b_enc)  # [B, n_local]
@@ -808,8 +812,17 @@ class ShardedSAE(nn.Module):
             e_hat = self._auxk(x_in, dead_mask, group, ops, B)
             if e_hat is not None:
                 aux = ref.auxk_loss((x2 - x_hat).detach(), e_hat)
-        fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+        fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=self._gather_fired(fired, group))
         return s._output(x2, fwd, x2.new_zeros(()), aux, 0.0, s.aux_coefficient)
+
+    def _gather_fired(self, fired: Tensor, group) -> Tensor:
+        """This shard's ``fired [d_sae_local]`` -> the whole SAE's ``[d_sae]`` (d_sae bytes per rank per step),
+        so the training loop's dead-latent statistics look exactly like a single-process SAE's."""
+        if group is None:
+            return fired
+        width = split_sizes(self.d_sae, self.grid.latent_size)
+        parts = all_gather(_pad(fired.to(torch.uint8), width[0], 0), group)
+        return torch.cat([parts[i, :w] for i, w in enumerate(width)]).bool()
 
     def _auxk(self, x_in: Tensor, dead_mask: Tensor, group, ops, B: int) -> Optional[Tensor]:
         """AuxK's ``ê`` with the top ``k_aux`` dead latents of the whole SAE, merged like the main top-k."""
@@ -972,3 +985,87 @@ def load_shard(path, g: Optional[Grid] = None, *, optimizer: Optional[torch.opti
     full = _build(cfg, cfg["d_sae"], backend=backend, device=device)
     full.load_state_dict(_full_state(path, manifest))
     return ShardedSAE.from_full(full, g)
+
+
+# ------------------------------------------------------------------------------------------------
+# Communication model (what benchmarks/bench_comm.py reports; checked against count_bytes in the tests)
+# ------------------------------------------------------------------------------------------------
+
+
+def comm_per_step(
+    architecture: str,
+    *,
+    batch: int,
+    d_in: int,
+    d_sae: int,
+    k: int = 0,
+    k_aux: int = 0,
+    latent_size: int = 1,
+    data_size: int = 1,
+    value_bytes: int = 4,
+    aux: bool = False,
+    apply_b_dec_to_input: bool = False,
+    naive: bool = False,
+) -> list[tuple[str, str, int, int]]:
+    """The collectives one training step issues on one rank: ``(what, op, group_size, payload_bytes)``.
+
+    ``batch`` is the per-rank batch. ``naive=True`` models the baseline that all-gathers the dense
+    ``[B, d_sae / latent_size]`` activations instead of the ``(value, index)`` top-k candidates.
+    Data-parallel collectives (gradients, buffers, fired) are listed when ``data_size > 1``.
+    """
+    P, D, vb = latent_size, data_size, value_bytes
+    n_local = -(-d_sae // P)  # the largest shard (what the padded collectives carry)
+    out = []
+    if P > 1:
+        if architecture in ("topk", "batchtopk"):
+            if naive:
+                out.append(("dense activations", "all_gather", P, batch * n_local * vb))
+            elif architecture == "topk":
+                out.append(("top-k candidates", "all_gather", P, batch * k * (vb + 4)))
+            else:
+                out.append(("batch top-k candidates", "all_gather", P, batch * k * (vb + 4)))
+            out.append(("partial x_hat", "all_reduce", P, batch * d_in * vb))
+            if architecture == "batchtopk":
+                out.append(("l0", "all_reduce", P, batch * 4))
+        else:  # jumprelu / relu: no selection to merge
+            if naive:
+                out.append(("dense activations", "all_gather", P, batch * n_local * vb))
+            out.append(("partial x_hat", "all_reduce", P, batch * d_in * vb))
+            if architecture == "relu":
+                out.append(("sparsity", "all_reduce", P, batch * vb))
+            out.append(("l0", "all_reduce", P, batch * 4))
+        out.append(("fired", "all_gather", P, n_local))
+        if aux and architecture in ("topk", "batchtopk"):
+            out.append(("AuxK candidates", "all_gather", P, batch * k_aux * (vb + 4)))
+            out.append(("partial AuxK e_hat", "all_reduce", P, batch * d_in * vb))
+        if apply_b_dec_to_input:
+            out.append(("b_dec grad (backward)", "all_reduce", P, d_in * vb))
+    if D > 1:
+        n_params = 4 + (architecture == "jumprelu")
+        shard = d_sae // P
+        # One flat buffer per dtype: the parameters' dtype, float32 for θ (float64 in a float64 SAE), and
+        # float64 for the per-rank losses and "has a gradient" flags.
+        buckets = {vb: (2 * d_in * shard + shard + d_in) * vb}
+        if architecture == "jumprelu":
+            wide = 8 if vb == 8 else 4
+            buckets[wide] = buckets.get(wide, 0) + shard * wide
+        buckets[8] = buckets.get(8, 0) + (D + n_params) * 8
+        for b, nbytes in buckets.items():
+            out.append((f"gradients ({b}-byte)" + (" + losses + flags" if b == 8 else ""), "all_reduce", D, nbytes))
+        if P > 1:
+            out.append(("non-finite verdict", "all_reduce", P, 4))
+        buffers = {"jumprelu": shard, "batchtopk": 1}.get(architecture, 0)
+        if buffers:
+            out.append(("running-statistic buffers", "all_reduce", D, buffers * 8))
+        out.append(("fired (dead latents)", "all_reduce", D, d_sae))
+    return out
+
+
+def wire_bytes(op: str, group_size: int, payload: int) -> float:
+    """Bytes a rank receives for one collective with the bandwidth-optimal (ring) algorithms."""
+    p = group_size
+    if op == "all_reduce":
+        return 2 * (p - 1) / p * payload
+    if op == "all_gather":
+        return (p - 1) * payload
+    return float(payload)  # broadcast

@@ -139,6 +139,15 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
 
 
+def _check_model(log, arch, sae, batch, data_size, latent_size, use_dead):
+    """The collectives actually issued are exactly those of fd.comm_per_step (the benchmark's byte model)."""
+    cfg = sae.config()
+    model = fd.comm_per_step(arch, batch=batch, d_in=D_IN, d_sae=cfg["d_sae"], k=cfg.get("k", 0),
+                             k_aux=cfg.get("k_aux", 0), latent_size=latent_size, data_size=data_size,
+                             value_bytes=8, aux=use_dead, apply_b_dec_to_input=cfg["apply_b_dec_to_input"])
+    assert sorted(log) == sorted((op, n, b) for _, op, n, b in model), (arch, log, model)
+
+
 def _run_dp(arch, rank, world, d_sae=11, **kw):
     g = fd.grid()
     xs = _batches(B * world, STEPS)
@@ -150,9 +159,13 @@ def _run_dp(arch, rank, world, d_sae=11, **kw):
         opt.zero_grad()
         x_local = fd.shard_rows(x)
         assert x_local.shape[0] == B
-        out = sae.training_forward(x_local)
-        out.loss.backward()
-        loss = dp.reduce_gradients(out.loss)
+        with fd.count_bytes() as log:
+            out = sae.training_forward(x_local)
+            out.loss.backward()
+            loss = dp.reduce_gradients(out.loss)
+            dp.sync_buffers()
+            fired = dp.reduce_fired(out.fired)
+        _check_model(log, arch, sae, B, world, 1, use_dead=False)
         ref_loss, ref_grads, ref_fired, _ = history[step]
         _close(loss, ref_loss, f"{arch} dp loss step {step}")
         for n, p in sae.named_parameters():
@@ -161,7 +174,7 @@ def _run_dp(arch, rank, world, d_sae=11, **kw):
         sae.apply_constraints()
         sae.observe(x_local, out)
         dp.sync_buffers()
-        assert torch.equal(dp.reduce_fired(out.fired), ref_fired)
+        assert torch.equal(fired, ref_fired)
     for n, p in sae.named_parameters():
         _close(p.detach(), dict(ref_sae.named_parameters())[n].detach(), f"{arch} dp final {n}")
     for n, b in sae.named_buffers():
@@ -182,15 +195,20 @@ def _run_latent(arch, rank, world, d_sae, use_dead, data_size=1, **kw):
     for step, x in enumerate(xs):
         opt.zero_grad()
         x_local = fd.shard_rows(x)
-        dead = _dead_mask(d_sae, step)[lo:hi] if use_dead else None
-        out = sharded.training_forward(x_local, dead_mask=dead)
-        out.loss.backward()
-        loss = dp.reduce_gradients(out.loss)
+        # The whole [d_sae] mask on even steps, this shard's slice on odd ones: both are accepted.
+        dead = (_dead_mask(d_sae, step)[lo:hi] if step % 2 else _dead_mask(d_sae, step)) if use_dead else None
+        with fd.count_bytes() as log:
+            out = sharded.training_forward(x_local, dead_mask=dead)
+            out.loss.backward()
+            loss = dp.reduce_gradients(out.loss)
+            dp.sync_buffers()
+            dp.reduce_fired(out.fired)
+        _check_model(log, arch, sharded, B, data_size, g.latent_size, use_dead=use_dead)
         ref_loss, ref_grads, ref_fired, ref_l0 = history[step]
         _close(loss, ref_loss, f"{arch} latent loss step {step}")
         if data_size == 1:
             _close(out.l0, ref_l0, f"{arch} latent l0 step {step}")
-            assert torch.equal(out.fired, ref_fired[lo:hi]), f"{arch} fired step {step}"
+            assert torch.equal(out.fired, ref_fired), f"{arch} fired step {step}"
         for n, p in sharded.shard.named_parameters():
             _close(p.grad, fd._slice(ref_grads[n], sharded.split[n], lo, hi), f"{arch} latent grad {n} step {step}")
         opt.step()
@@ -252,8 +270,8 @@ def sc_grid2d(rank, world, out_dir):
     g = fd.grid()
     assert (g.data_size, g.latent_size) == (2, 2)
     # AuxK normalises by each data rank's own residual variance, so the 2-D check runs without dead latents.
-    _run_latent("topk", rank, world, 9, use_dead=False, data_size=2)
-    _run_latent("jumprelu", rank, world, 9, use_dead=False, data_size=2)
+    _run_latent("topk", rank, world, 10, use_dead=False, data_size=2)
+    _run_latent("jumprelu", rank, world, 10, use_dead=False, data_size=2)
 
 
 def sc_killed(rank, world, out_dir):
