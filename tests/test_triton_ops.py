@@ -1,0 +1,230 @@
+"""Triton kernels (fastsae/ops: jumprelu, topk, decode, encode, triton_common) against reference.py.
+
+On CPU these run under TRITON_INTERPRET=1 with small blocks (the interpreter is slow), so sizes stay
+small but odd, and every size crosses several blocks. Forward and backward, float32 and float64.
+"""
+import pytest
+import torch
+
+import fastsae
+from fastsae import reference as ref
+
+pytestmark = pytest.mark.skipif("triton" not in fastsae.backends(),
+                                reason="triton backend unavailable (needs CUDA or TRITON_INTERPRET=1)")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+DTYPES = [torch.float32, torch.float64]
+
+
+def ops():
+    from fastsae.ops import decode, encode, jumprelu, topk, triton_common
+
+    return jumprelu, topk, decode, encode, triton_common
+
+
+def near_threshold(B, N, dtype, frac_window=0.3):
+    """``pre`` with many entries inside the window ``|pre - θ| < ε/2`` and per-latent ``θ``, ``ε``."""
+    theta = torch.rand(N, dtype=torch.float32, device=DEV) * 0.5
+    eps = 0.05 + 0.3 * torch.rand(N, dtype=torch.float32, device=DEV)
+    pre = torch.randn(B, N, dtype=dtype, device=DEV)
+    near = torch.rand(B, N, device=DEV) < frac_window
+    pre = torch.where(near, (theta + eps * (torch.rand(B, N, device=DEV) - 0.5) * 0.98).to(dtype), pre)
+    return pre, theta, eps
+
+
+# ------------------------------------------------------------------------------------------
+# jumprelu.py: elementwise JumpReLU / step
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 37), (33, 70), (2, 5, 19)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["jumprelu", "step"])
+def test_jumprelu_step_forward_backward(shape, dtype, which):
+    jumprelu, *_ = ops()
+    B = int(torch.tensor(shape[:-1]).prod())
+    pre, theta, eps = near_threshold(B, shape[-1], dtype)
+    pre = pre.reshape(shape)
+    if dtype == torch.float64:
+        theta, eps = theta.double(), eps.double()
+    pre.requires_grad_(True)
+    theta.requires_grad_(True)
+    fn, rfn = (jumprelu.jumprelu, ref.jumprelu) if which == "jumprelu" else (jumprelu.step, ref.step)
+    out, want = fn(pre, theta, eps), rfn(pre, theta, eps)
+    torch.testing.assert_close(out, want, **TOL[dtype])
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [pre, theta], g)
+    exp = torch.autograd.grad(want, [pre, theta], g)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+def test_jumprelu_float64_pre_float32_threshold():
+    """θ stays float32 while pre is float64: the window is computed in float64, as in the reference."""
+    jumprelu, *_ = ops()
+    pre, theta, eps = near_threshold(9, 21, torch.float64)
+    pre.requires_grad_(True)
+    theta.requires_grad_(True)
+    out = jumprelu.jumprelu(pre, theta, eps)
+    want = ref.jumprelu(pre, theta, eps)
+    g = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, [pre, theta], g), torch.autograd.grad(want, [pre, theta], g)):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# topk.py: per-tile candidates + merge + repair
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,N,k", [(7, 37, 5), (5, 130, 9), (3, 16, 16), (4, 33, 1), (9, 100, 30), (2, 5, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_matches_torch(B, N, k, dtype):
+    _, topk, *_ = ops()
+    x = torch.randn(B, N, dtype=dtype, device=DEV, requires_grad=True)
+    v, i = topk.topk(x, k)
+    rv, ri = torch.topk(x, k)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+    g = torch.randn_like(v)
+    torch.testing.assert_close(torch.autograd.grad(v, x, g)[0], torch.autograd.grad(rv, x, g)[0])
+
+
+def test_topk_repair_path_is_exercised_and_exact():
+    """Concentrate each row's winners in one tile: the merge flags those rows and the repair fixes them."""
+    _, topk, *_ = ops()
+    B, N, k = 6, 64, 8
+    x = torch.randn(B, N, device=DEV)
+    x[:, :k] += 10.0  # all top-k of every row in the first tile, more than kp of them
+    cv, ci, drop = topk.topk_candidates(x, k)
+    _, _, unsafe = topk.merge_candidates(cv, ci, drop, k)
+    assert bool(unsafe.all())
+    v, i = topk.topk(x, k)
+    rv, ri = torch.topk(x, k)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+def test_tile_shape_offers_k_candidates():
+    _, topk, *_ = ops()
+    for N, k in [(37, 5), (17, 17), (130, 64), (5, 5), (1000, 900)]:
+        block_n, kp, n_tiles = topk.tile_shape(N, k)
+        last = N - (n_tiles - 1) * block_n
+        assert (n_tiles - 1) * kp + min(kp, last) >= k
+
+
+# ------------------------------------------------------------------------------------------
+# decode.py: sparse decode, SDDMM, segment reduction, JumpReLU decode
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,k,d_sae,d_in", [(1, 1, 1, 1), (7, 3, 29, 13), (19, 17, 41, 5), (5, 9, 23, 37)])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float64, False)])
+def test_sparse_decode_forward_backward(B, k, d_sae, d_in, dtype, bias):
+    _, _, decode, _, _ = ops()
+    v = torch.randn(B, k, dtype=dtype, device=DEV, requires_grad=True)
+    i = torch.randint(0, d_sae, (B, k), device=DEV)
+    W = torch.randn(d_sae, d_in, dtype=dtype, device=DEV, requires_grad=True)
+    b = torch.randn(d_in, dtype=dtype, device=DEV, requires_grad=True) if bias else None
+    out = decode.sparse_decode(v, i, W, b)
+    want = ref.sparse_decode(v, i, W, b)
+    torch.testing.assert_close(out, want, **TOL[dtype])
+    g = torch.randn_like(out)
+    inputs = [v, W] + ([b] if bias else [])
+    for a, e in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+def test_sddmm_segment_reduce_gather_sum():
+    _, _, decode, _, common = ops()
+    B, K, N, D = 9, 6, 23, 11
+    g = torch.randn(B, D, dtype=torch.float64, device=DEV)
+    idx = torch.randint(0, N, (B, K), device=DEV, dtype=torch.int32)
+    W = torch.randn(N, D, dtype=torch.float64, device=DEV)
+    torch.testing.assert_close(decode.sddmm(g, idx, W), torch.einsum("bkd,bd->bk", W[idx.long()], g))
+    # segments: entries past counts are padding and must be ignored
+    counts = torch.randint(0, K + 1, (B,), device=DEV, dtype=torch.int32)
+    valid = common.valid_mask(counts, B, K, DEV)
+    w = torch.randn(B, K, dtype=torch.float64, device=DEV)
+    xb = torch.randn(D, dtype=torch.float64, device=DEV)
+    order, offsets = common.segments(idx, counts, N)
+    out, tsum = decode.segment_reduce(order, offsets, w.reshape(-1), g, K, None, xb)
+    wv = torch.where(valid, w, 0)
+    want = torch.zeros(N, D, dtype=torch.float64, device=DEV).index_add_(
+        0, idx.long().reshape(-1), (wv.unsqueeze(-1) * (g - xb).unsqueeze(1)).reshape(-1, D))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(tsum, torch.zeros(N, dtype=torch.float64, device=DEV).index_add_(
+        0, idx.long().reshape(-1), wv.reshape(-1)))
+    # gather_sum through a transposed (strided) view, with counts
+    Wt = torch.randn(D, N, dtype=torch.float64, device=DEV)
+    got = decode.gather_sum(w, idx, Wt.t(), counts)
+    torch.testing.assert_close(got, torch.einsum("bk,bkd->bd", wv, Wt.t()[idx.long()]))
+
+
+@pytest.mark.parametrize("B,d_in,d_sae", [(11, 13, 37), (33, 40, 70), (1, 3, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_jumprelu_lists_match_dense(B, d_in, d_sae, dtype):
+    *_, encode, _ = ops()
+    x = torch.randn(B, d_in, dtype=dtype, device=DEV)
+    W = torch.randn(d_in, d_sae, dtype=dtype, device=DEV) / d_in ** 0.5
+    b = 0.1 * torch.randn(d_sae, dtype=dtype, device=DEV)
+    theta = (0.3 * torch.rand(d_sae, device=DEV)).to(dtype)
+    eps = (0.1 + 0.3 * torch.rand(d_sae, device=DEV)).to(dtype)
+    encode._capacity_hint[(B, d_sae)] = 1  # force the overflow + exact retry path
+    idx, pre, counts = encode.encode_jumprelu(x, W, b, theta, eps)
+    dense = x @ W + b
+    u = (dense - theta) / eps
+    keep = (dense > theta) | ((u > -0.5) & (u < 0.5))
+    assert torch.equal(counts.long(), keep.sum(-1))
+    assert idx.shape[1] == int(keep.sum(-1).max())
+    for r in range(B):
+        n = int(counts[r])
+        cols = idx[r, :n].long()
+        assert sorted(cols.tolist()) == keep[r].nonzero().squeeze(1).tolist()
+        torch.testing.assert_close(pre[r, :n], dense[r, cols], **TOL[dtype])
+    assert encode._capacity_hint[(B, d_sae)] >= idx.shape[1]
+
+
+@pytest.mark.parametrize("B,d_in,d_sae,k", [(11, 13, 37, 5), (33, 40, 70, 17), (4, 7, 9, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_topk_matches_dense(B, d_in, d_sae, k, dtype):
+    *_, encode, _ = ops()
+    x = torch.randn(B, d_in, dtype=dtype, device=DEV)
+    W = torch.randn(d_in, d_sae, dtype=dtype, device=DEV)
+    b = torch.randn(d_sae, dtype=dtype, device=DEV)
+    v, i = encode.encode_topk(x, W, b, k)
+    rv, ri = torch.topk(torch.relu(x @ W + b), k)
+    torch.testing.assert_close(v, rv, **TOL[dtype])
+    pos = rv > 0  # zero-valued picks are ties at 0: any index is right
+    assert torch.equal(i[pos], ri[pos])
+    vals, idx, counts = encode.encode_batchtopk(x, W, b, k)
+    dense = torch.relu(x @ W + b)
+    kept_v, kept_i = torch.topk(dense.reshape(-1), B * k)
+    want = torch.zeros_like(dense).reshape(-1).scatter(0, kept_i, kept_v).reshape(dense.shape)
+    valid = torch.arange(vals.shape[1], device=DEV).unsqueeze(0) < counts.unsqueeze(1)
+    assert int(counts.sum()) == B * k
+    got = torch.zeros_like(dense).scatter_add(1, idx.long(), torch.where(valid, vals, torch.zeros_like(vals)))
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampled_encoder_gradients(apply_b_dec, dtype):
+    """The encoder's sparse backward equals autograd of the dense formula at the sampled entries."""
+    *_, encode, common = ops()
+    B, d_in, N, K = 9, 11, 29, 6
+    x = torch.randn(B, d_in, dtype=dtype, device=DEV, requires_grad=True)
+    W = torch.randn(d_in, N, dtype=dtype, device=DEV, requires_grad=True)
+    b = torch.randn(N, dtype=dtype, device=DEV, requires_grad=True)
+    bd = torch.randn(d_in, dtype=dtype, device=DEV, requires_grad=True)
+    idx = torch.stack([torch.randperm(N, device=DEV)[:K] for _ in range(B)]).to(torch.int32)
+    counts = torch.randint(1, K + 1, (B,), device=DEV, dtype=torch.int32)
+    x_in = x - bd if apply_b_dec else x
+    dense = x_in @ W + b
+    want = dense.gather(1, idx.long())
+    order, offsets = common.segments(idx, counts, N)
+    got = encode.sampled_encoder(x, W, b, bd if apply_b_dec else None, idx, counts, want.detach(), order, offsets)
+    valid = common.valid_mask(counts, B, K, DEV)
+    g = torch.randn(B, K, dtype=dtype, device=DEV) * valid
+    inputs = [x, W, b] + ([bd] if apply_b_dec else [])
+    for a, e in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, e, **TOL[dtype])
