@@ -1,0 +1,480 @@
+"""The training loop: ``fastsae.train(sae, data, steps=...)``.
+
+One step is: next batch -> ``sae.training_forward`` -> ``loss.backward()`` -> Adam step ->
+``sae.apply_constraints()`` -> ``sae.observe``. Around it: a dataset-wide input scale (folded into the
+weights at the end), ``b_dec`` initialised from the data, learning-rate warm-up and decay, a linear
+sparsity-coefficient warm-up, dead-latent tracking for AuxK, metrics as JSON lines, a progress bar,
+and atomic checkpoints that a resumed run continues from exactly.
+
+The pieces are small functions on purpose (data iteration, the gradient step, metric reduction,
+checkpoint I/O), so a distributed trainer can wrap them: all-reduce the gradients after
+``backward``, reduce the metric sums in :func:`reduce_metrics`, write checkpoints from one rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import ActivationSource, as_source, batches
+from .sae import SAE, TrainOutput
+
+__all__ = ["train", "TrainResult", "default_hyperparameters", "fold_input_scale", "estimate_input_scale",
+           "geometric_median", "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+#: what each metrics record holds, in the order accumulated per step
+_SUMS = ("loss", "mse", "fvu", "l0", "sparsity", "aux")
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults from the papers
+# ----------------------------------------------------------------------------------------------
+
+
+def default_hyperparameters(sae: SAE) -> dict:
+    """Adam ``lr`` and ``betas`` for ``sae``'s architecture.
+
+    - TopK / BatchTopK (Gao et al. 2024; sparsify): ``lr = 2e-4 / sqrt(d_sae / 2**14)``, β = (0.9, 0.999).
+    - JumpReLU (Rajamanoharan et al. 2024): β = (0, 0.999). The paper's 7e-5 is for billions of tokens on
+      d_sae ≥ 16k; we use the TopK width rule (2e-4 at 16k latents, larger for narrower SAEs), which
+      converges on the short synthetic jobs and matches the paper's order of magnitude at 16k-131k latents.
+    - Gated (Rajamanoharan et al. 2024): β = (0, 0.999), same width rule.
+    - ReLU (Anthropic's April 2024 update): β = (0.9, 0.999), same width rule.
+    """
+    lr = 2e-4 / math.sqrt(sae.d_sae / 2**14)
+    betas = (0.0, 0.999) if sae.architecture in ("jumprelu", "gated") else (0.9, 0.999)
+    return dict(lr=lr, betas=betas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input scale and initialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def estimate_input_scale(sample: Tensor) -> float:
+    """The scalar ``s`` with ``mean ‖s·x‖² = 1`` over ``sample [N, d_in]``."""
+    sample = sample.double()
+    if not bool(torch.isfinite(sample).all()):
+        raise FloatingPointError("data contains NaN or inf values (found while estimating the input scale)")
+    msq = float(sample.pow(2).sum(-1).mean())
+    if msq <= 0:
+        raise ValueError("data is all zeros: cannot estimate an input scale")
+    return 1.0 / math.sqrt(msq)
+
+
+def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to ``points [N, d]``."""
+    points = points.double()
+    y = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-6 * y.norm().clamp_min(eps):
+            return y_new
+        y = y_new
+    return y
+
+
+@torch.no_grad()
+def fold_input_scale(sae: SAE, scale: float) -> None:
+    """Make an SAE trained on ``scale · x`` work on raw ``x``, exactly.
+
+    ``(s·x - b_dec) W_enc = (x - b_dec/s)(s·W_enc)``: pre-activations (hence ``b_enc``, ``threshold``, the
+    gates) are unchanged; the reconstruction ``f W_dec + b_dec`` is divided by ``s``.
+    """
+    sae.W_enc.mul_(scale)
+    sae.W_dec.div_(scale)
+    sae.b_dec.div_(scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, steps: int, warmup: int, decay: int) -> float:
+    """Linear warm-up over ``warmup`` steps, constant, then linear decay to 0 over the last ``decay`` steps.
+    ``step`` is 0-based (the step about to be taken)."""
+    f = 1.0
+    if warmup > 0:
+        f = min(f, (step + 1) / warmup)
+    if decay > 0:
+        f = min(f, (steps - step) / decay)
+    return max(f, 0.0)
+
+
+def sparsity_factor(step: int, warmup: int) -> float:
+    """Linear warm-up of the sparsity coefficient from 0 (the JumpReLU paper; SAELens' ``l0_warm_up_steps``)."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
+# ----------------------------------------------------------------------------------------------
+# State, metrics, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns. ``sae`` works on raw activations (the input scale is folded in)."""
+
+    sae: SAE
+    metrics: list  # one dict per logged step (also written as JSON lines)
+    input_scale: float
+    steps: int  # steps completed
+    tokens: int
+    seconds: float  # wall time of this call
+
+    @property
+    def final(self) -> dict:
+        return self.metrics[-1] if self.metrics else {}
+
+
+@dataclass
+class _State:
+    step: int
+    tokens: int
+    scale: float
+    since_fired: Tensor  # [d_sae] int64: tokens since each latent last fired
+    sums: Tensor  # [len(_SUMS)] float64 metric sums since the last log
+    n_summed: int
+    metrics: list = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    out = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``: a crash leaves the old one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable fastsae checkpoint: {e}") from e
+
+
+def _accumulate(state: _State, out: TrainOutput) -> None:
+    vals = torch.stack([out.loss.detach(), out.mse.detach(), out.fvu, out.l0,
+                        out.sparsity.detach(), out.aux.detach()]).to(torch.float64)
+    state.sums += vals.to(state.sums.device)
+    state.n_summed += 1
+
+
+def reduce_metrics(state: _State) -> dict:
+    """Means of the metric sums since the last log (a distributed trainer all-reduces ``state.sums`` here)."""
+    means = (state.sums / max(state.n_summed, 1)).tolist()
+    state.sums.zero_()
+    state.n_summed = 0
+    return dict(zip(_SUMS, means))
+
+
+def _dead_mask(state: _State, dead_after: int) -> Tensor:
+    return state.since_fired >= dead_after
+
+
+def _update_dead(state: _State, out: TrainOutput, n_tokens: int) -> None:
+    fired = out.fired.to(state.since_fired.device)
+    state.since_fired = torch.where(fired, torch.zeros_like(state.since_fired), state.since_fired + n_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------
+
+
+def _project_decoder_grad(sae: SAE) -> None:
+    """Remove the gradient component parallel to each (unit-norm) decoder row (Gao et al. 2024): the step
+    then moves along the sphere instead of fighting the renormalisation."""
+    g = sae.W_dec.grad
+    if g is None:
+        return
+    W = sae.W_dec.detach()
+    g -= (g * W).sum(1, keepdim=True) * W
+
+
+def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: int, dead_mask: Optional[Tensor],
+               sparsity_coefficient: Optional[float]) -> TrainOutput:
+    """Forward, a finite-loss check, backward, optimizer step, constraints, ``observe``. ``x`` is scaled."""
+    optimizer.zero_grad(set_to_none=True)
+    out = sae.training_forward(x, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
+    if not bool(torch.isfinite(out.loss)):
+        bad_input = not bool(torch.isfinite(x).all())
+        what = "the input batch contains NaN or inf values" if bad_input else "the loss is not finite"
+        raise FloatingPointError(f"training stopped at step {step}: {what} (loss={float(out.loss)}); "
+                                 "no update was applied for this step and the last checkpoint is intact")
+    out.loss.backward()
+    if sae.unit_norm_decoder:
+        _project_decoder_grad(sae)
+    optimizer.step()
+    sae.apply_constraints()
+    sae.observe(x, out)
+    return out
+
+
+def _to_batch(x: Tensor, sae: SAE, device: torch.device, scale: float) -> Tensor:
+    x = x.to(device=device, dtype=sae.dtype, non_blocking=True)
+    return x * scale if scale != 1.0 else x
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train(
+    sae: SAE,
+    data,
+    *,
+    steps: int,
+    batch_size: int = 4096,
+    lr: Optional[float] = None,
+    betas: Optional[tuple[float, float]] = None,
+    lr_warmup_steps: Optional[int] = None,
+    lr_decay_steps: Optional[int] = None,
+    sparsity_coefficient: Optional[float] = None,
+    sparsity_warmup_steps: Optional[int] = None,
+    dead_after: Optional[int] = None,
+    scale_inputs: bool = True,
+    input_scale: Optional[float] = None,
+    init_b_dec: bool = True,
+    seed: int = 0,
+    device: Union[str, torch.device, None] = None,
+    progress: bool = True,
+    log_every: Optional[int] = None,
+    metrics_path: Union[str, Path, None] = None,
+    checkpoint_dir: Union[str, Path, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: bool = False,
+    callback: Optional[Callable[[dict], None]] = None,
+) -> TrainResult:
+    """Train ``sae`` on ``data`` for ``steps`` Adam steps of ``batch_size`` rows.
+
+    Args:
+        sae: a freshly built SAE (its weights are taken as living in the scaled input space).
+        data: ``[N, d_in]`` tensor/array (shuffled each epoch), a folder (or file) of ``.npy`` /
+            ``.safetensors`` shards, any iterable of ``[..., d_in]`` batches, or ``fastsae.data.synthetic(...)``.
+        lr, betas: Adam; ``None`` takes :func:`default_hyperparameters` (per architecture, from the papers).
+        lr_warmup_steps: linear warm-up (default ``min(1000, steps // 20)``).
+        lr_decay_steps: linear decay to 0 at the end (default: the last 20% of the steps).
+        sparsity_coefficient: λ for JumpReLU / ReLU / Gated (default: the module's).
+        sparsity_warmup_steps: λ rises linearly from 0 over these steps (default ``steps // 10``; ignored by TopK).
+        dead_after: tokens without firing after which a latent is dead (default ``sae.dead_after`` or 10M);
+            dead latents feed AuxK (TopK/BatchTopK) and the ``dead`` metric.
+        scale_inputs: train on ``s·x`` with ``mean ‖s·x‖² = 1`` (estimated from the data, or ``input_scale``),
+            then fold ``s`` into the weights so the returned SAE works on raw activations.
+        init_b_dec: set ``b_dec`` to the geometric median of a data sample before the first step.
+        seed: data order (and nothing else: the SAE's initial weights are whatever was passed in).
+        log_every: steps between metric records (default ``min(100, max(1, steps // 50))``); each record has
+            step, tokens, loss, mse, fvu, l0, sparsity, aux, dead (fraction), lr, sparsity_coefficient, tokens_per_s.
+        metrics_path: JSON-lines file for the records (default ``checkpoint_dir/metrics.jsonl``).
+        checkpoint_dir: write ``checkpoint.pt`` there every ``checkpoint_every`` steps (default ``steps // 10``)
+            and at the end, atomically, with optimizer, step, RNG and data position.
+        resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists (else start fresh).
+        callback: called with each metrics record (after that step's checkpoint, if any).
+    Raises:
+        FloatingPointError: a NaN/inf loss (e.g. NaN input), naming the step; nothing is updated for that step.
+    Returns:
+        :class:`TrainResult` with the trained ``sae`` (modified in place), the metric records and the scale.
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be a fastsae SAE module, got {type(sae).__name__}")
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    t_start = time.perf_counter()
+    device = torch.device(device) if device is not None else sae.device
+    sae.to(device)
+    source = as_source(data)
+    if source.d_in is not None and source.d_in != sae.d_in:
+        raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}")
+
+    hp = default_hyperparameters(sae)
+    lr = hp["lr"] if lr is None else float(lr)
+    betas = hp["betas"] if betas is None else tuple(betas)
+    warmup = min(1000, steps // 20) if lr_warmup_steps is None else int(lr_warmup_steps)
+    decay = steps // 5 if lr_decay_steps is None else int(lr_decay_steps)
+    lam = getattr(sae, "sparsity_coefficient", None) if sparsity_coefficient is None else float(sparsity_coefficient)
+    lam_warmup = steps // 10 if sparsity_warmup_steps is None else int(sparsity_warmup_steps)
+    dead_after = int(dead_after if dead_after is not None else getattr(sae, "dead_after", 10_000_000))
+    log_every = min(100, max(1, steps // 50)) if log_every is None else max(1, int(log_every))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_every = max(1, steps // 10) if checkpoint_every is None else max(1, int(checkpoint_every))
+    if metrics_path is None and ckpt_dir is not None:
+        metrics_path = ckpt_dir / METRICS
+    metrics_path = Path(metrics_path) if metrics_path is not None else None
+
+    sae.train()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+    config = dict(sae=sae.config(), steps=steps, batch_size=batch_size, lr=lr, betas=list(betas),
+                  lr_warmup_steps=warmup, lr_decay_steps=decay, sparsity_coefficient=lam,
+                  sparsity_warmup_steps=lam_warmup, dead_after=dead_after, seed=seed, scale_inputs=scale_inputs)
+
+    ckpt_path = ckpt_dir / CHECKPOINT if ckpt_dir is not None else None
+    if resume and ckpt_path.is_file():
+        state = _restore(ckpt_path, sae, optimizer, config, device)
+        _truncate_metrics(metrics_path, state.step)
+    else:
+        state = _fresh_state(sae, source, seed, scale_inputs, input_scale, init_b_dec, device)
+        if metrics_path is not None:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text("")
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    bar = _progress(progress, steps, state.step)
+    it = batches(source, batch_size, seed=seed, start_batch=state.step)
+    t_log, tokens_log = time.perf_counter(), state.tokens
+    try:
+        while state.step < steps:
+            x_raw = next(it, None)
+            if x_raw is None:
+                import warnings
+
+                warnings.warn(f"data ran out after {state.step} of {steps} steps", stacklevel=2)
+                break
+            x = _to_batch(x_raw, sae, device, state.scale)
+            step = state.step
+            for g in optimizer.param_groups:
+                g["lr"] = lr * lr_factor(step, steps, warmup, decay)
+            coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
+            out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
+                             sparsity_coefficient=coef)
+            _update_dead(state, out, x.shape[0])
+            _accumulate(state, out)
+            state.step += 1
+            state.tokens += x.shape[0]
+            bar.update(1)
+            record = None
+            if state.step % log_every == 0 or state.step == steps:
+                now = time.perf_counter()
+                record = dict(step=state.step, tokens=state.tokens, **reduce_metrics(state),
+                              dead=float(_dead_mask(state, dead_after).float().mean()),
+                              lr=optimizer.param_groups[0]["lr"], sparsity_coefficient=coef,
+                              tokens_per_s=(state.tokens - tokens_log) / max(now - t_log, 1e-9))
+                t_log, tokens_log = now, state.tokens
+                state.metrics.append(record)
+                if metrics_path is not None:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}", fvu=f"{record['fvu']:.3f}")
+            if ckpt_path is not None and (state.step % ckpt_every == 0 or state.step == steps):
+                save_checkpoint(ckpt_path, _payload(state, sae, optimizer, config, seed))
+            if record is not None and callback is not None:
+                callback(record)
+    finally:
+        bar.close()
+
+    sae.eval()
+    if state.scale != 1.0:
+        fold_input_scale(sae, state.scale)
+    return TrainResult(sae=sae, metrics=state.metrics, input_scale=state.scale, steps=state.step,
+                       tokens=state.tokens, seconds=time.perf_counter() - t_start)
+
+
+def _progress(enabled: bool, steps: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=initial, disable=not enabled, desc="fastsae train", unit="step",
+                dynamic_ncols=True)
+
+
+def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bool, input_scale, init_b_dec,
+                 device) -> _State:
+    sample = None
+    if scale_inputs and input_scale is None or init_b_dec:
+        sample = source.sample(16384, seed).to(torch.float64)
+        if sample.shape[-1] != sae.d_in:
+            raise ValueError(f"data has d_in={sample.shape[-1]} but the SAE has d_in={sae.d_in}")
+    if not scale_inputs:
+        scale = 1.0
+    elif input_scale is not None:
+        scale = float(input_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"input_scale must be a positive finite number, got {input_scale}")
+    else:
+        scale = estimate_input_scale(sample)
+    if init_b_dec:
+        if not bool(torch.isfinite(sample).all()):
+            raise FloatingPointError("data contains NaN or inf values (found while initialising b_dec)")
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(sample * scale).to(sae.b_dec))
+    return _State(step=0, tokens=0, scale=scale, since_fired=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
+                  sums=torch.zeros(len(_SUMS), dtype=torch.float64, device=device), n_summed=0)
+
+
+def _payload(state: _State, sae: SAE, optimizer, config: dict, seed: int) -> dict:
+    return dict(
+        format="fastsae-checkpoint", version=1, config=config, step=state.step, tokens=state.tokens,
+        scale=state.scale, since_fired=state.since_fired.cpu(), sums=state.sums.cpu(), n_summed=state.n_summed,
+        metrics=state.metrics, model=sae.state_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(),
+        data=dict(seed=seed, rows=state.tokens),
+    )
+
+
+def _restore(path: Path, sae: SAE, optimizer, config: dict, device) -> _State:
+    ck = load_checkpoint(path)
+    if ck.get("format") != "fastsae-checkpoint":
+        raise ValueError(f"{path} is not a fastsae checkpoint")
+    saved = ck["config"]["sae"]
+    for key in ("architecture", "d_in", "d_sae"):
+        if saved.get(key) != sae.config().get(key):
+            raise ValueError(f"{path} was written for an SAE with {key}={saved.get(key)!r}, "
+                             f"not {sae.config().get(key)!r}")
+    for key in ("steps", "batch_size", "seed"):
+        if ck["config"].get(key) != config.get(key):
+            import warnings
+
+            warnings.warn(f"resuming {path} with {key}={config.get(key)!r} (the checkpoint used "
+                          f"{ck['config'].get(key)!r}): the run will not match an uninterrupted one", stacklevel=3)
+    sae.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    _set_rng_state(ck["rng"])
+    return _State(step=ck["step"], tokens=ck["tokens"], scale=ck["scale"],
+                  since_fired=ck["since_fired"].to(device), sums=ck["sums"].to(device), n_summed=ck["n_summed"],
+                  metrics=list(ck["metrics"]))
+
+
+def _truncate_metrics(path: Optional[Path], step: int) -> None:
+    """Drop records written after the checkpoint (a crash between checkpoints would duplicate them)."""
+    if path is None or not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a half-written last line
+    path.write_text("".join(k + "\n" for k in keep))
