@@ -1,5 +1,9 @@
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
 
 namespace fastsae {
 
@@ -16,6 +20,76 @@ inline void check_index_range(const at::Tensor& idx, int64_t size, const char* o
   }
   TORCH_CHECK_INDEX(lo >= 0 && hi < size, op, ": ", arg, " must lie in [0, ", size, "), got values in [", lo,
                     ", ", hi, "]");
+}
+
+// A CSR row pointer must start at 0, never decrease, and end at nnz; otherwise a row's entries
+// would run past the column array.
+inline void check_row_ptr(const at::Tensor& row_ptr, int64_t rows, int64_t nnz, const char* op) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1, op, ": row_ptr must be [", rows + 1, "], got ",
+              row_ptr.sizes());
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, op, ": row_ptr must be int64");
+  const int64_t* p = row_ptr.data_ptr<int64_t>();
+  TORCH_CHECK_INDEX(p[0] == 0 && p[rows] == nnz, op, ": row_ptr must run from 0 to nnz=", nnz, ", got ", p[0],
+                    "..", p[rows]);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK_INDEX(p[r] <= p[r + 1], op, ": row_ptr must be non-decreasing (row ", r, ")");
+}
+
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,
+                             const char* nb) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", na, " (", a.scalar_type(), ") and ", nb, " (",
+              b.scalar_type(), ") must have the same dtype");
+}
+
+inline void check_vector(const at::Tensor& t, int64_t n, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "], got ", t.sizes());
+}
+
+// The dtype JumpReLU's window test runs in: float32-or-wider, as reference._kernel_window.
+inline at::ScalarType wide_type(at::ScalarType a, at::ScalarType b) {
+  return (a == at::kDouble || b == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// Inner loops: plain counted loops over contiguous memory, which -O3 vectorises.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void axpy(acc_t* y, acc_t a, const scalar_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<acc_t>(x[i]);
+}
+
+// Entries of a sparse [rows, n_latents] matrix regrouped by latent (a counting sort). Within one
+// latent the entries keep their original order (increasing row), so every per-latent reduction
+// runs in a fixed order: results do not depend on the thread count, and each latent's output row
+// is owned by one thread (no atomics).
+struct ByLatent {
+  std::vector<int64_t> start;  // [n_latents + 1]
+  std::vector<int64_t> entry;  // [nnz], entry ids grouped by latent
+};
+
+inline ByLatent group_by_latent(const int64_t* cols, int64_t nnz, int64_t n_latents) {
+  ByLatent g;
+  g.start.assign(n_latents + 1, 0);
+  for (int64_t e = 0; e < nnz; ++e) ++g.start[cols[e] + 1];
+  for (int64_t j = 0; j < n_latents; ++j) g.start[j + 1] += g.start[j];
+  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
+  g.entry.resize(nnz);
+  for (int64_t e = 0; e < nnz; ++e) g.entry[fill[cols[e]]++] = e;
+  return g;
+}
+
+// Rows per chunk of the encoder GEMM: a [chunk, d_sae] slab of pre-activations stays in cache
+// while it is thresholded/selected, and the dense [B, d_sae] is never materialised at once.
+inline int64_t encode_chunk_rows(int64_t B, int64_t d_sae) {
+  const int64_t target = (int64_t(1) << 20);  // ~1M elements (4 MB in float32) per slab
+  int64_t rows = target / (d_sae > 0 ? d_sae : 1);
+  rows = rows < 64 ? 64 : rows;
+  return rows > B ? (B > 0 ? B : 1) : rows;
 }
 
 }  // namespace fastsae
