@@ -1069,3 +1069,201 @@ def wire_bytes(op: str, group_size: int, payload: int) -> float:
     if op == "all_gather":
         return (p - 1) * payload
     return float(payload)  # broadcast
+
+
+# ------------------------------------------------------------------------------------------------
+# fastsae.train under torchrun
+# ------------------------------------------------------------------------------------------------
+
+
+class RankSlicedSource:
+    """This data rank's rows of a source's global stream: global batch ``g`` holds rows
+    ``[g·B·D, (g+1)·B·D)`` of the stream and rank ``r`` takes ``[r·B, (r+1)·B)`` of it, so ``D`` ranks with
+    per-rank batch ``B`` consume exactly the batches of one process with batch ``B·D``, disjointly.
+
+    Every rank walks the whole stream (tensors and shard folders are deterministic functions of the seed)
+    and keeps its slice: the same updates as one process, at the price of reading the other ranks' rows.
+    """
+
+    resumable = True
+
+    def __init__(self, source, batch_size: int, g: Grid):
+        self.source = source
+        self.d_in = source.d_in
+        self.batch_size = batch_size
+        self.grid = g
+        self.resumable = getattr(source, "resumable", True)
+
+    def __len__(self) -> int:
+        return len(self.source) // self.grid.data_size
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        return self.source.sample(n, seed)
+
+    def chunks(self, seed: int, start_row: int = 0):
+        B, D, r = self.batch_size, self.grid.data_size, self.grid.data_rank
+        first, skip = divmod(start_row, B)
+        pending, have = [], 0
+        it = self.source.chunks(seed, first * B * D)
+        for chunk in it:
+            pending.append(chunk)
+            have += chunk.shape[0]
+            while have >= B * D:
+                rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+                mine, rest = rows[r * B : (r + 1) * B], rows[B * D :]
+                pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
+                if skip:
+                    mine, skip = mine[skip:], 0
+                yield mine
+
+
+class TrainingContext:
+    """The hooks ``fastsae.train`` calls so that it runs unchanged under ``torchrun``.
+
+    Single process: every hook is a no-op and ``module`` is the SAE itself. Launched with more than one rank:
+    joins the process group (:func:`init`; ``latent_parallel`` or env ``FASTSAE_LATENT_PARALLEL`` ranks
+    share one SAE's latents), shards the SAE when asked, and provides the data-parallel reductions.
+    """
+
+    def __init__(self, sae: nn.Module, device=None, latent_parallel: Optional[int] = None):
+        self.full = sae
+        self.active = launched()
+        if latent_parallel is None:
+            latent_parallel = int(os.environ.get("FASTSAE_LATENT_PARALLEL", "1"))
+        if not self.active:
+            if latent_parallel != 1:
+                raise ValueError(f"latent_parallel={latent_parallel} needs torchrun with at least that many ranks")
+            self.grid = Grid()
+            self.device = torch.device(device) if device is not None else sae.device
+            sae.to(self.device)
+            self.module, self.dp = sae, None
+            return
+        self.grid = init(latent_parallel)
+        if self.grid.backend == "nccl":
+            self.device = self.grid.device  # one GPU per rank: cuda:LOCAL_RANK
+        else:
+            self.device = torch.device(device) if device is not None else sae.device
+        if self.grid.latent_size > 1:
+            # Slice on the host, then move only this rank's shard to its device.
+            self.module = ShardedSAE.from_full(sae, self.grid)
+            self.module.to(self.device)
+        else:
+            self.module = sae.to(self.device)
+        self.dp = DataParallel(self.module, self.grid)
+
+    # -- what the loop asks ------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.grid.is_main
+
+    @property
+    def data_size(self) -> int:
+        return self.grid.data_size
+
+    def shard_source(self, source, batch_size: int):
+        """Each data rank's disjoint slice of tensors / shard folders / synthetic data. A plain iterable is
+        taken to be this rank's own stream already (e.g. a harvest over this rank's prompts)."""
+        from .data import IterableSource
+
+        if self.grid.data_size == 1 or isinstance(source, IterableSource):
+            return source
+        return RankSlicedSource(source, batch_size, self.grid)
+
+    def reduce_gradients(self, loss: Tensor) -> Optional[Tensor]:
+        return None if self.dp is None else self.dp.reduce_gradients(loss)
+
+    @property
+    def gradient_hook(self):
+        """``None`` single-process; else the callable ``train_step`` runs right after ``backward``."""
+        return None if self.dp is None else self.dp.reduce_gradients
+
+    def after_step(self, out) -> None:
+        """After ``observe``: running statistics averaged; ``out.fired`` becomes the global batch's."""
+        if self.dp is None:
+            return
+        self.dp.sync_buffers()
+        out.fired = self.dp.reduce_fired(out.fired)
+
+    def tokens(self, rows: int) -> int:
+        return rows * self.grid.data_size
+
+    def mean_(self, sums: Tensor) -> Tensor:
+        """Metric sums averaged over the data group, in place (every rank logs the global numbers)."""
+        if self.dp is not None and self.grid.data_size > 1:
+            all_reduce_(sums, self.grid.data_group).div_(self.grid.data_size)
+        return sums
+
+    @torch.no_grad()
+    def reduce_init(self, state, sae) -> Any:
+        """A fresh run's input scale and ``b_dec`` from every rank's sample: mean squared norm averaged over
+        ranks (the dataset normalisation factor), ``b_dec`` averaged. Identical samples change nothing."""
+        if self.dp is None or self.grid.data_size == 1:
+            return state
+        t = torch.tensor([1.0 / state.scale**2], dtype=torch.float64, device=self.grid.device)
+        lo, hi = t.clone(), t.clone()
+        all_reduce_(lo, self.grid.data_group, dist.ReduceOp.MIN)
+        all_reduce_(hi, self.grid.data_group, dist.ReduceOp.MAX)
+        if lo.item() != hi.item():
+            all_reduce_(t, self.grid.data_group)
+            state.scale = float((t / self.grid.data_size).rsqrt())
+        b = sae.b_dec.detach().double()
+        spread = b.clone()
+        all_reduce_(b, self.grid.data_group)
+        b /= self.grid.data_size
+        if not torch.equal(b.to(sae.b_dec.dtype), spread.to(sae.b_dec.dtype)):
+            sae.b_dec.copy_(b)
+        return state
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_path(self, path: Optional[Path]) -> Optional[Path]:
+        """Latent-sharded runs keep one checkpoint file per latent shard (optimizer state is sharded too)."""
+        if path is None or self.grid.latent_size == 1:
+            return path
+        n = self.grid.latent_size
+        return path.with_name(f"{path.stem}-latent{self.grid.latent_rank:05d}-of-{n:05d}{path.suffix}")
+
+    def save_checkpoint(self, save, path: Path, payload) -> None:
+        """``save(path, payload())`` on the ranks that own a distinct state (rank 0, or data-rank 0 of each
+        latent shard), then — sharded — a ``<name>.json`` manifest naming the step, written last by rank 0."""
+        if self.dp is None:
+            save(path, payload())
+            return
+        if self.grid.data_rank == 0:
+            save(path, payload())
+        if self.grid.latent_size > 1:
+            barrier()
+            if self.is_main:
+                from .io import atomic_write_bytes
+
+                n = self.grid.latent_size
+                files = [self.checkpoint_path_for(path, i).name for i in range(n)]
+                manifest = dict(files=files, latent_size=n, data_size=self.grid.data_size)
+                atomic_write_bytes(path.with_name(path.stem.split("-latent")[0] + ".json"),
+                                   json.dumps(manifest).encode())
+        barrier()
+
+    def checkpoint_path_for(self, path: Path, latent_rank: int) -> Path:
+        stem = path.stem.split("-latent")[0]
+        return path.with_name(f"{stem}-latent{latent_rank:05d}-of-{self.grid.latent_size:05d}{path.suffix}")
+
+    def finish(self, sae) -> nn.Module:
+        """The trained SAE as one module on every rank: the user's object (data parallel trains it in place;
+        latent shards are gathered back into it)."""
+        if not isinstance(sae, ShardedSAE):
+            return sae
+        full = self.full
+        group = self.grid.latent_group
+        widths = split_sizes(sae.d_sae, self.grid.latent_size)
+        local = sae.shard.state_dict()
+        with torch.no_grad():
+            for name, t in full.state_dict().items():
+                dim = sae.split.get(name)
+                src = local[name]
+                if dim is None:
+                    t.copy_(src.to(t.device))
+                    continue
+                pad = [0, 0] * (src.dim() - dim - 1) + [0, widths[0] - src.shape[dim]]
+                parts = all_gather(F.pad(src, pad), group)
+                t.copy_(torch.cat([parts[i].narrow(dim, 0, w) for i, w in enumerate(widths)], dim).to(t.device))
+        full.train(sae.training)
+        return full
