@@ -83,6 +83,9 @@ def load(path, *, device=None, backend: str = "auto"):
     """Load an SAE: a folder written by ``sae.save``, a SAELens or sparsify folder, or a Gemma Scope
     ``params.npz`` (or a folder holding one). Returns the matching fastsae module in eval mode."""
     path = Path(path)
+    if (path / "shards.json").is_file():  # latent-sharded checkpoint: fastsae.distributed.save_sharded
+        from .distributed import load_sharded
+        return load_sharded(path, device=device, backend=backend).eval()
     fmt = detect_format(path)
     if fmt == "fastsae":
         sae = _load_own(path, backend)
