@@ -173,7 +173,8 @@ def update(
     theta = threshold.detach().to(dt)
     d = rule.decay
     state["steps"] += 1
-    correction = 1.0 - d ** int(state["steps"])  # Adam-style: unbiased from the first update on
+    # Adam-style bias correction (unbiased from the first update on); a tensor op, so no device sync.
+    correction = 1.0 - torch.pow(torch.tensor(d, dtype=dt, device=bandwidth.device), state["steps"].to(dt))
 
     dens_now = band_density(pre, theta, rule.band * bandwidth)
     state["density"].mul_(d).add_(dens_now, alpha=1 - d)
