@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+import fastsae  # noqa: E402
 from fastsae import activations as act  # noqa: E402
 from fastsae.cli import main  # noqa: E402
 
@@ -274,3 +275,20 @@ def test_cli_harvest_from_saved_model(tmp_path, capsys):
     assert m["hook"] == "h.1" and data.shape == (150, 32)
     want = direct_activations(model, tok, 1, list(act.iter_contexts(tok, [t for t in make_texts()], 16)), False)
     np.testing.assert_allclose(data, want[:150], rtol=1e-4, atol=1e-5)
+
+
+def test_stream_trains_an_sae_without_disk():
+    from fastsae.train import train
+
+    model, tok = tiny_bert()
+    texts = make_texts(8)
+    n_text = sum(len(c) for c in act.iter_contexts(tok, texts, 16))
+    assert n_text < 12 * 32
+    s = act.stream(model, "encoder.layer.1", texts, tokenizer=tok, batch_size=32, buffer_tokens=128,
+                   context_length=16)
+    sae = fastsae.TopKSAE(32, 64, 4)
+    before = sae.W_dec.detach().clone()
+    r = train(sae, s, steps=12, batch_size=32, progress=False)
+    assert r.steps == 12 and r.tokens == 12 * 32  # more steps than one pass of the text: it is re-iterated
+    assert not torch.equal(before, r.sae.W_dec)
+    assert np.isfinite(r.final["fvu"])
