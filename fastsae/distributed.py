@@ -535,38 +535,44 @@ def assert_in_sync(module: nn.Module, g: Optional[Grid] = None, atol: float = 0.
 # ------------------------------------------------------------------------------------------------
 
 
-def _pack(values: Tensor, indices: Tensor) -> Tensor:
-    """``(values [..., w], int32 indices [..., w]) -> uint8 [..., w * (bytes+4)]``: one all-gather for both."""
+def _pack(values: Tensor, indices: Tensor, index_dtype: torch.dtype = torch.int32) -> Tensor:
+    """``(values [..., w], indices [..., w]) -> uint8 [..., w * (value bytes + index bytes)]``: one all-gather
+    carries both."""
     v = values.contiguous().view(torch.uint8).reshape(*values.shape, -1)
-    i = indices.to(torch.int32).contiguous().view(torch.uint8).reshape(*indices.shape, -1)
+    i = indices.to(index_dtype).contiguous().view(torch.uint8).reshape(*indices.shape, -1)
     return torch.cat([v, i], -1).reshape(*values.shape[:-1], -1)
 
 
-def _unpack(packed: Tensor, dtype: torch.dtype, w: int) -> tuple[Tensor, Tensor]:
+def _unpack(packed: Tensor, dtype: torch.dtype, w: int, index_dtype: torch.dtype = torch.int32):
     vb = torch.empty((), dtype=dtype).element_size()
-    p = packed.reshape(*packed.shape[:-1], w, vb + 4)
+    ib = torch.empty((), dtype=index_dtype).element_size()
+    p = packed.reshape(*packed.shape[:-1], w, vb + ib)
     values = p[..., :vb].contiguous().view(dtype).squeeze(-1)
-    indices = p[..., vb:].contiguous().view(torch.int32).squeeze(-1).long()
+    indices = p[..., vb:].contiguous().view(index_dtype).squeeze(-1).long()
     return values, indices
 
 
-def merge_topk(values: Tensor, indices: Tensor, k: int, group, latent_rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def index_dtype_for(n: int) -> torch.dtype:
+    """The narrowest index dtype for global ids in ``[0, n)`` (int32 halves the merge's index bytes)."""
+    return torch.int32 if n <= 2**31 else torch.int64
+
+
+def merge_topk(values: Tensor, indices: Tensor, k: int, group, latent_rank: int,
+               index_dtype: torch.dtype = torch.int32) -> tuple[Tensor, Tensor, Tensor]:
     """Global top-``k`` per row from each rank's local candidates.
 
-    ``values [R, w]`` (this rank's candidates, padded with ``-inf``), ``indices [R, w]`` their *global* ids.
-    Returns ``(top_values [R, k], top_indices [R, k], mine [R, w] bool)``: the merged winners (sorted
-    descending, identical on every rank) and which of this rank's candidates won. Communication: one
-    all-gather of ``R·w`` (value, int32 index) pairs per rank.
+    ``values [R, w]`` (this rank's candidates, padded with ``-inf``), ``indices [R, w]`` their *global* ids
+    (they must fit ``index_dtype``; see :func:`index_dtype_for`). Returns ``(top_values [R, k], top_indices
+    [R, k], mine [R, w] bool)``: the merged winners (sorted descending, identical on every rank) and which of
+    this rank's candidates won. Communication: one all-gather of ``R·w`` (value, index) pairs per rank.
     """
     w = values.shape[-1]
     if group is None or _group_size(group) == 1:
         top, pos = torch.topk(values, k, dim=-1)
         mine = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, pos, True)
         return top, indices.gather(-1, pos), mine
-    if indices.numel() and int(indices.max()) >= 2**31:
-        raise ValueError("latent sharding supports d_sae < 2**31")
-    gathered = all_gather(_pack(values, indices), group)  # [P, R, w*(vb+4)]
-    vals, idx = _unpack(gathered, values.dtype, w)  # [P, R, w]
+    gathered = all_gather(_pack(values, indices, index_dtype), group)  # [P, R, w*(vb+ib)]
+    vals, idx = _unpack(gathered, values.dtype, w, index_dtype)  # [P, R, w]
     P, R = vals.shape[0], vals.shape[1]
     vals = vals.permute(1, 0, 2).reshape(R, P * w)
     idx = idx.permute(1, 0, 2).reshape(R, P * w)
@@ -770,7 +776,7 @@ class ShardedSAE(nn.Module):
             vals, idx = ops.topk(pre, min(k, n))
             cand_v = _pad(vals.detach(), k, float("-inf"))
             cand_i = _pad(idx + self.start, k, 0)
-            top, _, mine = merge_topk(cand_v, cand_i, k, group, self.grid.latent_rank)
+            top, _, mine = merge_topk(cand_v, cand_i, k, group, self.grid.latent_rank, index_dtype_for(self.d_sae))
             mine = mine[:, : vals.shape[1]]
             partial = ops.sparse_decode(vals * mine, idx, s.W_dec, None)
             kept_local = mine & (vals > 0)
@@ -782,7 +788,8 @@ class ShardedSAE(nn.Module):
             rows, cols = fidx // n, fidx % n
             cand_v = _pad(vals.detach().unsqueeze(0), n_keep, float("-inf"))
             cand_i = _pad((rows * self.d_sae + cols + self.start).unsqueeze(0), n_keep, 0)
-            top, _, mine = merge_topk(cand_v, cand_i, n_keep, group, self.grid.latent_rank)
+            top, _, mine = merge_topk(cand_v, cand_i, n_keep, group, self.grid.latent_rank,
+                                      index_dtype_for(B * self.d_sae))
             mine = mine[0, : vals.shape[0]]
             f = torch.zeros_like(flat).scatter(0, fidx, vals * mine).reshape(B, n)
             partial = f @ s.W_dec
@@ -837,7 +844,7 @@ class ShardedSAE(nn.Module):
             idx = torch.zeros(B, 0, dtype=torch.long, device=x_in.device)
         cand_v = _pad(vals.detach(), k_aux, float("-inf"))
         cand_i = _pad(dead[idx] + self.start if dead.numel() else idx, k_aux, 0)
-        top, _, mine = merge_topk(cand_v, cand_i, k_aux, group, self.grid.latent_rank)
+        top, _, mine = merge_topk(cand_v, cand_i, k_aux, group, self.grid.latent_rank, index_dtype_for(self.d_sae))
         if not bool(torch.isfinite(top).any()):
             return None  # no dead latent on any shard (the same verdict everywhere: `top` is identical)
         mine = mine[:, : vals.shape[1]]
@@ -949,6 +956,18 @@ def _full_state(path: Path, manifest: dict) -> dict[str, Tensor]:
     return out
 
 
+def load_optimizer_shard(path, optimizer: torch.optim.Optimizer, g: Optional[Grid] = None) -> None:
+    """Restore this rank's optimizer state saved by ``save_sharded(..., optimizer=...)`` (same latent size)."""
+    g = g or grid()
+    manifest = read_manifest(path)
+    files = manifest.get("optimizer")
+    if not files:
+        raise ValueError(f"{path}: the checkpoint holds no optimizer state")
+    if len(files) != g.latent_size:
+        raise ValueError(f"{path}: optimizer state was saved for latent size {len(files)}, this grid has {g.latent_size}")
+    optimizer.load_state_dict(torch.load(Path(path) / files[g.latent_rank], map_location="cpu"))
+
+
 def load_sharded(path, *, device=None, backend: str = "auto"):
     """Reassemble a sharded checkpoint into one single-process SAE (for inference or further training)."""
     path = Path(path)
@@ -962,10 +981,9 @@ def load_sharded(path, *, device=None, backend: str = "auto"):
     return sae.to(device) if device is not None else sae
 
 
-def load_shard(path, g: Optional[Grid] = None, *, optimizer: Optional[torch.optim.Optimizer] = None,
-               backend: str = "auto", device=None) -> ShardedSAE:
-    """Resume: this rank's :class:`ShardedSAE` from a sharded checkpoint (any latent size; the optimizer
-    state is restored only when the latent size is the one it was saved with)."""
+def load_shard(path, g: Optional[Grid] = None, *, backend: str = "auto", device=None) -> ShardedSAE:
+    """Resume: this rank's :class:`ShardedSAE` from a sharded checkpoint, on any latent size (the same size
+    reads only this rank's file; another size reassembles the SAE on the host and re-slices it)."""
     from safetensors.torch import load_file
 
     g = g or grid()
@@ -978,10 +996,7 @@ def load_shard(path, g: Optional[Grid] = None, *, optimizer: Optional[torch.opti
         start, stop = shard_range(cfg["d_sae"], g.latent_rank, g.latent_size)
         local = _build(cfg, stop - start, backend=backend, device=device)
         local.load_state_dict(state)
-        module = ShardedSAE(local, cfg, g, manifest["split"])
-        if optimizer is not None and manifest.get("optimizer"):
-            optimizer.load_state_dict(torch.load(path / manifest["optimizer"][g.latent_rank], map_location=device))
-        return module
+        return ShardedSAE(local, cfg, g, manifest["split"])
     full = _build(cfg, cfg["d_sae"], backend=backend, device=device)
     full.load_state_dict(_full_state(path, manifest))
     return ShardedSAE.from_full(full, g)
@@ -1023,7 +1038,8 @@ def comm_per_step(
             elif architecture == "topk":
                 out.append(("top-k candidates", "all_gather", P, batch * k * (vb + 4)))
             else:
-                out.append(("batch top-k candidates", "all_gather", P, batch * k * (vb + 4)))
+                ib = torch.empty((), dtype=index_dtype_for(batch * d_sae)).element_size()
+                out.append(("batch top-k candidates", "all_gather", P, batch * k * (vb + ib)))
             out.append(("partial x_hat", "all_reduce", P, batch * d_in * vb))
             if architecture == "batchtopk":
                 out.append(("l0", "all_reduce", P, batch * 4))
