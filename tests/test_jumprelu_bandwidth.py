@@ -107,6 +107,25 @@ def test_sae_per_latent_bandwidth_on_every_backend(backend):
     assert not torch.allclose(g_b["threshold"], g_s["threshold"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_threshold_with_per_latent_bandwidth_on_every_backend(backend):
+    """θ = exp(log θ) is a non-leaf tensor: the fused kernels must still route its gradient to log θ."""
+    x = torch.randn(B, D_IN, dtype=torch.float64)
+    eps = per_latent_bandwidth().double()
+    grads = {}
+    for be in ("eager", backend):
+        sae = make_sae(be, eps)
+        log = fastsae.JumpReLUSAE(D_IN, D_SAE, bandwidth=eps, threshold_parameterization="log", backend=be,
+                                  dtype=torch.float64)
+        with torch.no_grad():
+            sae.threshold.clamp_(min=1e-3)  # log θ needs θ > 0
+        log.load_state_dict(sae.state_dict())
+        out, grads[be] = train_grads(log, x)
+    for name in grads["eager"]:
+        torch.testing.assert_close(grads[backend][name], grads["eager"][name], rtol=1e-9, atol=1e-9, msg=name)
+    assert (grads[backend]["log_threshold"] != 0).any()
+
+
 def test_log_parameterisation():
     x = torch.randn(B, D_IN, dtype=torch.float64)
     direct = make_sae("eager", 0.05)
