@@ -75,7 +75,7 @@ _gather_rows = TritonKernel(
     _gather_rows_kernel,
     [cfg(BLOCK_E=16, BLOCK_D=256, num_warps=4), cfg(BLOCK_E=32, BLOCK_D=128, num_warps=4),
      cfg(BLOCK_E=16, BLOCK_D=512, num_warps=8), cfg(BLOCK_E=8, BLOCK_D=1024, num_warps=8)],
-    key=["K", "D"], interp=dict(BLOCK_E=4, BLOCK_D=16),
+    key=["K", "D"], interp=dict(BLOCK_E=16, BLOCK_D=32),
 )
 
 
@@ -133,7 +133,7 @@ _sddmm = TritonKernel(
     _sddmm_kernel,
     [cfg(BLOCK_E=16, BLOCK_D=256, num_warps=4), cfg(BLOCK_E=32, BLOCK_D=128, num_warps=4),
      cfg(BLOCK_E=64, BLOCK_D=128, num_warps=8), cfg(BLOCK_E=16, BLOCK_D=512, num_warps=8)],
-    key=["K", "D"], interp=dict(BLOCK_E=4, BLOCK_D=16),
+    key=["K", "D"], interp=dict(BLOCK_E=16, BLOCK_D=32),
 )
 
 
@@ -185,7 +185,7 @@ _segment = TritonKernel(
     _segment_kernel,
     [cfg(BLOCK_E=16, BLOCK_D=256, num_warps=4), cfg(BLOCK_E=32, BLOCK_D=128, num_warps=4),
      cfg(BLOCK_E=16, BLOCK_D=512, num_warps=8), cfg(BLOCK_E=8, BLOCK_D=1024, num_warps=8)],
-    key=["D"], interp=dict(BLOCK_E=4, BLOCK_D=16),
+    key=["D"], interp=dict(BLOCK_E=16, BLOCK_D=32),
 )
 
 

@@ -43,7 +43,7 @@ def _jumprelu_fwd_kernel(pre_ptr, thr_ptr, out_ptr, R, N, STEP: tl.constexpr, WI
 _jumprelu_fwd = TritonKernel(
     _jumprelu_fwd_kernel,
     [cfg(BLOCK_R=16, BLOCK_N=256, num_warps=4), cfg(BLOCK_R=32, BLOCK_N=512, num_warps=8)],
-    key=["R", "N"], interp=dict(BLOCK_R=4, BLOCK_N=16),
+    key=["R", "N"], interp=dict(BLOCK_R=8, BLOCK_N=32),
 )
 
 
@@ -80,7 +80,7 @@ _jumprelu_bwd = TritonKernel(
     _jumprelu_bwd_kernel,
     [cfg(BLOCK_R=32, BLOCK_N=128, num_warps=4), cfg(BLOCK_R=64, BLOCK_N=64, num_warps=4),
      cfg(BLOCK_R=16, BLOCK_N=256, num_warps=8)],
-    key=["R", "N"], interp=dict(BLOCK_R=4, BLOCK_N=16),
+    key=["R", "N"], interp=dict(BLOCK_R=8, BLOCK_N=32),
 )
 
 
