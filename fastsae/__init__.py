@@ -3,6 +3,9 @@ from .backends import backends
 from .functional import jumprelu, sparse_decode, step, topk
 from .io import load
 from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, TrainOutput
+from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
+# The function shadows the submodule on the package; `from fastsae.train import ...` still reaches the module.
+from .train import TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,8 @@ __all__ = [
     "ReLUSAE",
     "TrainOutput",
     "load",
+    "train",
+    "TrainResult",
+    "data",
+    "metrics",
 ]

@@ -13,8 +13,10 @@ import sys
 
 SUBCOMMANDS = {
     "info": "fastsae.cli:add_info",
+    "train": "fastsae.train:add_cli",
     "harvest": "fastsae.activations:add_cli",
     "eval": "fastsae.evaluate:add_cli",
+    "bench": "fastsae.bench:add_cli",
 }
 
 

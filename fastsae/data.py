@@ -270,7 +270,7 @@ class _Shard:
         return np.memmap(path, dtype=np_dtype, mode="r", offset=8 + n_header + begin, shape=shape)
 
     def _tensor(self, a: np.ndarray) -> Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.array(a, copy=True))  # read from the map into writable memory
         return t.view(self.view_as) if self.view_as is not None else t
 
     def rows(self, a: int, b: int) -> Tensor:
