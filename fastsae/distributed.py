@@ -417,6 +417,7 @@ class DataParallel:
         if self.group is None:
             bad = not bool(torch.isfinite(losses).all())
             grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None)
+            grads_finite = self._latent_verdict(bad, grads_finite, loss.device)
             self._raise_if(bad, losses, grads_finite)
             return loss.detach()
         # One buffer per dtype; float64 carries the per-rank losses and one "has a gradient" flag per parameter.
@@ -450,14 +451,17 @@ class DataParallel:
             if h == 0:
                 p.grad = None  # no rank produced one: keep the optimizer's "no gradient" semantics
         bad = not bool(torch.isfinite(losses).all())
-        if self.grid.latent_size > 1:
-            # Latent peers may disagree (a NaN in one shard's gradient): agree on one verdict.
-            flag = torch.tensor([float(bad or not grads_finite)], device=loss.device)
-            all_reduce_(flag, self.grid.latent_group, dist.ReduceOp.MAX)
-            if flag.item() and not bad:
-                grads_finite = False
+        grads_finite = self._latent_verdict(bad, grads_finite, loss.device)
         self._raise_if(bad, losses, grads_finite)
         return losses.mean().to(loss.dtype)
+
+    def _latent_verdict(self, bad_loss: bool, grads_finite: bool, device) -> bool:
+        """Latent peers share the loss but not the gradients (a NaN may sit in one shard): one verdict for all."""
+        if self.grid.latent_size == 1:
+            return grads_finite
+        flag = torch.tensor([float(bad_loss or not grads_finite)], device=device)
+        all_reduce_(flag, self.grid.latent_group, dist.ReduceOp.MAX)
+        return grads_finite and not (flag.item() and not bad_loss)
 
     def _raise_if(self, bad_loss: bool, losses: Tensor, grads_finite: bool) -> None:
         if bad_loss:
@@ -1056,6 +1060,7 @@ def comm_per_step(
             out.append(("partial AuxK e_hat", "all_reduce", P, batch * d_in * vb))
         if apply_b_dec_to_input:
             out.append(("b_dec grad (backward)", "all_reduce", P, d_in * vb))
+        out.append(("non-finite verdict", "all_reduce", P, 4))
     if D > 1:
         n_params = 4 + (architecture == "jumprelu")
         shard = d_sae // P
@@ -1068,8 +1073,6 @@ def comm_per_step(
         buckets[8] = buckets.get(8, 0) + (D + n_params) * 8
         for b, nbytes in buckets.items():
             out.append((f"gradients ({b}-byte)" + (" + losses + flags" if b == 8 else ""), "all_reduce", D, nbytes))
-        if P > 1:
-            out.append(("non-finite verdict", "all_reduce", P, 4))
         buffers = {"jumprelu": shard, "batchtopk": 1}.get(architecture, 0)
         if buffers:
             out.append(("running-statistic buffers", "all_reduce", D, buffers * 8))
