@@ -729,6 +729,19 @@ class ShardedSAE(nn.Module):
     def observe(self, x: Tensor, out) -> None:
         self.shard.observe(x, out)
 
+    @torch.no_grad()
+    def broadcast_replicated(self) -> None:
+        """Make the replicated tensors (``b_dec``, scalar buffers) those of latent rank 0 on the whole latent
+        group — shards cut from SAEs that were initialised without a common seed still form one SAE."""
+        g = self.grid
+        if g.latent_size == 1:
+            return
+        src = g.global_rank(g.data_rank, 0)
+        state = self.shard.state_dict()
+        for name, dim in self.split.items():
+            if dim is None and name in state:
+                broadcast_(state[name], src, g.latent_group)
+
     def save(self, path) -> Path:
         """Collective: every rank calls it (see :func:`save_sharded`)."""
         return save_sharded(self, path)
@@ -1166,6 +1179,7 @@ class TrainingContext:
             # Slice on the host, then move only this rank's shard to its device.
             self.module = ShardedSAE.from_full(sae, self.grid)
             self.module.to(self.device)
+            self.module.broadcast_replicated()
         else:
             self.module = sae.to(self.device)
         self.dp = DataParallel(self.module, self.grid)
