@@ -155,10 +155,11 @@ _encode_topk = TritonKernel(
 
 
 def _precision(x: Tensor) -> str:
-    # Match what eager's matmul does for float32 on this device (TF32 only where torch allows it).
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``tl.dot`` input precision. It only matters for float32 operands: match what eager's matmul does
+    on this device (TF32 only where torch allows it). bf16/fp16 keep Triton's default."""
+    if x.dtype == torch.float32:
+        return "tf32" if (x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    return "ieee" if x.dtype == torch.float64 else "tf32"
 
 
 def _grid(M, N):

@@ -79,14 +79,14 @@ class TritonBackend(Backend):
             return super().jumprelu(pre, threshold, bandwidth)
         from . import jumprelu as ops
 
-        return ops.jumprelu(pre, threshold, bandwidth.to(threshold.dtype))
+        return ops.jumprelu(pre, threshold, bandwidth.to(pre.device))
 
     def step(self, pre, threshold, bandwidth):
         if not self._ok(pre, threshold, bandwidth):
             return super().step(pre, threshold, bandwidth)
         from . import jumprelu as ops
 
-        return ops.step(pre, threshold, bandwidth.to(threshold.dtype))
+        return ops.step(pre, threshold, bandwidth.to(pre.device))
 
     def topk(self, pre, k):
         if not self._ok(pre):
@@ -116,7 +116,8 @@ class TritonBackend(Backend):
 
         d_sae = W_enc.shape[1]
         x = x.contiguous()
-        bandwidth = bandwidth.to(device=threshold.device, dtype=threshold.dtype).contiguous()
+        # ε keeps its dtype: the kernels widen θ and ε to float32-or-wider exactly as reference._kernel_window does
+        bandwidth = bandwidth.to(device=threshold.device).contiguous()
         with torch.no_grad():
             x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
             idx, pre, counts = encode_jumprelu(x_in.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(),
