@@ -48,8 +48,10 @@ def test_topk_default_settings_recover_features(problem):
 @pytest.mark.slow
 def test_jumprelu_recovers_features(problem):
     data, held_out = problem
-    sae = fastsae.JumpReLUSAE(RECOVERY["d_in"], 2 * RECOVERY["n_features"], sparsity_coefficient=1e-2)
-    train(sae, data, steps=600, batch_size=512, progress=False)
+    # λ chosen for this problem (L0 ≈ the true 3 active features); JumpReLU needs more steps than TopK here
+    # (2500: 98% recovered, 3000: 100%, 1500: ~85%), with the default lr and schedules.
+    sae = fastsae.JumpReLUSAE(RECOVERY["d_in"], 2 * RECOVERY["n_features"], sparsity_coefficient=2e-2)
+    train(sae, data, steps=2500, batch_size=512, progress=False)
     ev = evaluate(sae, held_out)
     assert data.recovery(sae.W_dec) >= 0.9, data.recovery(sae.W_dec)
     assert ev["fvu"] < 0.2, ev
