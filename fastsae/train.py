@@ -223,16 +223,19 @@ def _project_decoder_grad(sae: SAE) -> None:
 
 
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: int, dead_mask: Optional[Tensor],
-               sparsity_coefficient: Optional[float]) -> TrainOutput:
+               sparsity_coefficient: Optional[float],
+               reduce_gradients: Optional[Callable[[Tensor], Tensor]] = None) -> TrainOutput:
     """Forward, a finite-loss check, backward, optimizer step, constraints, ``observe``. ``x`` is scaled."""
     optimizer.zero_grad(set_to_none=True)
     out = sae.training_forward(x, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
-    if not bool(torch.isfinite(out.loss)):
+    if reduce_gradients is None and not bool(torch.isfinite(out.loss)):
         bad_input = not bool(torch.isfinite(x).all())
         what = "the input batch contains NaN or inf values" if bad_input else "the loss is not finite"
         raise FloatingPointError(f"training stopped at step {step}: {what} (loss={float(out.loss.detach())}); "
                                  "no update was applied for this step and the last checkpoint is intact")
     out.loss.backward()
+    if reduce_gradients is not None:  # data parallel: global-batch mean gradient; NaN on any rank raises on all
+        reduce_gradients(out.loss)
     if sae.unit_norm_decoder:
         _project_decoder_grad(sae)
     optimizer.step()
@@ -276,6 +279,7 @@ def train(
     checkpoint_every: Optional[int] = None,
     resume: bool = False,
     callback: Optional[Callable[[dict], None]] = None,
+    latent_parallel: Optional[int] = None,
 ) -> TrainResult:
     """Train ``sae`` on ``data`` for ``steps`` Adam steps of ``batch_size`` rows.
 
@@ -301,6 +305,8 @@ def train(
             and at the end, atomically, with optimizer, step, RNG and data position.
         resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists (else start fresh).
         callback: called with each metrics record (after that step's checkpoint, if any).
+        latent_parallel: under torchrun, ranks that split the SAE's latents (default: env
+            ``FASTSAE_LATENT_PARALLEL`` or 1); the rest is data parallel (``fastsae/distributed.py``).
     Raises:
         FloatingPointError: a NaN/inf loss (e.g. NaN input), naming the step; nothing is updated for that step.
     Returns:
@@ -314,8 +320,11 @@ def train(
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     t_start = time.perf_counter()
-    device = torch.device(device) if device is not None else sae.device
-    sae.to(device)
+    from .distributed import TrainingContext
+
+    # Under torchrun: process group, data-parallel reductions, latent shards; a no-op in one process.
+    dist_ctx = TrainingContext(sae, device, latent_parallel)
+    device, sae = dist_ctx.device, dist_ctx.module
     source = as_source(data)
     if source.d_in is not None and source.d_in != sae.d_in:
         raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}")
@@ -341,20 +350,21 @@ def train(
                   lr_warmup_steps=warmup, lr_decay_steps=decay, sparsity_coefficient=lam,
                   sparsity_warmup_steps=lam_warmup, dead_after=dead_after, seed=seed, scale_inputs=scale_inputs)
 
-    ckpt_path = ckpt_dir / CHECKPOINT if ckpt_dir is not None else None
+    ckpt_path = dist_ctx.checkpoint_path(ckpt_dir / CHECKPOINT if ckpt_dir is not None else None)
     if resume and ckpt_path.is_file():
         state = _restore(ckpt_path, sae, optimizer, config, device)
         _truncate_metrics(metrics_path, state.step)
     else:
-        state = _fresh_state(sae, source, seed, scale_inputs, input_scale, init_b_dec, device)
+        state = dist_ctx.reduce_init(_fresh_state(sae, source, seed, scale_inputs, input_scale, init_b_dec, device),
+                                     sae)
         if metrics_path is not None:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    bar = _progress(progress, steps, state.step)
-    it = batches(source, batch_size, seed=seed, start_batch=state.step)
+    bar = _progress(progress and dist_ctx.is_main, steps, state.step)
+    it = batches(dist_ctx.shard_source(source, batch_size), batch_size, seed=seed, start_batch=state.step)
     t_log, tokens_log = time.perf_counter(), state.tokens
     try:
         while state.step < steps:
@@ -370,27 +380,30 @@ def train(
                 g["lr"] = lr * lr_factor(step, steps, warmup, decay)
             coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
             out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
-                             sparsity_coefficient=coef)
-            _update_dead(state, out, x.shape[0])
+                             sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook)
+            dist_ctx.after_step(out)
+            _update_dead(state, out, dist_ctx.tokens(x.shape[0]))
             _accumulate(state, out)
             state.step += 1
-            state.tokens += x.shape[0]
+            state.tokens += dist_ctx.tokens(x.shape[0])
             bar.update(1)
             record = None
             if state.step % log_every == 0 or state.step == steps:
                 now = time.perf_counter()
+                dist_ctx.mean_(state.sums)
                 record = dict(step=state.step, tokens=state.tokens, **reduce_metrics(state),
                               dead=float(_dead_mask(state, dead_after).float().mean()),
                               lr=optimizer.param_groups[0]["lr"], sparsity_coefficient=coef,
                               tokens_per_s=(state.tokens - tokens_log) / max(now - t_log, 1e-9))
                 t_log, tokens_log = now, state.tokens
                 state.metrics.append(record)
-                if metrics_path is not None:
+                if metrics_path is not None and dist_ctx.is_main:
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}", fvu=f"{record['fvu']:.3f}")
             if ckpt_path is not None and (state.step % ckpt_every == 0 or state.step == steps):
-                save_checkpoint(ckpt_path, _payload(state, sae, optimizer, config, seed))
+                dist_ctx.save_checkpoint(save_checkpoint, ckpt_path,
+                                         lambda: _payload(state, sae, optimizer, config, seed))
             if record is not None and callback is not None:
                 callback(record)
     finally:
@@ -399,6 +412,7 @@ def train(
     sae.eval()
     if state.scale != 1.0:
         fold_input_scale(sae, state.scale)
+    sae = dist_ctx.finish(sae)  # latent shards gathered back into the caller's SAE
     return TrainResult(sae=sae, metrics=state.metrics, input_scale=state.scale, steps=state.step,
                        tokens=state.tokens, seconds=time.perf_counter() - t_start)
 
@@ -564,6 +578,8 @@ def cmd_train(args) -> int:
     result = train(sae, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    device=device, progress=not args.no_progress, log_every=args.log_every, checkpoint_dir=out,
                    checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return 0  # under torchrun: rank 0 saves, evaluates and reports
     sae.save(out / "sae")
     ev = evaluate(sae, held_out.to(torch.float32))
     rows = [
