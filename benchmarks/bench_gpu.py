@@ -272,7 +272,7 @@ def run(args) -> int:
         return 1
     print("  all triton ops and fused steps match eager (float32, TF32 off)")
 
-    tri, eag = get("triton", device), get("eager", device)
+    tri = get("triton", device)
     rows = []
     lam = 1e-3
     for d_sae in args.d_sae:

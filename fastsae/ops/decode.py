@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import NS, kernel_op, no_work, TritonKernel, cfg, segments, valid_mask
+from .triton_common import kernel_op, no_work, TritonKernel, cfg, segments, valid_mask
 
 
 # ----------------------------------------------------------------------------------------------

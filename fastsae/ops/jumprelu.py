@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import NS, kernel_op, TritonKernel, cfg
+from .triton_common import TritonKernel, cfg, kernel_op
 
 
 @triton.jit

@@ -24,7 +24,7 @@ from ..backends import Backend
 
 def _triton_import_error():
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (the import is the check)
 
         return None
     except Exception as e:  # pragma: no cover - depends on the install

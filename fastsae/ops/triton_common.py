@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 import triton
-import triton.language as tl
 
 NS = "fastsae_triton"
 
@@ -39,17 +38,14 @@ def kernel_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.float64)
 
 
-def pow2(n: int, lo: int = 1, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 def segments(indices: Tensor, counts: Optional[Tensor], d_sae: int) -> tuple[Tensor, Tensor]:
     """Entries of a compact ``[B, K]`` list grouped by latent: ``(order [N] int64, offsets [d_sae + 1] int64)``.
 
     ``order[offsets[j]:offsets[j+1]]`` are the flat positions ``b*K + e`` of the entries whose latent is
     ``j``; entries at ``e >= counts[b]`` (padding) are sorted past ``offsets[d_sae]`` and never read.
     Sorting once (``torch.sort`` on int keys) turns every latent-wise reduction of the backward into a
-    contiguous segment that one program reduces without atomics.
+    contiguous segment that one program reduces without atomics. The sort is stable, so each segment
+    lists its rows in order and the reductions are deterministic.
     """
     B, K = indices.shape
     key = indices.to(torch.int64)
