@@ -51,10 +51,19 @@ inline at::ScalarType wide_type(at::ScalarType a, at::ScalarType b) {
 }
 
 // Inner loops: plain counted loops over contiguous memory, which -O3 vectorises.
+// A reduction is not reassociated by the compiler (no -ffast-math), so dot keeps 16 independent
+// partial sums explicitly: the lane loop vectorises and the add chains overlap. The summation
+// order is fixed, so the result never depends on the thread count.
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) part[t] += static_cast<acc_t>(a[i + t]) * static_cast<acc_t>(b[i + t]);
   acc_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  for (; i < n; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  for (int t = 0; t < L; ++t) s += part[t];
   return s;
 }
 
@@ -86,9 +95,10 @@ inline ByLatent group_by_latent(const int64_t* cols, int64_t nnz, int64_t n_late
 // Rows per chunk of the encoder GEMM: a [chunk, d_sae] slab of pre-activations stays in cache
 // while it is thresholded/selected, and the dense [B, d_sae] is never materialised at once.
 inline int64_t encode_chunk_rows(int64_t B, int64_t d_sae) {
-  const int64_t target = (int64_t(1) << 20);  // ~1M elements (4 MB in float32) per slab
+  // Measured: slabs much below ~256 rows make the GEMM itself slower than the memory they save.
+  const int64_t target = (int64_t(1) << 22);  // ~4M elements (16 MB in float32) per slab
   int64_t rows = target / (d_sae > 0 ? d_sae : 1);
-  rows = rows < 64 ? 64 : rows;
+  rows = rows < 256 ? 256 : rows;
   return rows > B ? (B > 0 ? B : 1) : rows;
 }
 

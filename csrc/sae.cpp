@@ -132,55 +132,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<uint8_t> flags;
       const int64_t chunk = encode_chunk_rows(B, d_sae);
       auto slab = at::empty({chunk, d_sae}, opt);
-      std::vector<int64_t> count(chunk + 1);
+      // One scan per row: candidate test, exact test on the few candidates, entry list kept per
+      // row (column << 2 | flags); then the row lists are concatenated into the CSR arrays.
+      std::vector<std::vector<int64_t>> row_entries(chunk);
       for (int64_t r0 = 0; r0 < B; r0 += chunk) {
         const int64_t rows = std::min(chunk, B - r0);
         auto pre = slab.narrow(0, 0, rows);
         at::addmm_out(pre, b_enc, x_in.narrow(0, r0, rows), W_enc);
         const scalar_t* pp = pre.data_ptr<scalar_t>();
-        // Pass 1: entries and active count per row.
         at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+          std::vector<int64_t> cand(d_sae);
           for (int64_t r = begin; r < end; ++r) {
             const scalar_t* row = pp + r * d_sae;
-            int64_t n = 0, act = 0;
-            for (int64_t j = 0; j < d_sae; ++j) {
-              const wide_t v = static_cast<wide_t>(row[j]);
-              if (!(v >= lo[j])) continue;
-              const bool a = v > tp[j];
-              const wide_t u = (v - tp[j]) / ep[j];
-              const bool w = u > wide_t(-0.5) && u < wide_t(0.5);
-              n += (a || w);
-              act += a;
+            int64_t nc = 0;
+            for (int64_t j = 0; j < d_sae; ++j) {  // branch-free compaction of the candidates
+              cand[nc] = j;
+              nc += static_cast<wide_t>(row[j]) >= lo[j];
             }
-            count[r + 1] = n;
-            l0p[r0 + r] = static_cast<float>(act);
-          }
-        });
-        const int64_t base = static_cast<int64_t>(cols.size());
-        count[0] = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          count[r + 1] += count[r];
-          rp[r0 + r + 1] = base + count[r + 1];
-        }
-        const int64_t total = base + count[rows];
-        cols.resize(total);
-        vals.resize(total);
-        flags.resize(total);
-        // Pass 2: write the entries (same test, so the counts match exactly).
-        at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const scalar_t* row = pp + r * d_sae;
-            int64_t e = base + count[r];
-            for (int64_t j = 0; j < d_sae; ++j) {
+            auto& out = row_entries[r];
+            out.clear();
+            int64_t act = 0;
+            for (int64_t c = 0; c < nc; ++c) {
+              const int64_t j = cand[c];
               const wide_t v = static_cast<wide_t>(row[j]);
-              if (!(v >= lo[j])) continue;
               const bool a = v > tp[j];
               const wide_t u = (v - tp[j]) / ep[j];
               const bool w = u > wide_t(-0.5) && u < wide_t(0.5);
               if (!(a || w)) continue;
+              out.push_back((j << 2) | (a ? kActive : 0) | (w ? kWindow : 0));
+              act += a;
+            }
+            l0p[r0 + r] = static_cast<float>(act);
+          }
+        });
+        const int64_t base = static_cast<int64_t>(cols.size());
+        int64_t total = base;
+        for (int64_t r = 0; r < rows; ++r) {
+          total += static_cast<int64_t>(row_entries[r].size());
+          rp[r0 + r + 1] = total;
+        }
+        cols.resize(total);
+        vals.resize(total);
+        flags.resize(total);
+        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const scalar_t* row = pp + r * d_sae;
+            int64_t e = rp[r0 + r];
+            for (const int64_t packed : row_entries[r]) {
+              const int64_t j = packed >> 2;
+              const uint8_t f = static_cast<uint8_t>(packed & 3);
               cols[e] = j;
-              vals[e] = a ? row[j] : scalar_t(0);
-              flags[e] = static_cast<uint8_t>((a ? kActive : 0) | (w ? kWindow : 0));
+              vals[e] = (f & kActive) ? row[j] : scalar_t(0);
+              flags[e] = f;
               ++e;
             }
           }
@@ -331,9 +334,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
       const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
 
       // 1. Per entry: SDDMM, encoder gradient g_pre, θ term. Also each entry's row.
-      std::vector<acc_t> gpre(nnz);
-      std::vector<wide_t> gth(jump ? nnz : 0);
-      std::vector<int64_t> row_of(nnz);
+      // Per-entry buffers come from the ATen allocator, so memory profiles of a step include them.
+      at::Tensor gpre_t = at::empty({nnz}, opt.dtype(c10::CppTypeToScalarType<acc_t>::value));
+      at::Tensor gth_t = at::empty({jump ? nnz : 0}, opt.dtype(c10::CppTypeToScalarType<wide_t>::value));
+      at::Tensor row_of_t = at::empty({nnz}, opt.dtype(at::kLong));
+      acc_t* gpre = gpre_t.data_ptr<acc_t>();
+      wide_t* gth = gth_t.data_ptr<wide_t>();
+      int64_t* row_of = row_of_t.data_ptr<int64_t>();
       at::parallel_for(0, B, 4, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* g = gxp + b * d_in;

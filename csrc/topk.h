@@ -35,9 +35,12 @@ struct TopK {
     int64_t i = k;
     constexpr int64_t BLK = 16;
     for (; i + BLK <= n; i += BLK) {
-      // Written as !(x <= worst) so a NaN is never skipped; a plain compare-and-or vectorises.
+      // A NaN (x != x) is never skipped; an integer count of compares vectorises.
       int any = 0;
-      for (int64_t t = 0; t < BLK; ++t) any |= !(static_cast<key_t>(row[i + t]) <= worst);
+      for (int64_t t = 0; t < BLK; ++t) {
+        const key_t x = static_cast<key_t>(row[i + t]);
+        any += static_cast<int>(x > worst) | static_cast<int>(x != x);
+      }
       if (!any) continue;
       for (int64_t t = 0; t < BLK; ++t) consider(row, i + t, worst);
     }
