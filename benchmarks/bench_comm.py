@@ -17,9 +17,7 @@ dense ``[B, d_sae/P]`` activations so every rank holds ``[B, d_sae]``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import socket
 import statistics
 import sys

@@ -4,7 +4,6 @@ Each test spawns 2, 3 or 4 processes on loopback. Every rank also computes the s
 same global batch (the sizes are tiny) and compares loss, gradients and parameters after several steps; a
 rank that finds a mismatch raises, which fails the test with the rank's traceback.
 """
-import datetime
 import os
 import socket
 import time
@@ -232,6 +231,9 @@ def sc_dp(rank, world, out_dir):
         _run_dp(arch, rank, world)
     # A float32 run agrees to float32 tolerance too (the brief's bar).
     _run_dp_f32(rank, world)
+    # Σ total / Σ count over the data group (e.g. the dataset's mean squared norm): ranks hold 1..world rows.
+    assert fd.global_mean(float(rank + 1) * 2.0, rank + 1) == 2.0
+    assert fd.global_mean(float(rank), 1) == sum(range(world)) / world
     _run_dp_adaptive(rank, world)
 
 
@@ -406,7 +408,8 @@ def sc_train(rank, world, out_dir, env):
             assert os.path.exists(os.path.join(ck, "checkpoint.json"))
 
 
-SCENARIOS = {"hung": sc_hung, "train": sc_train, "dp": sc_dp, "latent": sc_latent, "grid2d": sc_grid2d, "killed": sc_killed, "nan": sc_nan}
+SCENARIOS = {"hung": sc_hung, "train": sc_train, "dp": sc_dp, "latent": sc_latent, "grid2d": sc_grid2d,
+             "killed": sc_killed, "nan": sc_nan}
 
 
 # ------------------------------------------------------------------------------------------------
