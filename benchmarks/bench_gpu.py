@@ -406,7 +406,9 @@ def write_results(rows, gpu, dtype, args):
         w.writeheader()
         for r in rows:
             w.writerow({"device": gpu, "dtype": str(dtype).removeprefix("torch."), **r})
-    lines = [f"# One SAE training step on {gpu}", "",
+    smoke = ["**Smoke run through the Triton interpreter on CPU: it checks the script, the timings mean nothing.**", ""] \
+        if args.smoke else []
+    lines = [f"# One SAE training step on {gpu}", ""] + smoke + [
              f"`{' '.join(['python', 'benchmarks/bench_gpu.py'] + sys.argv[1:])}` — "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
              f"triton {__import__('triton').__version__}, dtype {dtype}; medians of `triton.testing.do_bench` (ms); "
