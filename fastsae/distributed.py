@@ -1254,35 +1254,58 @@ class TrainingContext:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_path(self, path: Optional[Path]) -> Optional[Path]:
-        """Latent-sharded runs keep one checkpoint file per latent shard (optimizer state is sharded too)."""
+        """The file this rank resumes from. Latent-sharded runs keep one file per shard and generation
+        (optimizer state is sharded too); ``<name>.json``, written last, names the complete generation."""
         if path is None or self.grid.latent_size == 1:
             return path
-        n = self.grid.latent_size
-        return path.with_name(f"{path.stem}-latent{self.grid.latent_rank:05d}-of-{n:05d}{path.suffix}")
+        manifest = path.with_suffix(".json")
+        if manifest.is_file():
+            try:
+                files = json.loads(manifest.read_text())["files"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
+                raise ValueError(f"{manifest} is not a valid checkpoint manifest: {e}") from e
+            if len(files) != self.grid.latent_size:
+                raise ValueError(f"{manifest} holds {len(files)} latent shards; this run has "
+                                 f"latent_parallel={self.grid.latent_size} (resume needs the same)")
+            return path.with_name(files[self.grid.latent_rank])
+        return self._generation_file(path, 0)
+
+    def _generation_file(self, path: Path, step: int, latent_rank: Optional[int] = None) -> Path:
+        r = self.grid.latent_rank if latent_rank is None else latent_rank
+        return path.with_name(f"{path.stem}-step{step:09d}-latent{r:05d}-of-{self.grid.latent_size:05d}{path.suffix}")
 
     def save_checkpoint(self, save, path: Path, payload) -> None:
-        """``save(path, payload())`` on the ranks that own a distinct state (rank 0, or data-rank 0 of each
-        latent shard), then — sharded — a ``<name>.json`` manifest naming the step, written last by rank 0."""
+        """``save(file, payload())`` on the ranks that own a distinct state (rank 0; or data-rank 0 of each
+        latent shard). Sharded: each shard writes a new generation file, then rank 0 writes the manifest
+        naming that generation (temp + rename), then the previous generation is removed — a crash at any
+        point leaves a manifest that names one complete, consistent generation."""
         if self.dp is None:
             save(path, payload())
             return
-        if self.grid.data_rank == 0:
-            save(path, payload())
-        if self.grid.latent_size > 1:
+        if self.grid.latent_size == 1:
+            if self.grid.data_rank == 0:
+                save(path, payload())
             barrier()
-            if self.is_main:
-                from .io import atomic_write_bytes
+            return
+        from .io import atomic_write_bytes
 
-                n = self.grid.latent_size
-                files = [self.checkpoint_path_for(path, i).name for i in range(n)]
-                manifest = dict(files=files, latent_size=n, data_size=self.grid.data_size)
-                atomic_write_bytes(path.with_name(path.stem.split("-latent")[0] + ".json"),
-                                   json.dumps(manifest).encode())
+        base = path.with_name(path.name.split("-step")[0] + path.suffix) if "-step" in path.name else path
+        data = payload()
+        step = int(data["step"])
+        mine = self._generation_file(base, step)
+        if self.grid.data_rank == 0:
+            save(mine, data)
         barrier()
-
-    def checkpoint_path_for(self, path: Path, latent_rank: int) -> Path:
-        stem = path.stem.split("-latent")[0]
-        return path.with_name(f"{stem}-latent{latent_rank:05d}-of-{self.grid.latent_size:05d}{path.suffix}")
+        if self.is_main:
+            files = [self._generation_file(base, step, i).name for i in range(self.grid.latent_size)]
+            manifest = dict(step=step, files=files, latent_size=self.grid.latent_size, data_size=self.grid.data_size)
+            atomic_write_bytes(base.with_suffix(".json"), json.dumps(manifest, indent=2).encode())
+        barrier()
+        if self.grid.data_rank == 0:
+            pattern = f"{base.stem}-step*-latent{self.grid.latent_rank:05d}-of-{self.grid.latent_size:05d}{base.suffix}"
+            for old in base.parent.glob(pattern):
+                if old != mine:
+                    old.unlink(missing_ok=True)
 
     def finish(self, sae) -> nn.Module:
         """The trained SAE as one module on every rank: the user's object (data parallel trains it in place;

@@ -404,8 +404,12 @@ def sc_train(rank, world, out_dir, env):
                          latent_parallel=lp)
         for (n, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
             torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"train lp={lp} {n}: {m}")
-        if lp > 1:
-            assert os.path.exists(os.path.join(ck, "checkpoint.json"))
+        if lp > 1:  # one complete generation of shard files, named by the manifest written last
+            import json
+
+            manifest = json.load(open(os.path.join(ck, "checkpoint.json")))
+            assert manifest["step"] == 4 and len(manifest["files"]) == lp
+            assert sorted(f for f in os.listdir(ck) if f.endswith(".pt")) == sorted(manifest["files"])
 
 
 SCENARIOS = {"hung": sc_hung, "train": sc_train, "dp": sc_dp, "latent": sc_latent, "grid2d": sc_grid2d,
