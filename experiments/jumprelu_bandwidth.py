@@ -16,12 +16,13 @@ Settings (everything else equal: same data, seeds, initial weights, Adam β = (0
   separates the effect of the parameterisation from that of the bandwidth.
 
 Metrics (held-out samples, on the SAE returned by ``fastsae.train``, which works on raw inputs):
-- tokens to settle: tokens after which the logged L0 stays within 10% of its final value;
+- tokens to settle: tokens after which the logged L0 stays within 10% (and, coarser, 50%) of its final
+  value (L0 of the training batches, logged ``--points`` times per run);
 - tokens to target: tokens until the logged L0 first drops to ≤ 1.1 × a common target L0
   (the largest median final L0 among the settings at the main λ, so that "reached" means "as sparse
   as the least sparse setting ends");
 - final L0, FVU; FVU at matched L0 (log-log interpolation across the λ sweep at ``--match-l0``, default
-  the true number of active features per sample; "n/a" where the sweep does not bracket it);
+  the median final L0 of all runs at the main λ; "n/a" where a seed's sweep does not bracket it);
 - recovery: fraction of true features matched by a decoder row at cosine > 0.9;
 - dead: fraction of latents that never fire on the held-out samples.
 
@@ -137,19 +138,22 @@ def mean_sd(values, fmt="{:.3g}", scale=1.0):
 
 def summarise(args, runs, settings):
     main = [r for r in runs if r["lam"] == args.lam]
+    if args.match_l0 is None:
+        args.match_l0 = round(statistics.median(r["l0"] for r in main), 1)
     by = {s: [r for r in main if r["setting"] == s] for s in settings}
     target = 1.1 * max(statistics.median(r["curve"][-1]["l0"] for r in by[s]) for s in settings)
     rows = []
     for s in settings:
         rs = by[s]
         settle = [tokens_to_settle(r["curve"]) for r in rs]
+        settle50 = [tokens_to_settle(r["curve"], 0.5) for r in rs]
         reach = [tokens_to_target(r["curve"], target) for r in rs]
         matched = []
         for seed in args.seeds:
             pts = [(r["l0"], r["fvu"]) for r in runs if r["setting"] == s and r["seed"] == seed]
             matched.append(fvu_at_l0(pts, args.match_l0))
         n_matched = sum(m is not None for m in matched)
-        rows.append(dict(setting=s, settle=settle, reach=reach, matched=matched, runs=rs, n_matched=n_matched))
+        rows.append(dict(setting=s, settle=settle, settle50=settle50, reach=reach, matched=matched, runs=rs, n_matched=n_matched))
     return target, rows
 
 
@@ -160,13 +164,14 @@ def write_table(args, runs, settings, path):
         f"Synthetic ground truth: d_in={args.d_in}, {args.n_features} true features "
         f"(frequency decay {args.frequency_decay}), {args.active} active per sample on average, noise {args.noise}; "
         f"SAE d_sae={args.d_sae}; {args.steps} steps × {args.batch_size} rows = {budget / 1e6:.2f}M tokens; "
-        f"lr {args.lr:g}, fastsae.train defaults otherwise (Adam β=(0, 0.999), λ warm-up over the first 10%, "
+        f"lr {'fastsae.train default' if args.lr is None else format(args.lr, 'g')}, fastsae.train defaults otherwise (Adam β=(0, 0.999), λ warm-up over the first 10%, "
         f"lr decay over the last 20%). Seeds {args.seeds}; main λ = {args.lam}; "
         f"λ sweep {args.lams} for FVU at matched L0 = {args.match_l0:g}. Mean ± std over seeds, held-out samples.",
         "",
-        f"| setting | tokens until L0 within 10% of final (M) | tokens until L0 ≤ {target:.1f} (M) | final L0 "
-        f"| final FVU | FVU at L0 = {args.match_l0:g} | recovery (cos > 0.9) | dead fraction | ε (10/50/90%) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| setting | tokens until L0 within 10% of final (M) | within 50% of final (M) | until L0 ≤ {target:.1f} (M) "
+        f"| final L0 | final FVU | FVU at L0 = {args.match_l0:g} | recovery (cos > 0.9) | dead fraction "
+        f"| ε (10/50/90%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         rs = row["runs"]
@@ -179,10 +184,23 @@ def write_table(args, runs, settings, path):
         if 0 < row["n_matched"] < len(args.seeds):
             matched += f" ({row['n_matched']}/{len(args.seeds)} seeds bracket it)"
         lines.append(
-            f"| {SETTINGS[row['setting']][0]} | {mean_sd(row['settle'], scale=1e6)} | {reach_txt} "
+            f"| {SETTINGS[row['setting']][0]} | {mean_sd(row['settle'], scale=1e6)} "
+            f"| {mean_sd(row['settle50'], scale=1e6)} | {reach_txt} "
             f"| {mean_sd([r['l0'] for r in rs], '{:.2f}')} | {mean_sd([r['fvu'] for r in rs], '{:.4f}')} "
             f"| {matched} | {mean_sd([r['recovery'] for r in rs], '{:.2f}')} "
             f"| {mean_sd([r['dead'] for r in rs], '{:.3f}')} | {' / '.join(f'{e:.2g}' for e in eps)} |")
+    if "paper" in settings:
+        paper = next(row for row in rows if row["setting"] == "paper")
+        lines += ["", "Speed-up over the paper's setting in tokens to settle (per seed: paper's tokens / this setting's "
+                  "tokens; median over seeds, min–max):", ""]
+        for row in rows:
+            if row["setting"] == "paper":
+                continue
+            cells = []
+            for key, name in (("settle", "within 10%"), ("settle50", "within 50%")):
+                ratios = sorted(p / t for p, t in zip(paper[key], row[key]))
+                cells.append(f"{name}: {statistics.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[-1]:.2f})")
+            lines.append(f"- {SETTINGS[row['setting']][0]}: " + "; ".join(cells))
     lines += ["", "Final (L0, FVU) of every λ of the sweep (mean over seeds):", "",
               "| setting | " + " | ".join(f"λ={lam:g}" for lam in args.lams) + " |",
               "|---|" + "---|" * len(args.lams)]
@@ -210,7 +228,7 @@ def plot(args, runs, settings, path):
             for ax, key in zip(axes, ("l0", "fvu")):
                 ax.plot(t, [p[key] for p in r["curve"]], color=COLORS[s], alpha=0.8, lw=1.2,
                         label=SETTINGS[s][0] if i == 0 else None)
-    axes[0].axhline(args.match_l0, color="gray", ls=":", lw=1, label=f"true active features ({args.match_l0:g})")
+    axes[0].axhline(args.true_l0, color="gray", ls=":", lw=1, label=f"true active features ({args.true_l0:.2g})")
     for ax, name in zip(axes, ("L0 (active latents per token, training batches)", "FVU (training batches)")):
         ax.set_yscale("log")
         ax.set_xlabel("tokens (M)")
@@ -236,31 +254,45 @@ def main(argv=None):
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=5e-3,
-                   help="Adam lr for every setting (the width rule's default converges too slowly for this budget)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam lr for every setting (default: fastsae.train's width rule, 2.3e-3 at d_sae=128)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lam", type=float, default=0.01, help="main sparsity coefficient (curves, token counts)")
     p.add_argument("--lams", type=float, nargs="+", default=None,
                    help="λ sweep for FVU at matched L0 (default: main λ × 0.5, 1, 2)")
     p.add_argument("--match-l0", type=float, default=None,
-                   help="L0 at which FVUs are compared (default: the data's mean number of active features)")
+                   help="L0 at which FVUs are compared (default: the median final L0 of all runs at the main λ, "
+                        "which the λ sweep brackets)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--points", type=int, default=60, help="logged points per curve")
     p.add_argument("--eval-samples", type=int, default=16384)
     p.add_argument("--backend", default="auto")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-render the table and plot from a previous run's JSON (no training)")
     args = p.parse_args(argv)
     if args.lams is None:
         args.lams = [args.lam * 0.5, args.lam, args.lam * 2]
     if args.lam not in args.lams:
         args.lams = sorted(args.lams + [args.lam])
-    if args.match_l0 is None:
-        args.match_l0 = float(make_data(args).probabilities.sum()) if args.active else 1.0
+    args.true_l0 = float(make_data(args).probabilities.sum())
     settings = list(args.settings)
 
-    jobs = [(args, s, seed, lam) for lam in args.lams for seed in args.seeds for s in settings]
     t0 = time.perf_counter()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        for k, v in saved["config"].items():
+            if k not in ("out", "from_json", "jobs", "match_l0"):
+                setattr(args, k, v)
+        settings = list(args.settings)
+        runs = saved["runs"]
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / "jumprelu_bandwidth"
+        print(write_table(args, runs, settings, Path(f"{stem}.md")))
+        plot(args, runs, settings, Path(f"{stem}.png"))
+        return
+    jobs = [(args, s, seed, lam) for lam in args.lams for seed in args.seeds for s in settings]
     runs = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for r in pool.map(run_one, jobs):
