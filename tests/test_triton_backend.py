@@ -193,6 +193,7 @@ def test_opcheck_fastsae_triton_ops():
     W = torch.randn(N, D, **g, requires_grad=True)
     b = torch.randn(D, **g, requires_grad=True)
     torch.library.opcheck(decode.sparse_decode, (v, i, W, b))
+    torch.library.opcheck(decode.sparse_decode, (v, i, W, None, *segments(i, None, N)))
     torch.library.opcheck(decode.sddmm, (torch.randn(B, D, **g), i, W.detach()))
     x = torch.randn(B, D, **g)
     We = torch.randn(D, N, **g, requires_grad=True)

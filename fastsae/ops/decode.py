@@ -318,30 +318,37 @@ def jumprelu_sddmm(grad_x_hat: Tensor, grad_l0: Tensor, pre: Tensor, indices: Te
 
 
 @kernel_op("sparse_decode")
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
-    """``x̂[b] = Σ_e values[b,e] · W_dec[indices[b,e]] (+ b_dec)``: ``values [B,K]``, ``indices [B,K]`` int -> ``[B, d_in]``."""
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None,
+                  order: Optional[Tensor] = None, offsets: Optional[Tensor] = None) -> Tensor:
+    """``x̂[b] = Σ_e values[b,e] · W_dec[indices[b,e]] (+ b_dec)``: ``values [B,K]``, ``indices [B,K]`` int -> ``[B, d_in]``.
+
+    ``order``/``offsets`` (``triton_common.segments``), when the caller has them, are reused by the
+    backward instead of sorting again, and let it skip padding entries (BatchTopK's ragged rows).
+    """
     return gather_rows(values, indices, W_dec, b_dec)
 
 
 def _sparse_decode_setup(ctx, inputs, output):
-    values, indices, W_dec, b_dec = inputs
+    values, indices, W_dec, b_dec, order, offsets = inputs
     ctx.has_bias = b_dec is not None
-    ctx.save_for_backward(values, indices, W_dec)
+    ctx.has_segments = order is not None and offsets is not None
+    ctx.save_for_backward(values, indices, W_dec, order, offsets)
 
 
 def _sparse_decode_backward(ctx, grad):
-    values, indices, W_dec = ctx.saved_tensors
+    values, indices, W_dec, order, offsets = ctx.saved_tensors
     grad = grad.contiguous()
     grad_values = grad_W = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_values = sddmm(grad, indices, W_dec).to(values.dtype)
     if ctx.needs_input_grad[2]:
-        order, offsets = segments(indices, None, W_dec.shape[0])
+        if not ctx.has_segments:
+            order, offsets = segments(indices, None, W_dec.shape[0])
         grad_W, _ = segment_reduce(order, offsets, values.contiguous().reshape(-1), grad, values.shape[1])
         grad_W = grad_W.to(W_dec.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = grad.sum(0)
-    return grad_values, None, grad_W, grad_b
+    return grad_values, None, grad_W, grad_b, None, None
 
 
 sparse_decode.register_autograd(_sparse_decode_backward, setup_context=_sparse_decode_setup)

@@ -148,7 +148,7 @@ class TritonBackend(Backend):
             order, offsets = segments(indices, None, d_sae)
         values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, None,
                                         values, order, offsets))
-        x_hat = sparse_decode(values, indices, W_dec, b_dec)
+        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets)
         with torch.no_grad():
             active = values > 0
             fired = _fired(indices, active, d_sae)
@@ -169,7 +169,7 @@ class TritonBackend(Backend):
             order, offsets = segments(indices, counts, d_sae)
         values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, counts,
                                         values, order, offsets))
-        x_hat = sparse_decode(values, indices, W_dec, b_dec)
+        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets)
         with torch.no_grad():
             active = values > 0
             fired = _fired(indices, active, d_sae)
