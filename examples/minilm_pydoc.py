@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench-tokens", type=int, default=8192, help="tokens per throughput run (0: skip)")
     p.add_argument("--bench-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--bench-only", action="store_true", help="harvest and measure throughput; no training")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +131,9 @@ def main(argv=None) -> int:
         for name, r in summary["harvest_bench"].items():
             print(f"  {name:42s} {r['tokens_per_s']:8.0f} tok/s  x{r['speedup_vs_naive']:.2f} vs naive")
 
+    if args.bench_only:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return 0
     saes = {
         "topk": fastsae.TopKSAE(m["d_in"], args.d_sae, args.k),
         "jumprelu": fastsae.JumpReLUSAE(m["d_in"], args.d_sae, sparsity_coefficient=args.jumprelu_lambda,

@@ -766,9 +766,9 @@ def add_text_arguments(p) -> None:
     p.add_argument("--text", required=True,
                    help="text file, .jsonl file, folder of them, or module:attribute (e.g. pydoc_data.topics:topics)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--context-length", type=int, default=128, help="tokens per context (default 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass (default 32)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per context (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default %(default)s)")
     p.add_argument("--skip-tokens", type=int, default=0,
                    help="skip the first N tokens of the text (e.g. evaluate on what was not harvested)")
     p.add_argument("--no-pack", dest="pack", action="store_false",

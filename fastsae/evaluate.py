@@ -121,13 +121,20 @@ def _density_png(freq: np.ndarray, n_tokens: int, title: str) -> Optional[bytes]
 
 def _context_html(tokenizer, ids: list, pos: int, left: int = 24, right: int = 8) -> str:
     lo, hi = max(0, pos - left), min(len(ids), pos + 1 + right)
+    ell_l, ell_r = ("…" if lo > 0 else ""), ("…" if hi < len(ids) else "")
+    # Decoding growing prefixes of the window and taking the differences marks the token inside its word
+    # ("sjo<mark>er</mark>d" rather than "sjo <mark>##er</mark> ##d") for WordPiece and BPE alike.
+    a = tokenizer.decode(ids[lo:pos]) if pos > lo else ""
+    b = tokenizer.decode(ids[lo:pos + 1])
+    c = tokenizer.decode(ids[lo:hi])
+    if b.startswith(a) and c.startswith(b) and len(b) > len(a):
+        return ell_l + html.escape(a) + f"<mark>{html.escape(b[len(a):])}</mark>" + html.escape(c[len(b):]) + ell_r
 
-    def dec(a, b):
-        return html.escape(tokenizer.decode(ids[a:b])) if b > a else ""
+    def dec(x, y):
+        return html.escape(tokenizer.decode(ids[x:y])) if y > x else ""
 
     tok = html.escape(tokenizer.decode(ids[pos:pos + 1])) or "&nbsp;"
-    return (("…" if lo > 0 else "") + dec(lo, pos) + f" <mark>{tok}</mark> " + dec(pos + 1, hi)
-            + ("…" if hi < len(ids) else ""))
+    return ell_l + dec(lo, pos) + f" <mark>{tok}</mark> " + dec(pos + 1, hi) + ell_r
 
 
 def top_contexts(tokenizer, latent: int, contexts: list, top: _TopActivations,
