@@ -364,7 +364,11 @@ class ShardSource(ActivationSource):
 
     def sample(self, n, seed):
         n = min(n, self.n)
-        idx = torch.randperm(self.n, generator=_generator(seed, -1))[:n].sort().values.numpy()
+        g = _generator(seed, -1)
+        if self.n > 16 * n:  # a permutation of every row of a huge folder would not fit in memory
+            idx = torch.randint(0, self.n, (n,), generator=g).unique().numpy()
+        else:
+            idx = torch.randperm(self.n, generator=g)[:n].sort().values.numpy()
         starts = np.cumsum([0] + [s.n for s in self.shards])
         out = []
         for i, s in enumerate(self.shards):
