@@ -45,11 +45,17 @@ def run_suite(
     threads: Optional[int] = None,
     groups: Sequence[str] = ("step", "op", "scale"),
     resume: bool = False,
+    providers: Optional[Sequence[str]] = None,
     command: str = "",
     plot: bool = True,
     verbose: bool = True,
 ) -> Path:
-    """Run one suite on one device; write the CSV/markdown/plot/machine description; return the folder."""
+    """Run one suite on one device; write the CSV/markdown/plot/machine description; return the folder.
+
+    ``resume``: keep the rows already in ``results.csv`` and run only the missing (case, provider) pairs.
+    ``providers``: run only these (eager always runs too: speed-ups are measured in the same process)
+    and replace their rows, keeping the others' — e.g. re-measure ``cpp`` after a kernel change.
+    """
     from . import peers, report
 
     device = torch.device(device)
@@ -62,9 +68,13 @@ def run_suite(
     info = report.machine_info(device, torch.get_num_threads(), command, peer_status)
     info["device_tag"] = report.device_tag(device)
     info["suite"] = cfg.name
+    keep = bool(resume or providers)
+    # A run that adds to results.csv keeps the list of the runs its rows came from.
+    this_run = {k: info.get(k) for k in ("date_utc", "command", "git_commit", "git_uncommitted_kernel_files")}
+    info["runs"] = (report.load_runs(out_dir / "machine.json") if keep else []) + [this_run]
     report.save_machine(out_dir / "machine.json", info)
 
-    rows = report.read_csv(csv_path) if resume else []
+    rows = report.read_csv(csv_path) if keep else []
     done = {(r["name"], r["mode"], int(r["d_in"]), int(r["d_sae"]), int(r["batch"]), int(r["k"]), r["provider"])
             for r in rows if r["status"] == "ok" and r["device"] == str(device)}
     todo = [(c, p) for c, p in plan(cfg, device) if c.group in groups]
@@ -74,15 +84,18 @@ def run_suite(
     if cfg.peers:
         log("  peers: " + "; ".join(f"{k}: {v}" for k, v in peer_status.items()))
     t_start = time.perf_counter()
-    for i, (case, providers) in enumerate(todo):
-        providers = [p for p in providers if case.key + (p,) not in done]
-        if not providers:
+    only = None if providers is None else set(providers) | {"eager"}
+    for i, (case, case_providers) in enumerate(todo):
+        wanted = [p for p in case_providers if case.key + (p,) not in done] if resume else list(case_providers)
+        if only is not None:
+            wanted = [p for p in wanted if p in only]
+        if not wanted:
             continue
-        if resume and "eager" not in providers and any(p != "eager" for p in providers):
-            providers = ["eager"] + providers  # speed-ups need eager measured in the same process
+        if "eager" not in wanted:
+            wanted = ["eager"] + wanted  # speed-ups need eager measured in the same process
         t0 = time.perf_counter()
         # Bind case/provider now: the harness calls each builder later.
-        builders = {p: (lambda p=p: build(p, case, device)) for p in providers}
+        builders = {p: (lambda p=p: build(p, case, device)) for p in wanted}
         res = measure_providers(builders, device, cfg.repeats, max_seconds=cfg.max_case_seconds)
         sp = speedups(res)
         rows = [r for r in rows if not (
@@ -155,7 +168,8 @@ def cmd_bench(args) -> int:
             cfg = cfg.with_(archs=tuple(args.archs.split(",")))
         out = Path(args.out) / dev if (args.out and len(devices) > 1) else (Path(args.out) if args.out else None)
         run_suite(cfg, dev, out, threads=args.threads if dev == "cpu" else None, groups=groups,
-                  resume=args.resume, command=command)
+                  resume=args.resume, providers=args.providers.split(",") if args.providers else None,
+                  command=command)
         if dev == "cuda" and not args.quick:
             script = _bench_gpu_script()
             if script is not None:
@@ -183,6 +197,8 @@ def add_cli(sub) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager reference")
     p.add_argument("--no-peers", action="store_true", help="skip SAELens and sparsify")
     p.add_argument("--resume", action="store_true", help="keep the rows already in results.csv, run the rest")
+    p.add_argument("--providers", help="comma-separated providers to (re-)run, keeping the other rows of results.csv "
+                   "(eager always runs: speed-ups are measured in the same process)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -61,6 +61,18 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _git_dirty() -> Optional[list]:
+    """Modified kernel/backend files: the numbers are those of the working tree, not of the commit."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        r = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc", "fastsae/ops",
+                            "fastsae/backends.py", "fastsae/reference.py", "fastsae/sae.py"],
+                           capture_output=True, text=True, timeout=10)
+        return [line[3:] for line in r.stdout.splitlines()] if r.returncode == 0 else None
+    except Exception:
+        return None
+
+
 def machine_info(device: torch.device, threads: int, command: str, peers: dict) -> dict:
     import fastsae
     from fastsae.backends import status
@@ -75,6 +87,7 @@ def machine_info(device: torch.device, threads: int, command: str, peers: dict) 
         platform=platform.platform(),
         fastsae=fastsae.__version__,
         git_commit=_git_commit(),
+        git_uncommitted_kernel_files=_git_dirty(),
         date_utc=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command=command,
         backends={k: ("yes" if ok else "no: " + why) for k, (ok, why) in status().items()},
@@ -175,15 +188,27 @@ def _table(rows: list[dict], keyfn, labelfn, header: str, cell) -> list[str]:
     return out
 
 
+def _repeats(rows: list[dict]) -> str:
+    n = sorted({int(r["repeats"]) for r in rows if r["status"] == "ok" and r.get("repeats")})
+    return "?" if not n else (str(n[0]) if n[0] == n[-1] else f"{n[0]}–{n[-1]}")
+
+
 def write_markdown(path: Path, rows: list[dict], info: dict, cfg) -> None:
     L = [f"# fastsae benchmarks — {info.get('device_tag', info['device'])}", ""]
     L += [
         f"- Machine: {info['cpu_model']}, {info['cpu_count']} cores, torch {info['torch']} "
         f"({info['torch_threads']} threads), Python {info['python']}"
         + (f", GPU {info['gpu']}" if "gpu" in info else ""),
-        f"- fastsae {info['fastsae']} (git {info.get('git_commit') or '?'}), run {info['date_utc']}: `{info['command']}`",
+    ]
+    for run in info.get("runs") or [{k: info.get(k) for k in ("date_utc", "command", "git_commit",
+                                                              "git_uncommitted_kernel_files")}]:
+        dirty = run.get("git_uncommitted_kernel_files")
+        L.append(f"- Run {run['date_utc']}: `{run['command']}` — fastsae {info['fastsae']} at git "
+                 f"{run.get('git_commit') or '?'}" + (f" + uncommitted {', '.join(dirty)}" if dirty else ""))
+    L += [
         f"- Suite `{cfg.name}`: d_in={cfg.d_in}, batch={cfg.batch}; tables at d_sae={cfg.main_d_sae}, "
-        f"k = target L0 = {cfg.main_k}; median of up to {cfg.repeats} timed runs after a warm-up, providers interleaved.",
+        f"k = target L0 = {cfg.main_k}; median of {_repeats(rows)} timed runs after a warm-up "
+        "(the `repeats` column of results.csv), providers interleaved.",
         f"- Speed-up (bold from {BOLD_FROM}×) = eager median / provider median, measured in the same process. "
         "Peak memory = bytes allocated during the call and live at once (see `fastsae/bench/harness.py`). "
         f"† = output differs from eager by more than {MATCH_TOL:g} (relative).",
@@ -327,6 +352,18 @@ def plot_scaling(path: Path, rows: list[dict], cfg, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def load_runs(path: Path) -> list:
+    """The runs recorded in an earlier ``machine.json`` (a file from before run lists counts as one run)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if "runs" in old:
+        return list(old["runs"])
+    keys = ("date_utc", "command", "git_commit", "git_uncommitted_kernel_files")
+    return [{k: old.get(k) for k in keys}] if old.get("date_utc") else []
 
 
 def save_machine(path: Path, info: dict) -> None:
