@@ -61,7 +61,10 @@ def run_suite(
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir) if out_dir is not None else Path("benchmarks") / "results" / report.device_tag(device)
+    if out_dir is None:  # a quick run never overwrites the full run's results
+        tag = report.device_tag(device) + ("" if cfg.name == "full" else f"-{cfg.name}")
+        out_dir = Path("benchmarks") / "results" / tag
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"
     peer_status = peers.available() if cfg.peers else {"saelens": "skipped: --no-peers", "sparsify": "skipped: --no-peers"}
@@ -189,7 +192,7 @@ def add_cli(sub) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized run (small sizes, few repeats; 1-3 minutes)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the CPU suite, plus the GPU suite when CUDA is present")
-    p.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<device>, <device>-quick with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--repeats", type=int, help="timed runs per case (median reported)")
     p.add_argument("--only", help="comma-separated groups to run: step,op,scale")
