@@ -7,7 +7,8 @@ replaying the rows before (tensors and shard folders; re-iterable iterables are 
 
 - ``[N, d_in]`` tensor or array: a fresh random permutation of the rows every epoch.
 - A folder of ``*.npy`` / ``*.safetensors`` shards (each one 2-D ``[n_tokens, d_in]`` array, read in name
-  order; an optional ``manifest.json`` is checked, never required): files are memory-mapped and read
+  order, or in the order of an optional ``manifest.json``'s ``shards: [{file}, ...]``, which is never
+  required and whose ``d_in`` is checked): files are memory-mapped and read
   lazily in contiguous blocks; every epoch the blocks are shuffled, then the rows within a buffer of
   blocks, so a dataset larger than RAM trains with bounded memory.
 - Any iterable of ``[..., d_in]`` batches (tensors or arrays): used in its own order, re-batched.
@@ -289,14 +290,15 @@ class ShardSource(ActivationSource):
     """
 
     def __init__(self, path, *, block_rows: int = 4096, buffer_rows: int = 262144):
-        paths = self._list(path)
+        manifest = self._manifest(path)
+        paths = self._list(path, manifest)
         self.shards = [_Shard(p) for p in paths]
         d_ins = {s.d_in for s in self.shards}
         if len(d_ins) != 1:
             bad = next(s for s in self.shards if s.d_in != self.shards[0].d_in)
             raise ValueError(f"{bad.path} has d_in={bad.d_in} but {self.shards[0].path} has {self.shards[0].d_in}")
         self.d_in = d_ins.pop()
-        self._check_manifest(path)
+        self._check_manifest(path, manifest)
         self.block_rows = int(block_rows)
         self.buffer_rows = max(int(buffer_rows), self.block_rows)
         self.blocks = [(i, a, min(a + self.block_rows, s.n)) for i, s in enumerate(self.shards)
@@ -306,7 +308,20 @@ class ShardSource(ActivationSource):
             raise ValueError(f"{path}: the shards hold no rows")
 
     @staticmethod
-    def _list(path) -> list[Path]:
+    def _manifest(path) -> Optional[dict]:
+        if isinstance(path, (list, tuple)) or not Path(path).is_dir():
+            return None
+        m = Path(path) / "manifest.json"
+        if not m.is_file():
+            return None
+        try:
+            manifest = json.loads(m.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{m} is not valid JSON: {e}") from e
+        return manifest if isinstance(manifest, dict) else None
+
+    @staticmethod
+    def _list(path, manifest: Optional[dict]) -> list[Path]:
         if isinstance(path, (list, tuple)):
             return [Path(p) for p in path]
         path = Path(path)
@@ -314,23 +329,24 @@ class ShardSource(ActivationSource):
             return [path]
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist")
+        listed = (manifest or {}).get("shards")
+        if isinstance(listed, list) and listed and all(isinstance(e, dict) and "file" in e for e in listed):
+            # A manifest that lists its shards is authoritative: a shard written by an interrupted harvest
+            # but not yet recorded is not part of the dataset.
+            files = [path / e["file"] for e in listed]
+            for f in files:
+                if not f.is_file():
+                    raise ValueError(f"{path / 'manifest.json'} lists {f.name}, which does not exist")
+            return files
         files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".safetensors") and p.is_file())
         if not files:
             raise ValueError(f"{path} holds no .npy or .safetensors shards")
         return files
 
-    def _check_manifest(self, path) -> None:
-        if isinstance(path, (list, tuple)) or not Path(path).is_dir():
-            return
-        m = Path(path) / "manifest.json"
-        if not m.is_file():
-            return
-        try:
-            manifest = json.loads(m.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{m} is not valid JSON: {e}") from e
-        if isinstance(manifest, dict) and "d_in" in manifest and int(manifest["d_in"]) != self.d_in:
-            raise ValueError(f"{m} says d_in={manifest['d_in']} but the shards have d_in={self.d_in}")
+    def _check_manifest(self, path, manifest: Optional[dict]) -> None:
+        if manifest and "d_in" in manifest and int(manifest["d_in"]) != self.d_in:
+            raise ValueError(f"{Path(path) / 'manifest.json'} says d_in={manifest['d_in']} but the shards have "
+                             f"d_in={self.d_in}")
 
     def __len__(self) -> int:
         return self.n

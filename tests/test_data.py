@@ -76,6 +76,19 @@ def test_shard_folder_lazy_shuffled_resumable(tmp_path, kind):
     assert 1 <= few.shape[0] <= 3 and set(_rows_as_set(few)) <= set(_rows_as_set(expected))
 
 
+def test_manifest_listing_is_authoritative(tmp_path):
+    rows = _write_shards(tmp_path / "acts", [10, 12, 7], 3)
+    shards = [dict(file=f"shard_{i:03d}.npy", n_tokens=n) for i, n in [(1, 12), (0, 10)]]  # not shard_002
+    (tmp_path / "acts" / "manifest.json").write_text(json.dumps(dict(d_in=3, n_tokens=22, shards=shards)))
+    src = ShardSource(tmp_path / "acts")
+    assert len(src) == 22 and [s.path.name for s in src.shards] == ["shard_001.npy", "shard_000.npy"]
+    assert _rows_as_set(torch.cat(_take(src, 11, 2))) == _rows_as_set(torch.from_numpy(rows[:22]))
+    shards.append(dict(file="missing.npy", n_tokens=1))
+    (tmp_path / "acts" / "manifest.json").write_text(json.dumps(dict(d_in=3, shards=shards)))
+    with pytest.raises(ValueError, match="manifest.json lists missing.npy"):
+        ShardSource(tmp_path / "acts")
+
+
 def test_shard_folder_memory_maps(tmp_path):
     _write_shards(tmp_path / "acts", [64], 8)
     src = ShardSource(tmp_path / "acts")
