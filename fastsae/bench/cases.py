@@ -89,6 +89,8 @@ def make_data(case: Case, device: torch.device, seed: int = 0) -> Data:
     W_enc = W_dec.t().contiguous()
     b_enc = 0.01 * torch.randn(d_sae, generator=g)
     b_dec = 0.01 * torch.randn(d_in, generator=g)
+    # Drawn on the CPU (the same numbers on every machine), computed with on the benchmark's device.
+    x, W_enc, W_dec, b_enc, b_dec = (t.to(device) for t in (x, W_enc, W_dec, b_enc, b_dec))
     pre = x @ W_enc + b_enc
     rows = max(1, min(B - 1, round(B * case.k / d_sae)))
     # θ_j halfway between the smallest kept and the largest rejected pre-activation of latent j: a
@@ -101,7 +103,7 @@ def make_data(case: Case, device: torch.device, seed: int = 0) -> Data:
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
         b_gate=b_enc.clone(), r_mag=0.01 * torch.randn(d_sae, generator=g), b_mag=0.01 * torch.randn(d_sae, generator=g),
     )
-    data = Data(x=x.to(device), params={k: v.to(device) for k, v in params.items()}, pre=pre.to(device))
+    data = Data(x=x, params={k: v.to(device) for k, v in params.items()}, pre=pre)
     _DATA_CACHE[key] = data
     return data
 
