@@ -112,6 +112,8 @@ _ENC_CONFIGS = [
     cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    # last: small enough for float64 operands in shared memory (the autotuner drops configs that do not fit)
+    cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
 ]
 
 _encode_jumprelu = TritonKernel(
@@ -144,7 +146,8 @@ _encode_topk = TritonKernel(
     _encode_topk_kernel,
     [cfg(BLOCK_M=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
      cfg(BLOCK_M=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-     cfg(BLOCK_M=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)],
+     cfg(BLOCK_M=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
+     cfg(BLOCK_M=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)],  # fits float64
     key=["M", "N", "Kd"], interp=dict(BLOCK_M=16, BLOCK_K=16, GROUP_M=2),
 )
 

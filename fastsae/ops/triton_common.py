@@ -68,7 +68,8 @@ class TritonKernel:
     """A ``@triton.jit`` kernel with its Hopper autotuning configs and its (small) interpreter blocks.
 
     On a GPU the kernel is autotuned over ``configs`` (keyed on the sizes in ``key``); with
-    ``FASTSAE_TRITON_AUTOTUNE=0`` it runs the first config; under the interpreter it runs
+    ``FASTSAE_TRITON_AUTOTUNE=0`` it runs the first config (the last one for float64 data, so every
+    list ends with a config small enough for float64 tiles); under the interpreter it runs
     ``interp`` — small blocks, so that tests at odd sizes cross several blocks and every mask.
     Launching goes through ``torch.library.wrap_triton`` so ``torch.compile`` sees the kernel itself.
     """
@@ -90,7 +91,8 @@ class TritonKernel:
         if INTERPRET:
             meta = dict(self.interp)
         else:
-            cfg = self.configs[0]
+            # Untuned: the first config; float64 data takes the last one, which every list keeps small.
+            cfg = self.configs[-1] if kwargs.get("ACC64") else self.configs[0]
             meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         wrap_triton(self.fn)[grid](*args, **kwargs, **meta)
 
