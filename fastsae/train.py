@@ -531,6 +531,8 @@ def add_cli(sub) -> None:
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "eager"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for small jobs on a busy machine)")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("synthetic data")
     g.add_argument("--d-in", type=int, default=d["d_in"])
@@ -558,6 +560,8 @@ def cmd_train(args) -> int:
     from .metrics import evaluate
 
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     synth = None

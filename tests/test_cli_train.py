@@ -52,7 +52,7 @@ def test_train_jumprelu_on_a_shard_folder(tmp_path, capsys):
     for i in range(2):
         np.save(acts / f"{i:05d}.npy", np.abs(rng.normal(size=(300, 8))).astype(np.float16))
     assert main(["train", "--arch", "jumprelu", "--lambda", "0.01", "--data", str(acts), "--steps", "5",
-                 "--batch-size", "64", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+                 "--batch-size", "64", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "held-out FVU" in text and "feature recovery" not in text  # no true dictionary for real data
     sae = fastsae.load(tmp_path / "run" / "sae")
