@@ -274,9 +274,9 @@ def plot_scaling(path: Path, rows: list[dict], cfg, title: str) -> bool:
     """Time against d_sae (top) and against k / L0 (bottom), JumpReLU (left) and TopK (right).
 
     Besides the steps: the dense encoder GEMM (the floor every provider pays, dotted grey), each
-    provider's sparse decode forward+backward, and for our fast backends the step minus the GEMM
-    (dash-dot: the cost of everything after the encoder matmul) — the sparse parts, which should
-    follow k / L0 and stay flat in d_sae.
+    provider's sparse decode forward+backward (the sparse parts: they should follow k and stay flat
+    in d_sae), and for our fast backends the step minus the GEMM (dash-dot: everything after the
+    encoder matmul — the O(B·d_sae) threshold/top-k selection plus the sparse parts).
     """
     import matplotlib
 
@@ -320,7 +320,7 @@ def plot_scaling(path: Path, rows: list[dict], cfg, title: str) -> bool:
                     sparse = [(xv, yv - gemm[xv]) for xv, yv in pts if xv in gemm and yv > gemm[xv]]
                     if len(sparse) >= 2:
                         ax.plot(*zip(*sparse), "^-.", color=COLORS.get(prov), lw=1.2, alpha=0.8,
-                                label=f"{prov} step − GEMM (sparse parts)")
+                                label=f"{prov} step − encoder GEMM (selection + sparse parts)")
             if gemm:
                 xs = sorted(gemm)
                 ax.plot(xs, [gemm[v] for v in xs], "s:", color="#888888", lw=1.5, label="encoder GEMM (dense floor)")
