@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "simd.h"
+
 namespace fastsae {
 
 // Every kernel that dereferences user indices checks them first, so a bad index raises a Python
@@ -70,6 +72,16 @@ inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
 template <typename scalar_t, typename acc_t>
 inline void axpy(acc_t* y, acc_t a, const scalar_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<acc_t>(x[i]);
+}
+
+// float32, the training dtype: the multi-ISA versions from simd.cpp.
+template <>
+inline float dot<float, float>(const float* a, const float* b, int64_t n) {
+  return dot_f32(a, b, n);
+}
+template <>
+inline void axpy<float, float>(float* y, float a, const float* x, int64_t n) {
+  axpy_f32(y, a, x, n);
 }
 
 // Entries of a sparse [rows, n_latents] matrix regrouped by latent (a counting sort). Within one

@@ -1,6 +1,6 @@
-// Row-wise top-k selection: one pass over the row with a k-entry heap. Blocks of the row that
-// hold nothing better than the current k-th best are rejected by a vectorisable compare, so after
-// the first few hundred entries the scan costs about one compare per element.
+// Row-wise top-k selection (csrc/topk.h): a vectorised pass of group maxima bounds the k-th value,
+// then only the few entries above that bound are ranked; rows too short for it (or holding a NaN)
+// use a one-pass k-entry heap.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>

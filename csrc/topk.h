@@ -1,9 +1,11 @@
 #pragma once
 // The per-row top-k selector shared by the topk op and the fused topk_sae encoder.
+// Ties rank the lower index first, so the result is a deterministic function of the row.
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -28,6 +30,62 @@ struct TopK {
 
   // The k best entries of row[0:n] (k <= n), written sorted best-first to out_v / out_i.
   void run(const scalar_t* row, int64_t n, scalar_t* out_v, int64_t* out_i) {
+    constexpr int64_t T = 16;
+    const int64_t S = n / T;
+    if (S >= 4 * k && run_blocked(row, n, S, out_v, out_i)) return;
+    run_heap(row, n, out_v, out_i);
+  }
+
+  // View row[0 : T·S] as T strided slices of length S; group b = {row[t·S + b] : t < T}. The k-th
+  // largest group maximum τ is a lower bound on the k-th largest entry (k distinct entries reach
+  // it), so only entries >= τ (in groups whose max >= τ, plus the tail) can be selected: a few times
+  // k candidates, ranked exactly as the heap would. The group maxima pass is contiguous and
+  // vectorises. Returns false (caller uses the heap) when the row holds a NaN.
+  bool run_blocked(const scalar_t* row, int64_t n, int64_t S, scalar_t* out_v, int64_t* out_i) {
+    constexpr int64_t T = 16;
+    gmax.resize(S);
+    key_t* m = gmax.data();
+    int nan = 0;
+    for (int64_t b = 0; b < S; ++b) {
+      const key_t x = static_cast<key_t>(row[b]);
+      m[b] = x;
+      nan += x != x;
+    }
+    for (int64_t t = 1; t < T; ++t) {
+      const scalar_t* r = row + t * S;
+      for (int64_t b = 0; b < S; ++b) {
+        const key_t x = static_cast<key_t>(r[b]);
+        m[b] = x > m[b] ? x : m[b];
+        nan += x != x;
+      }
+    }
+    for (int64_t i = T * S; i < n; ++i) nan += row[i] != row[i];
+    if (nan) return false;
+    sel.assign(gmax.begin(), gmax.end());
+    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<key_t>());
+    const key_t tau = sel[k - 1];
+    heap.clear();  // reused as the candidate list
+    for (int64_t b = 0; b < S; ++b) {
+      if (!(m[b] >= tau)) continue;
+      for (int64_t t = 0; t < T; ++t) {
+        const key_t x = static_cast<key_t>(row[t * S + b]);
+        if (x >= tau) heap.push_back({x, t * S + b});
+      }
+    }
+    for (int64_t i = T * S; i < n; ++i) {
+      const key_t x = static_cast<key_t>(row[i]);
+      if (x >= tau) heap.push_back({x, i});
+    }
+    std::partial_sort(heap.begin(), heap.begin() + k, heap.end(), better);
+    for (int64_t j = 0; j < k; ++j) {
+      out_v[j] = row[heap[j].i];
+      out_i[j] = heap[j].i;
+    }
+    return true;
+  }
+
+  // One pass with a k-entry heap (any row, NaN included).
+  void run_heap(const scalar_t* row, int64_t n, scalar_t* out_v, int64_t* out_i) {
     heap.clear();
     for (int64_t i = 0; i < k; ++i) heap.push_back({key(row[i]), i});
     std::make_heap(heap.begin(), heap.end(), better);  // front() = the worst kept entry
@@ -64,6 +122,7 @@ struct TopK {
 
   int64_t k;
   std::vector<Entry> heap;
+  std::vector<key_t> gmax, sel;
 };
 
 }  // namespace fastsae

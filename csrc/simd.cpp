@@ -1,0 +1,32 @@
+// float32 inner loops compiled for several x86-64 levels (GCC/Clang target_clones: the loader
+// picks the widest the CPU supports), so the wheel stays portable while AVX2/AVX-512 machines get
+// 8/16-wide FMAs. The summation order of dot is fixed per machine, independent of thread count.
+#include <cstdint>
+
+#include "simd.h"
+
+namespace fastsae {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTSAE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTSAE_CLONES
+#endif
+
+FASTSAE_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
+  constexpr int L = 32;
+  float part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) part[t] += a[i + t] * b[i + t];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int t = 0; t < L; ++t) s += part[t];
+  return s;
+}
+
+FASTSAE_CLONES void axpy_f32(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace fastsae
