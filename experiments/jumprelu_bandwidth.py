@@ -18,9 +18,8 @@ Settings (everything else equal: same data, seeds, initial weights, Adam β = (0
 Metrics (held-out samples, on the SAE returned by ``fastsae.train``, which works on raw inputs):
 - tokens to settle: tokens after which the logged L0 stays within 10% (and, coarser, 50%) of its final
   value (L0 of the training batches, logged ``--points`` times per run);
-- tokens to target: tokens until the logged L0 first drops to ≤ 1.1 × a common target L0
-  (the largest median final L0 among the settings at the main λ, so that "reached" means "as sparse
-  as the least sparse setting ends");
+- tokens to target: tokens until the logged L0 first drops to ≤ 1.1 × the common target L0 (the matched
+  L0 below), the same target for every setting — a setting still far above it is "not reached";
 - final L0, FVU; FVU at matched L0 (log-log interpolation across the λ sweep at ``--match-l0``, default
   the median final L0 of all runs at the main λ; "n/a" where a seed's sweep does not bracket it);
 - recovery: fraction of true features matched by a decoder row at cosine > 0.9;
@@ -141,7 +140,7 @@ def summarise(args, runs, settings):
     if args.match_l0 is None:
         args.match_l0 = round(statistics.median(r["l0"] for r in main), 1)
     by = {s: [r for r in main if r["setting"] == s] for s in settings}
-    target = 1.1 * max(statistics.median(r["curve"][-1]["l0"] for r in by[s]) for s in settings)
+    target = 1.1 * args.match_l0
     rows = []
     for s in settings:
         rs = by[s]
@@ -177,7 +176,7 @@ def write_table(args, runs, settings, path):
         rs = row["runs"]
         reach = row["reach"]
         reach_txt = mean_sd(reach, scale=1e6) if all(v is not None for v in reach) else (
-            f"not reached in {sum(v is None for v in reach)}/{len(reach)} seeds"
+            f"not reached in {sum(v is None for v in reach)}/{len(reach)} seeds (> {budget / 1e6:.2f})"
             + (f" (others {mean_sd(reach, scale=1e6)})" if any(v is not None for v in reach) else ""))
         eps = [statistics.median(r["eps_quantiles"][i] for r in rs) for i in range(3)]
         matched = mean_sd(row["matched"], "{:.4f}")
@@ -269,6 +268,7 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--name", default="jumprelu_bandwidth", help="file stem of the outputs in --out")
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render the table and plot from a previous run's JSON (no training)")
     args = p.parse_args(argv)
@@ -283,12 +283,12 @@ def main(argv=None):
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
         for k, v in saved["config"].items():
-            if k not in ("out", "from_json", "jobs", "match_l0"):
+            if k not in ("out", "from_json", "jobs", "match_l0", "name"):
                 setattr(args, k, v)
         settings = list(args.settings)
         runs = saved["runs"]
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / "jumprelu_bandwidth"
+        stem = args.out / args.name
         print(write_table(args, runs, settings, Path(f"{stem}.md")))
         plot(args, runs, settings, Path(f"{stem}.png"))
         return
@@ -301,7 +301,7 @@ def main(argv=None):
                   f"L0 {r['l0']:.2f} FVU {r['fvu']:.4f} recovery {r['recovery']:.2f} dead {r['dead']:.3f} "
                   f"({r['seconds']:.0f}s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "jumprelu_bandwidth"
+    stem = args.out / args.name
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     Path(f"{stem}.json").write_text(json.dumps(dict(config=cfg, command=" ".join(["python"] + sys.argv),
                                                     runs=runs), indent=1))
