@@ -193,6 +193,25 @@ def _repeats(rows: list[dict]) -> str:
     return "?" if not n else (str(n[0]) if n[0] == n[-1] else f"{n[0]}–{n[-1]}")
 
 
+def _growth_lines(scale: list[dict], cfg) -> list[str]:
+    """``d_sae ×8 -> time ×a; k ×8 -> time ×b`` for each series of the scaling study."""
+    out = []
+    series = {}
+    for r in scale:
+        if r["status"] == "ok" and r["median_ms"]:
+            series.setdefault((r["name"], r["mode"], r["provider"]), []).append(r)
+    for (name, mode, prov), rs in sorted(series.items(), key=lambda kv: (kv[0][0], order_providers([kv[0][2]]))):
+        parts = []
+        for vary, fixed_key, fixed_val in (("d_sae", "k", cfg.main_k), ("k", "d_sae", cfg.main_d_sae)):
+            pts = sorted((int(r[vary]), _f(r, "median_ms")) for r in rs if int(r[fixed_key]) == fixed_val)
+            if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+                what = "target L0" if (vary == "k" and name == "jumprelu") else vary
+                parts.append(f"{what} ×{pts[-1][0] / pts[0][0]:g} → time ×{pts[-1][1] / pts[0][1]:.2f}")
+        if parts:
+            out.append(f"- {name} {'' if mode == 'step' else mode + ' '}({prov}): " + "; ".join(parts))
+    return out
+
+
 def write_markdown(path: Path, rows: list[dict], info: dict, cfg) -> None:
     L = [f"# fastsae benchmarks — {info.get('device_tag', info['device'])}", ""]
     L += [
@@ -245,6 +264,11 @@ def write_markdown(path: Path, rows: list[dict], info: dict, cfg) -> None:
         L += _table(sorted(sub, key=lambda r: int(r[vary])), lambda r: (r["name"], r["mode"], int(r[vary])),
                     lambda k: f"{k[0]} {'' if k[1] == 'step' else k[1] + ' '}{vary}={k[2]}", "case", _cell_time)
         L.append("")
+    growth = _growth_lines(scale, cfg)
+    if growth:
+        L += ["## How each cost grows", "",
+              "Time at the largest size divided by time at the smallest, per provider:", ""]
+        L += growth + [""]
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         L += ["## Not run", ""]
@@ -324,12 +348,12 @@ def plot_scaling(path: Path, rows: list[dict], cfg, title: str) -> bool:
             if gemm:
                 xs = sorted(gemm)
                 ax.plot(xs, [gemm[v] for v in xs], "s:", color="#888888", lw=1.5, label="encoder GEMM (dense floor)")
-            if arch == "topk":
+            if True:  # the decode of k (TopK) or L0 (JumpReLU) entries per row: the same op in both
                 for prov in providers:
                     pts = sel("sparse_decode", "fwd+bwd", prov)
                     if len(pts) >= 2:
                         ax.plot(*zip(*pts), "x--", color=COLORS.get(prov), lw=1, alpha=0.7,
-                                label=f"{prov} sparse_decode fwd+bwd")
+                                label=f"{prov} sparse_decode fwd+bwd (k / L0 entries per row)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             xlabel = "d_sae (latents)" if vary == "d_sae" else ("target L0" if arch == "jumprelu" else "k")
