@@ -1118,8 +1118,9 @@ class RankSlicedSource:
     ``[g·B·D, (g+1)·B·D)`` of the stream and rank ``r`` takes ``[r·B, (r+1)·B)`` of it, so ``D`` ranks with
     per-rank batch ``B`` consume exactly the batches of one process with batch ``B·D``, disjointly.
 
-    Every rank walks the whole stream (tensors and shard folders are deterministic functions of the seed)
-    and keeps its slice: the same updates as one process, at the price of reading the other ranks' rows.
+    The stream is a deterministic function of the seed, so the ranks agree on it without communicating.
+    Shard folders are read selectively: each rank reads only its own rows from the memory maps (1/D of
+    the I/O). Other sources (in-memory tensors) are walked whole and sliced, which costs only indexing.
     """
 
     resumable = True
@@ -1138,8 +1139,19 @@ class RankSlicedSource:
         return self.source.sample(n, seed)
 
     def chunks(self, seed: int, start_row: int = 0):
+        from .data import ShardSource
+
         B, D, r = self.batch_size, self.grid.data_size, self.grid.data_rank
         first, skip = divmod(start_row, B)
+        if type(self.source) is ShardSource:
+            # Files: read only this rank's rows from the memory maps (1/D of the I/O), same stream.
+            for chunk in _shard_rank_rows(self.source, seed, first * B * D, B, D, r):
+                if skip:
+                    drop = min(skip, chunk.shape[0])
+                    chunk, skip = chunk[drop:], skip - drop
+                if chunk.shape[0]:
+                    yield chunk
+            return
         pending, have = [], 0
         it = self.source.chunks(seed, first * B * D)
         for chunk in it:
@@ -1152,6 +1164,50 @@ class RankSlicedSource:
                 if skip:
                     mine, skip = mine[skip:], 0
                 yield mine
+
+
+def _shard_rank_rows(src, seed: int, start_row: int, B: int, D: int, r: int):
+    """``ShardSource.chunks(seed, start_row)`` restricted to the stream positions of data rank ``r``
+    (``p mod B·D`` in ``[r·B, (r+1)·B)``), reading only those rows. Mirrors ShardSource's buffer/permutation
+    scheme (tests/test_distributed.py checks it against slicing the full stream)."""
+    import numpy as np
+
+    from .data import _generator
+
+    n, period = src.n, B * D
+    epoch, offset = divmod(start_row, n)
+    while True:
+        base, cum = epoch * n, 0
+        for b, buf in enumerate(src._buffers(seed, epoch)):
+            sizes = [e - a for _, a, e in buf]
+            size = sum(sizes)
+            if offset >= cum + size:  # before the start: skip without reading
+                cum += size
+                continue
+            p = torch.arange(base + max(offset, cum), base + cum + size)
+            phase = p % period
+            q = p[(phase >= r * B) & (phase < (r + 1) * B)] - base - cum  # my positions within the buffer
+            cum += size
+            if q.numel() == 0:
+                continue
+            perm = torch.randperm(size, generator=_generator(seed, epoch, b))
+            c = perm[q]  # indices into the buffer's concatenated blocks
+            starts = torch.tensor([0] + sizes).cumsum(0)
+            block = torch.searchsorted(starts[1:], c, right=True)
+            within = c - starts[block]
+            positions, pieces = [], []
+            for j in block.unique().tolist():
+                sel = (block == j).nonzero().squeeze(1)
+                i, a, _ = buf[j]
+                rows = (a + within[sel]).numpy()
+                order = np.argsort(rows, kind="stable")  # sorted reads from the map
+                pieces.append(src.shards[i].take(rows[order]))
+                positions.append(sel[torch.from_numpy(order)])
+            got = torch.cat(pieces)
+            out = torch.empty_like(got)
+            out[torch.cat(positions)] = got
+            yield out
+        epoch, offset = epoch + 1, 0
 
 
 class TrainingContext:
