@@ -1166,6 +1166,48 @@ class RankSlicedSource:
                 yield mine
 
 
+class _CheckedStream:
+    """A per-rank iterable (e.g. a streamed harvest), checked once on its first rows: data-parallel ranks must
+    see different rows (else every rank trains on the same batch: shard the text, e.g. ``shard_items(docs)``),
+    and the ranks of one latent group the same rows (they split one SAE's latents over one batch)."""
+
+    def __init__(self, source, g: Grid):
+        self.source, self.grid = source, g
+        self.d_in = source.d_in
+        self.resumable = getattr(source, "resumable", False)
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        return self.source.sample(n, seed)
+
+    def chunks(self, seed: int, start_row: int = 0):
+        first = True
+        for chunk in self.source.chunks(seed, start_row):
+            if first:
+                self._check(chunk)
+                first = False
+            yield chunk
+
+    def _check(self, chunk: Tensor) -> None:
+        g = self.grid
+        head = chunk[:64].detach().double().cpu()
+        sig = torch.stack([head.sum(), head.pow(2).sum()]).to(g.device)
+        for group, size, want_same, what in ((g.data_group, g.data_size, False, "data-parallel"),
+                                             (g.latent_group, g.latent_size, True, "latent-sharded")):
+            if size == 1:
+                continue
+            lo, hi = sig.clone(), sig.clone()
+            all_reduce_(lo, group, dist.ReduceOp.MIN)
+            all_reduce_(hi, group, dist.ReduceOp.MAX)
+            same = bool(torch.equal(lo, hi))
+            if same != want_same:
+                raise ValueError(
+                    f"rank {g.rank}: the {what} ranks got {'the same' if same else 'different'} first rows from "
+                    f"the iterable data; " + ("give every data-parallel rank its own stream (e.g. harvest "
+                    "fastsae.distributed.shard_items(documents) on each rank)" if same else
+                    "the ranks of one latent group must iterate the same stream")
+                )
+
+
 def _shard_rank_rows(src, seed: int, start_row: int, B: int, D: int, r: int):
     """``ShardSource.chunks(seed, start_row)`` restricted to the stream positions of data rank ``r``
     (``p mod B·D`` in ``[r·B, (r+1)·B)``), reading only those rows. Mirrors ShardSource's buffer/permutation
@@ -1259,7 +1301,9 @@ class TrainingContext:
         taken to be this rank's own stream already (e.g. a harvest over this rank's prompts)."""
         from .data import IterableSource
 
-        if self.grid.data_size == 1 or isinstance(source, IterableSource):
+        if isinstance(source, IterableSource):
+            return _CheckedStream(source, self.grid) if self.grid.distributed else source
+        if self.grid.data_size == 1:
             return source
         return RankSlicedSource(source, batch_size, self.grid)
 

@@ -405,6 +405,12 @@ def sc_train(rank, world, out_dir, env):
                          latent_parallel=lp)
         for (n, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
             torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"train lp={lp} {n}: {m}")
+        if lp == 1:  # a plain iterable is each rank's own stream; the same one everywhere is refused
+            batches_same = [x[i:i + B] for i in range(0, 96, B)]
+            with pytest.raises(ValueError, match="got the same first rows"):
+                _train(_make("topk", 10, k=3), batches_same, None, 2, B, init_b_dec=False, scale_inputs=False)
+            mine = [t + rank for t in batches_same]
+            _train(_make("topk", 10, k=3), mine, None, 2, B, init_b_dec=False, scale_inputs=False)
         if lp > 1:  # one complete generation of shard files, named by the manifest written last
             import json
 
