@@ -144,3 +144,20 @@ def test_module_rejects_bad_bandwidth_options():
         fastsae.JumpReLUSAE(4, 5, bandwidth="adaptive", adaptive=dict(target_hits=-1))
     sae = fastsae.JumpReLUSAE(4, 5, bandwidth=adaptive.AdaptiveBandwidth(eps_init=0.02))
     assert torch.equal(sae.bandwidth, torch.full((5,), 0.02))
+
+
+def test_fastsae_train_adapts_the_bandwidth():
+    """Through the real training loop (which calls observe after every step), on a bf16 SAE."""
+    from fastsae.data import synthetic
+    from fastsae.train import train
+
+    data = synthetic(4096, 16, 24, active=3, seed=0)
+    sae = fastsae.JumpReLUSAE(16, 32, bandwidth="adaptive", adaptive=dict(eps_init=1e-3, eps_max=0.2),
+                              dtype=torch.bfloat16, backend="eager")
+    train(sae, data, steps=30, batch_size=256, progress=False)
+    rule = sae.adaptive
+    assert sae.bandwidth.dtype == torch.float32 and sae.threshold.dtype == torch.float32
+    assert int(sae._adaptive_steps) == 30
+    assert bool((sae.bandwidth >= rule.eps_min).all()) and bool((sae.bandwidth <= rule.eps_max).all())
+    # started far too narrow for 256-row batches: every latent's window widened (by at most 1.1x per step)
+    assert bool((sae.bandwidth > 1e-3).all()) and bool((sae.bandwidth <= 1e-3 * 1.1 ** 30 * 1.0001).all())
