@@ -25,8 +25,11 @@ Metrics (held-out samples, on the SAE returned by ``fastsae.train``, which works
 - recovery: fraction of true features matched by a decoder row at cosine > 0.9;
 - dead: fraction of latents that never fire on the held-out samples.
 
-Run (the committed result; ~10 min on 2 CPU cores):
-    python experiments/jumprelu_bandwidth.py
+Run (the committed results: 4 settings x 3 seeds x 3 λ = 36 runs, two at a time; 932 s measured on 2 CPU
+cores shared with other jobs, load average ≈ 13 — less on an idle machine):
+    python experiments/jumprelu_bandwidth.py                                          # fastsae.train's lr
+    python experiments/jumprelu_bandwidth.py --lr 5e-3 --name jumprelu_bandwidth_lr5e-3
+    python experiments/jumprelu_bandwidth.py --from-json experiments/results/jumprelu_bandwidth.json  # re-render
 """
 from __future__ import annotations
 
