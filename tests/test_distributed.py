@@ -542,6 +542,25 @@ def test_merge_topk_local_and_packing():
     assert fd.index_dtype_for(2**31) == torch.int32 and fd.index_dtype_for(2**31 + 1) == torch.int64
 
 
+@pytest.mark.parametrize("backend", fastsae.backends())
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk", "relu"])
+def test_sharded_code_path_matches_the_module_on_every_backend(arch, backend):
+    """The sharded forward (here as one shard, no collectives) runs each backend's kernels like the module does."""
+    sae = _make(arch, 23, dtype=torch.float32, backend=backend)
+    sharded = fd.ShardedSAE.from_full(_make(arch, 23, dtype=torch.float32, backend=backend), fd.Grid())
+    x = torch.randn(9, D_IN)
+    dead = torch.rand(23) < 0.4 if arch in ("topk", "batchtopk") else None
+    a = sae.training_forward(x, dead_mask=dead)
+    b = sharded.training_forward(x, dead_mask=dead)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.x_hat, a.x_hat, atol=1e-5, rtol=1e-5)
+    assert torch.equal(b.fired, a.fired)
+    for (n, p), q in zip(sae.named_parameters(), sharded.shard.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
 def test_gated_cannot_be_sharded():
     with pytest.raises(ValueError, match="latent sharding supports"):
         fd.ShardedSAE.from_full(fastsae.GatedSAE(4, 6), fd.Grid(world_size=2, latent_size=2))
