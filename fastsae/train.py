@@ -525,6 +525,8 @@ def add_cli(sub) -> None:
                    help="'synthetic', or a folder / file of .npy or .safetensors activation shards")
     p.add_argument("--out", default="fastsae-run", help="output folder: checkpoint.pt, metrics.jsonl, sae/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--latent-parallel", type=int, default=None, help="under torchrun: ranks that split the SAE's "
+                   "latents (default: env FASTSAE_LATENT_PARALLEL or 1); the others are data parallel")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -587,7 +589,7 @@ def cmd_train(args) -> int:
           + f") for {args.steps} steps of {args.batch_size} on {device}, writing {out}/")
     result = train(sae, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    device=device, progress=not args.no_progress, log_every=args.log_every, checkpoint_dir=out,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, latent_parallel=args.latent_parallel)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return 0  # under torchrun: rank 0 saves, evaluates and reports
     sae.save(out / "sae")
