@@ -97,8 +97,14 @@ def make_data(case: Case, device: torch.device, seed: int = 0) -> Data:
     # threshold equal to one of the values would let float rounding differences between backends (a
     # different GEMM summation order) flip that entry and make equal outputs look different.
     # (topk, not torch.quantile: quantile refuses inputs above 16M elements.)
-    top = pre.topk(rows + 1, dim=0).values
-    threshold = (0.5 * (top[rows - 1] + top[rows])).clamp_min(1e-4)
+    # Where the two values are themselves within rounding of each other (it happens among tens of
+    # thousands of latents), keep one more row for that latent instead.
+    top = pre.topk(min(rows + 2, B), dim=0).values
+    mid = 0.5 * (top[rows - 1] + top[rows])
+    if rows + 1 < top.shape[0]:
+        tight = (top[rows - 1] - top[rows]) < 1e-5 * top[rows - 1].abs().clamp_min(1e-3)
+        mid = torch.where(tight, 0.5 * (top[rows] + top[rows + 1]), mid)
+    threshold = mid.clamp_min(1e-4)
     params = dict(
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
         b_gate=b_enc.clone(), r_mag=0.01 * torch.randn(d_sae, generator=g), b_mag=0.01 * torch.randn(d_sae, generator=g),
