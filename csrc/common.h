@@ -3,6 +3,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "simd.h"
@@ -82,6 +84,25 @@ inline float dot<float, float>(const float* a, const float* b, int64_t n) {
 template <>
 inline void axpy<float, float>(float* y, float a, const float* x, int64_t n) {
   axpy_f32(y, a, x, n);
+}
+
+// Work-sharing over [0, n) in tasks of `grain` indices: threads pull the next task from a shared
+// counter, so on a busy machine a descheduled thread delays one task, not a static half of the
+// range. Each index is processed by exactly one thread with the same code, so results do not
+// depend on the scheduling or the thread count.
+template <typename F>
+inline void parallel_tasks(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t ntasks = (n + grain - 1) / grain;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntasks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
+      const int64_t b = t * grain;
+      f(b, std::min(n, b + grain));
+    }
+  });
 }
 
 // Entries of a sparse [rows, n_latents] matrix regrouped by latent (a counting sort). Within one

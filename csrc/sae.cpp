@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 #include "topk.h"
@@ -74,7 +75,7 @@ template <typename scalar_t>
 void decode_rows(int64_t B, int64_t d_in, const int64_t* row_ptr, const int64_t* cols, const scalar_t* vals,
                  const scalar_t* W, const scalar_t* bias, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, B, 4, [&](int64_t begin, int64_t end) {
+  parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(d_in);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < d_in; ++i) acc[i] = static_cast<acc_t>(bias[i]);
@@ -86,6 +87,18 @@ void decode_rows(int64_t B, int64_t d_in, const int64_t* row_ptr, const int64_t*
       for (int64_t i = 0; i < d_in; ++i) out[b * d_in + i] = static_cast<scalar_t>(acc[i]);
     }
   });
+}
+
+// Σ a[i]·b[i] with b already in the accumulation type (float32: the multi-ISA dot).
+template <typename scalar_t, typename acc_t>
+acc_t dot_mixed(const scalar_t* a, const acc_t* b, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * b[i];
+  return s;
+}
+template <>
+float dot_mixed<float, float>(const float* a, const float* b, int64_t n) {
+  return dot_f32(a, b, n);
 }
 
 template <typename T>
@@ -140,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         auto pre = slab.narrow(0, 0, rows);
         at::addmm_out(pre, b_enc, x_in.narrow(0, r0, rows), W_enc);
         const scalar_t* pp = pre.data_ptr<scalar_t>();
-        at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+        parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
           std::vector<int64_t> cand(d_sae);
           for (int64_t r = begin; r < end; ++r) {
             const scalar_t* row = pp + r * d_sae;
@@ -174,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         cols.resize(total);
         vals.resize(total);
         flags.resize(total);
-        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        parallel_tasks(rows, 32, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             const scalar_t* row = pp + r * d_sae;
             int64_t e = rp[r0 + r];
@@ -234,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
       auto pre = slab.narrow(0, 0, rows);
       at::addmm_out(pre, b_enc, x_in.narrow(0, r0, rows), W_enc);
       const scalar_t* pp = pre.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
         TopK<scalar_t> sel(k);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r0 + r;
@@ -341,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
       acc_t* gpre = gpre_t.data_ptr<acc_t>();
       wide_t* gth = gth_t.data_ptr<wide_t>();
       int64_t* row_of = row_of_t.data_ptr<int64_t>();
-      at::parallel_for(0, B, 4, [&](int64_t begin, int64_t end) {
+      parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* g = gxp + b * d_in;
           for (int64_t e = rp[b]; e < rp[b + 1]; ++e) {
@@ -377,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
       scalar_t* gbe = grad_b_enc.data_ptr<scalar_t>();
       wide_t* gthp = jump ? grad_th.data_ptr<wide_t>() : nullptr;
       std::vector<acc_t> gbe_acc(d_sae);
-      at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+      parallel_tasks(nblocks, 4, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> encT(LB * d_in);
         std::vector<acc_t> dec(d_in);
         for (int64_t blk = begin; blk < end; ++blk) {
@@ -423,9 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
           acc_t a = acc[i - begin];
           if (apply_b_dec_to_input) {
             const scalar_t* wrow = Wep + i * d_sae;
-            acc_t s = 0;
-            for (int64_t j = 0; j < d_sae; ++j) s += static_cast<acc_t>(wrow[j]) * gbe_acc[j];
-            a -= s;
+            a -= dot_mixed<scalar_t, acc_t>(wrow, gbe_acc.data(), d_sae);
           }
           gbd[i] = static_cast<scalar_t>(a);
         }

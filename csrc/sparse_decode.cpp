@@ -46,7 +46,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
     const scalar_t* Wp = W.data_ptr<scalar_t>();
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d_in);
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t i = 0; i < d_in; ++i) acc[i] = bp ? static_cast<acc_t>(bp[i]) : acc_t(0);
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
     if (need_values) {
       // SDDMM: d x_hat[b] / d values[b, j] = W_dec[indices[b, j]] . grad[b]
       scalar_t* gv = grad_values.data_ptr<scalar_t>();
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b)
           for (int64_t j = 0; j < K; ++j)
             gv[b * K + j] = static_cast<scalar_t>(dot<scalar_t, acc_t>(gp + b * d_in, Wp + ip[b * K + j] * d_in, d_in));
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
       // grad_W_dec[l] = sum over entries e with indices[e] == l of values[e] * grad[row(e)]
       const ByLatent by = group_by_latent(ip, B * K, d_sae);
       scalar_t* gw = grad_W.data_ptr<scalar_t>();
-      at::parallel_for(0, d_sae, 16, [&](int64_t begin, int64_t end) {
+      parallel_tasks(d_sae, 64, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> acc(d_in);
         for (int64_t l = begin; l < end; ++l) {
           std::fill(acc.begin(), acc.end(), acc_t(0));

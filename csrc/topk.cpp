@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& pre, int64_t k) {
     const scalar_t* pp = p.data_ptr<scalar_t>();
     scalar_t* vp = values.data_ptr<scalar_t>();
     int64_t* ip = indices.data_ptr<int64_t>();
-    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
       TopK<scalar_t> sel(k);
       for (int64_t r = begin; r < end; ++r) sel.run(pp + r * n, n, vp + r * k, ip + r * k);
     });
