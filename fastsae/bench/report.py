@@ -236,7 +236,8 @@ def write_markdown(path: Path, rows: list[dict], info: dict, cfg) -> None:
             + [f"{k}: {v}" for k, v in info.get("peers", {}).items()]),
         "",
     ]
-    steps = [r for r in rows if r["group"] == "step"]
+    arch_rank = {a: i for i, a in enumerate(("jumprelu", "topk", "batchtopk", "relu", "gated"))}
+    steps = sorted((r for r in rows if r["group"] == "step"), key=lambda r: arch_rank.get(r["name"], 99))
     if steps:
         L += ["## One training step (training_forward + backward)", ""]
         L += _table(steps, lambda r: r["name"], str, "architecture", _cell_time)
