@@ -16,5 +16,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: small sequential tests are slower with several threads spinning on a
+    shared 2-core machine (oversubscription). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_report_header(config):
     return f"fastsae backends here: {BACKENDS} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"

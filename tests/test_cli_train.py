@@ -13,12 +13,7 @@ SMALL = ["--d-in", "16", "--n-features", "32", "--width", "64", "--k", "3", "--n
          "--batch-size", "128", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_defaults_are_the_main_job():

@@ -14,13 +14,7 @@ from fastsae.train import (CHECKPOINT, estimate_input_scale, fold_input_scale, g
                            lr_factor, sparsity_factor, train)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests are small and sequential; one thread avoids oversubscription on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- recovery (the acceptance tests) ---------------------------------------------------------
