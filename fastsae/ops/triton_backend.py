@@ -136,36 +136,38 @@ class TritonBackend(Backend):
     def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
         if not self._ok(x, W_enc, b_enc, W_dec, b_dec):
             return super().topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
-        from .decode import sparse_decode
-        from .encode import encode_topk, sampled_encoder
-        from .triton_common import segments
+        from .encode import encode_topk
 
-        d_sae = W_enc.shape[1]
-        x = x.contiguous()
-        with torch.no_grad():
-            x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
-            values, indices = encode_topk(x_in.detach(), W_enc.detach(), b_enc.detach(), k)
-            order, offsets = segments(indices, None, d_sae)
-        values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, None,
-                                        values, order, offsets))
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets)
-        with torch.no_grad():
-            active = values > 0
-            fired = _fired(indices, active, d_sae)
+        x_hat, values, indices, active, fired = self._kept_sae(
+            x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: (*encode_topk(*a, k), None))
         return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values, indices=indices)
 
     def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
         if not self._ok(x, W_enc, b_enc, W_dec, b_dec):
             return super().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+        from .encode import encode_batchtopk
+
+        x_hat, values, indices, active, fired = self._kept_sae(
+            x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: encode_batchtopk(*a, k))
+        with torch.no_grad():
+            positive = values[active]
+            min_kept = positive.min() if positive.numel() else None
+        return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, min_kept=min_kept)
+
+    @staticmethod
+    def _kept_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, select):
+        """The shared body of TopK and BatchTopK: ``select(x_in, W_enc, b_enc) -> (values, indices, counts)``
+        picks the kept entries without gradient (``counts`` None when every row keeps all of its entries); the
+        sampled encoder re-attaches the gradient at exactly those entries, then the sparse decode."""
         from .decode import sparse_decode
-        from .encode import encode_batchtopk, sampled_encoder
+        from .encode import sampled_encoder
         from .triton_common import segments
 
         d_sae = W_enc.shape[1]
         x = x.contiguous()
         with torch.no_grad():
             x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
-            values, indices, counts = encode_batchtopk(x_in.detach(), W_enc.detach(), b_enc.detach(), k)
+            values, indices, counts = select(x_in.detach(), W_enc.detach(), b_enc.detach())
             order, offsets = segments(indices, counts, d_sae)
         values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, counts,
                                         values, order, offsets))
@@ -173,9 +175,7 @@ class TritonBackend(Backend):
         with torch.no_grad():
             active = values > 0
             fired = _fired(indices, active, d_sae)
-            positive = values[active]
-            min_kept = positive.min() if positive.numel() else None
-        return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, min_kept=min_kept)
+        return x_hat, values, indices, active, fired
 
 
 def _fired(indices, active, d_sae):
