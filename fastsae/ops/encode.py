@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from .decode import gather_sum, segment_reduce
-from .topk import merge_candidates, tile_shape, tile_topk_store
+from .topk import candidate_buffers, merge_candidates, tile_topk_store
 from .triton_common import NS, kernel_op, TritonKernel, cfg
 
 
@@ -238,11 +238,7 @@ def topk_candidates_fused(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) ->
     """The fused encoder's per-tile candidates of ``relu(pre)``: ``(values, indices int32, dropped max)``."""
     B, Kd = x_in.shape
     N = W_enc.shape[1]
-    block_n, kp, n_tiles = tile_shape(N, k)
-    wide = torch.float64 if x_in.dtype == torch.float64 else torch.float32
-    val = torch.empty(B, n_tiles * kp, dtype=x_in.dtype, device=x_in.device)
-    idx = torch.empty(B, n_tiles * kp, dtype=torch.int32, device=x_in.device)
-    drop = torch.empty(B, n_tiles, dtype=wide, device=x_in.device)
+    block_n, kp, n_tiles, val, idx, drop = candidate_buffers(B, N, k, x_in.dtype, x_in.device)
     if B:
         _encode_topk(
             lambda m: (triton.cdiv(B, m["BLOCK_M"]) * n_tiles,),

@@ -85,6 +85,17 @@ def tile_shape(N: int, k: int) -> tuple[int, int, int]:
     return block_n, kp, n_tiles
 
 
+def candidate_buffers(B: int, N: int, k: int, dtype: torch.dtype, device) -> tuple:
+    """Tile geometry and the outputs of a per-tile top-k pass over ``[B, N]``:
+    ``(block_n, kp, n_tiles, values [B, T*kp], indices [B, T*kp] int32, dropped max [B, T])``."""
+    block_n, kp, n_tiles = tile_shape(N, k)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    val = torch.empty(B, n_tiles * kp, dtype=dtype, device=device)
+    idx = torch.empty(B, n_tiles * kp, dtype=torch.int32, device=device)
+    drop = torch.empty(B, n_tiles, dtype=wide, device=device)
+    return block_n, kp, n_tiles, val, idx, drop
+
+
 def merge_candidates(cand_val: Tensor, cand_idx: Tensor, drop: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(values [B,k], indices [B,k] int64, unsafe [B] bool)``: the merge, and the rows it may have got wrong."""
     vals, pos = torch.topk(cand_val, k, dim=-1, largest=True, sorted=True)
@@ -97,11 +108,7 @@ def merge_candidates(cand_val: Tensor, cand_idx: Tensor, drop: Tensor, k: int) -
 def topk_candidates(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-tile candidates of ``pre [B, N]``: ``(values [B, T*kp], indices [B, T*kp] int32, dropped max [B, T])``."""
     B, N = pre.shape
-    block_n, kp, n_tiles = tile_shape(N, k)
-    wide = torch.float64 if pre.dtype == torch.float64 else torch.float32
-    val = torch.empty(B, n_tiles * kp, dtype=pre.dtype, device=pre.device)
-    idx = torch.empty(B, n_tiles * kp, dtype=torch.int32, device=pre.device)
-    drop = torch.empty(B, n_tiles, dtype=wide, device=pre.device)
+    block_n, kp, n_tiles, val, idx, drop = candidate_buffers(B, N, k, pre.dtype, pre.device)
     if B:
         _dense_topk(lambda m: (triton.cdiv(B, m["BLOCK_M"]), n_tiles),
                     pre, val, idx, drop, B, N, pre.stride(0), n_tiles,
