@@ -32,6 +32,8 @@ __all__ = ["train", "TrainResult", "default_hyperparameters", "fold_input_scale"
            "geometric_median", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
+#: rows of the data that set BatchTopK's inference threshold at the end of training
+CALIBRATION_ROWS = 16384
 METRICS = "metrics.jsonl"
 #: what each metrics record holds, in the order accumulated per step
 _SUMS = ("loss", "mse", "fvu", "l0", "sparsity", "aux")
@@ -334,7 +336,12 @@ def train(
     betas = hp["betas"] if betas is None else tuple(betas)
     warmup = min(1000, steps // 20) if lr_warmup_steps is None else int(lr_warmup_steps)
     decay = steps // 5 if lr_decay_steps is None else int(lr_decay_steps)
-    lam = getattr(sae, "sparsity_coefficient", None) if sparsity_coefficient is None else float(sparsity_coefficient)
+    controlled = getattr(sae, "controls_sparsity", False)  # target_l0: the module's controller sets λ
+    if controlled and sparsity_coefficient is not None:
+        raise ValueError("sparsity_coefficient cannot be given when the SAE has target_l0: its controller sets λ "
+                         "(set the starting λ on the module instead)")
+    lam = None if controlled else (getattr(sae, "sparsity_coefficient", None) if sparsity_coefficient is None
+                                   else float(sparsity_coefficient))
     lam_warmup = steps // 10 if sparsity_warmup_steps is None else int(sparsity_warmup_steps)
     dead_after = int(dead_after if dead_after is not None else getattr(sae, "dead_after", 10_000_000))
     log_every = min(100, max(1, steps // 50)) if log_every is None else max(1, int(log_every))
@@ -345,7 +352,8 @@ def train(
     metrics_path = Path(metrics_path) if metrics_path is not None else None
 
     sae.train()
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+    optimizer = torch.optim.Adam([dict(params=ps, lr=lr * scale, lr_scale=scale) for ps, scale in sae.parameter_groups()],
+                                 lr=lr, betas=betas)
     config = dict(sae=sae.config(), steps=steps, batch_size=batch_size, lr=lr, betas=list(betas),
                   lr_warmup_steps=warmup, lr_decay_steps=decay, sparsity_coefficient=lam,
                   sparsity_warmup_steps=lam_warmup, dead_after=dead_after, seed=seed, scale_inputs=scale_inputs)
@@ -377,7 +385,7 @@ def train(
             x = _to_batch(x_raw, sae, device, state.scale)
             step = state.step
             for g in optimizer.param_groups:
-                g["lr"] = lr * lr_factor(step, steps, warmup, decay)
+                g["lr"] = lr * g["lr_scale"] * lr_factor(step, steps, warmup, decay)
             coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
             out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
                              sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook)
@@ -393,7 +401,8 @@ def train(
                 dist_ctx.mean_(state.sums)
                 record = dict(step=state.step, tokens=state.tokens, **reduce_metrics(state),
                               dead=float(_dead_mask(state, dead_after).float().mean()),
-                              lr=optimizer.param_groups[0]["lr"], sparsity_coefficient=coef,
+                              lr=lr * lr_factor(step, steps, warmup, decay),
+                              sparsity_coefficient=float(sae.sparsity_coefficient) if controlled else coef,
                               tokens_per_s=(state.tokens - tokens_log) / max(now - t_log, 1e-9))
                 t_log, tokens_log = now, state.tokens
                 state.metrics.append(record)
@@ -409,6 +418,9 @@ def train(
     finally:
         bar.close()
 
+    calibrate = getattr(sae, "calibrate", None)  # BatchTopK: its inference threshold, exactly k per row
+    if calibrate is not None and state.step > 0:
+        calibrate(_to_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale))
     sae.eval()
     if state.scale != 1.0:
         fold_input_scale(sae, state.scale)
@@ -444,6 +456,8 @@ def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bo
             raise FloatingPointError("data contains NaN or inf values (found while initialising b_dec)")
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample * scale).to(sae.b_dec))
+    if sample is not None:
+        sae.init_from_data((sample * scale).to(device=sae.device, dtype=sae.dtype))
     return _State(step=0, tokens=0, scale=scale, since_fired=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
                   sums=torch.zeros(len(_SUMS), dtype=torch.float64, device=device), n_summed=0)
 
