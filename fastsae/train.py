@@ -774,12 +774,15 @@ def add_cli(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: per architecture)")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic', or a folder / file of .npy or .safetensors activation shards")
-    p.add_argument("--out", default="fastsae-run", help="output folder: checkpoint.pt, metrics.jsonl, sae/")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--out", default="fastsae-run", help=f"output folder: {CHECKPOINT}, metrics.jsonl, sae/ "
+                   "(default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT} (starts fresh if none)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run OUT holds instead of refusing")
     p.add_argument("--latent-parallel", type=int, default=None, help="under torchrun: ranks that split the SAE's "
                    "latents (default: env FASTSAE_LATENT_PARALLEL or 1); the others are data parallel")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: steps/10)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="steps between metric records (default: min(100, steps/50))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "eager"])
@@ -808,13 +811,85 @@ def build_sae(arch: str, d_in: int, width: int, *, k: Optional[int] = None, lam:
     return cls(d_in, width, **kw)
 
 
+def _check_train_args(args) -> None:
+    """Every argument checked before any data is generated or read (ValueError naming the option)."""
+    positive = ["steps", "batch_size", "width", "k", "checkpoint_every", "log_every", "threads", "latent_parallel"]
+    if args.data == "synthetic":
+        positive += ["d_in", "n_features", "n_samples"]
+    for name in positive:
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for name, v, low in (("lr", args.lr, "> 0"), ("l0-coefficient", args.lam, ">= 0")):
+        if v is not None and not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
+            raise ValueError(f"--{name} must be a finite number {low}, got {v}")
+    if args.data == "synthetic":
+        if not (math.isfinite(args.active) and 0 < args.active <= args.n_features):
+            raise ValueError(f"--active must lie in (0, --n-features={args.n_features}], got {args.active}")
+        width = args.width or DEFAULT_JOB["width"]
+        if args.k is not None and args.k > width:
+            raise ValueError(f"--k must lie in 1..--width={width}, got {args.k}")
+    elif not Path(args.data).exists():
+        raise ValueError(f"--data {args.data}: no such file or folder (or pass --data synthetic)")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"--device {args.device!r} is not a device: {e}") from e
+        if dev.type == "meta":
+            raise ValueError("--device meta holds no data: train on a real device (cpu, cuda)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+#: what a run writes into OUT (all of it, and nothing else, is removed by --overwrite)
+_RUN_FILES = (CHECKPOINT, OLD_CHECKPOINT, "checkpoint.json", METRICS, "summary.json")
+
+
+def _prepare_out(args, out: Path) -> None:
+    """Refuse to write into a folder holding a run unless --resume or --overwrite; --overwrite removes that run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        if args.resume:
+            print(f"fastsae: --resume: {out} holds no checkpoint; starting a fresh run")
+        return
+    held = [out / n for n in _RUN_FILES if (out / n).exists()] + sorted(out.glob("checkpoint-step*-latent*"))
+    held += [out / "sae"] if (out / "sae").is_dir() else []
+    has_ckpt = any(p.name.startswith("checkpoint") for p in held)
+    if args.resume:
+        if not has_ckpt:
+            print(f"fastsae: --resume: {out} holds no checkpoint; starting a fresh run")
+        return
+    if held and not args.overwrite:
+        finished = (out / "summary.json").is_file()
+        raise ValueError(f"--out {out} already holds {'a finished' if finished else 'an unfinished'} run "
+                         f"({', '.join(p.name for p in held)}); pass --resume to continue it"
+                         f"{' with more --steps' if finished else ''} or --overwrite to replace it")
+    import shutil
+
+    for p in held:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _resume_hint(args) -> str:
+    import shlex
+
+    argv = [a for a in (getattr(args, "argv", None) or []) if a not in ("--resume", "--overwrite")]
+    return shlex.join(["fastsae", *argv, "--resume"]) if argv else "the same command with --resume"
+
+
 def cmd_train(args) -> int:
     from .data import ShardSource, synthetic
     from .metrics import evaluate
 
+    _check_train_args(args)
+    _prepare_out(args, Path(args.out))
     torch.manual_seed(args.seed)
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     synth = None
@@ -838,9 +913,14 @@ def cmd_train(args) -> int:
     print(f"training {type(sae).__name__}(d_in={d_in}, d_sae={width}"
           + (f", k={sae.k}" if hasattr(sae, "k") else f", λ={getattr(sae, 'sparsity_coefficient', None)}")
           + f") for {args.steps} steps of {args.batch_size} on {device}, writing {out}/")
-    result = train(sae, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                   device=device, progress=not args.no_progress, log_every=args.log_every, checkpoint_dir=out,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, latent_parallel=args.latent_parallel)
+    try:
+        result = train(sae, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       device=device, progress=not args.no_progress, log_every=args.log_every, checkpoint_dir=out,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume,
+                       latent_parallel=args.latent_parallel)
+    except TrainingInterrupted as e:
+        raise KeyboardInterrupt(f"stopped after step {e.step}; checkpoint written to {e.checkpoint}. "
+                                f"Resume with: {_resume_hint(args)}") from None
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return 0  # under torchrun: rank 0 saves, evaluates and reports
     sae.save(out / "sae")
@@ -848,7 +928,8 @@ def cmd_train(args) -> int:
     rows = [
         ("steps", f"{result.steps}"),
         ("tokens", f"{result.tokens:,}"),
-        ("time", f"{result.seconds:.1f} s ({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s)"),
+        ("time", f"{result.seconds:.1f} s ({result.run_tokens / max(result.seconds, 1e-9):,.0f} tokens/s"
+                 + (", this run" if result.run_tokens != result.tokens else "") + ")"),
         ("train loss (last log)", f"{result.final.get('loss', float('nan')):.4g}"),
         ("train FVU (last log)", f"{result.final.get('fvu', float('nan')):.4f}"),
         ("held-out FVU", f"{ev['fvu']:.4f}"),
