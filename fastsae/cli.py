@@ -94,23 +94,28 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = lambda message, *rest, **kw: f"fastsae: warning: {message}\n"
     args.argv = argv  # e.g. for "resume with: ..." hints
+    debug = getattr(args, "debug", False)
+    plain = warnings.formatwarning
+    if not debug:  # a warning is one line too
+        warnings.formatwarning = lambda message, *rest, **kw: f"fastsae: warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         print(f"fastsae: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001  (every error, one line)
-        if getattr(args, "debug", False):
+        if debug:
             raise
         known = isinstance(e, (ValueError, TypeError, OSError, FloatingPointError, LookupError))
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"fastsae: error: {message if known else f'{type(e).__name__}: {message}'}"
               + ("" if known else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":
