@@ -349,8 +349,8 @@ class FiniteCheck:
         if key == self._never:
             return
         step = self.first_step + key // len(self.labels)
-        saved = (f"the checkpoint on disk is the last good state (step {last_checkpoint})"
-                 if last_checkpoint is not None else "no checkpoint holds it")
+        saved = (f"the checkpoint on disk, written after {last_checkpoint} steps, is intact"
+                 if last_checkpoint is not None else "no checkpoint was written")
         err = FloatingPointError(f"training stopped at step {step}: {self.labels[key % len(self.labels)]}; "
                                  f"nothing from this step on was saved ({saved})")
         raise err from cause

@@ -183,7 +183,7 @@ def test_nan_input_is_reported_not_trained_on(tmp_path):
     bad = torch.randn(32, 8)
     bad[3, 2] = float("nan")
     sae = fastsae.JumpReLUSAE(8, 16)
-    with pytest.raises(FloatingPointError, match="step 5: the input batch contains NaN.*step 4"):
+    with pytest.raises(FloatingPointError, match="step 5: the input batch contains NaN.*after 4 steps"):
         train(sae, good + [bad] + good, steps=10, batch_size=32, checkpoint_dir=tmp_path, checkpoint_every=2,
               input_scale=0.5, init_b_dec=False, progress=False)
     ck = load_checkpoint(tmp_path / CHECKPOINT)  # the check is read before every checkpoint: step 6 never saved
