@@ -622,12 +622,11 @@ def test_cli_errors_are_one_line_and_checked_before_any_data(tmp_path, capsys):
         rc, err = _main(["train", "--out", out, *args], capsys)  # 1e9 samples would take minutes: none are made
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("fastsae: error: ") and says in lines[0], (args, err)
-    bad = tmp_path / "bad_sae"
+    bad = tmp_path / "bad_shards"
     bad.mkdir()
-    (bad / "config.json").write_text("{")
-    (bad / "sae.safetensors").write_bytes(b"")
-    rc, err = _main(["eval", "--sae", str(bad), "--model", "x", "--hook", "h", "--text", "t"], capsys)
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "fastsae: error:" in err, err
+    (bad / "a.safetensors").write_bytes(struct.pack("<Q", 10) + b'{"a": 1}  ')
+    rc, err = _main(["train", "--out", out, "--data", str(bad)], capsys)  # an error from deep inside: one line
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "fastsae: error:" in err and "a.safetensors" in err
     # a real process: no traceback, unless --debug
     r = _cli("train", "--out", out, "--steps", "-1")
     assert r.returncode == 2 and r.stderr.strip() == "fastsae: error: --steps must be a positive integer, got -1"
