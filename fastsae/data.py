@@ -8,9 +8,11 @@ replaying the rows before (tensors and shard folders; re-iterable iterables are 
 - ``[N, d_in]`` tensor or array: a fresh random permutation of the rows every epoch.
 - A folder of ``*.npy`` / ``*.safetensors`` shards (each one 2-D ``[n_tokens, d_in]`` array, read in name
   order, or in the order of an optional ``manifest.json``'s ``shards: [{file}, ...]``, which is never
-  required and whose ``d_in`` is checked): files are memory-mapped and read
-  lazily in contiguous blocks; every epoch the blocks are shuffled, then the rows within a buffer of
-  blocks, so a dataset larger than RAM trains with bounded memory.
+  required and whose ``d_in`` is checked; its entries may not point outside the folder): headers are
+  validated when a shard is opened and files are read lazily in contiguous blocks with ordinary reads (no
+  memory map: a shard truncated or rewritten during training raises ValueError naming it, never SIGBUS);
+  every epoch the blocks are shuffled, then the rows within a buffer of blocks, so a dataset larger than RAM
+  trains with bounded memory.
 - Any iterable of ``[..., d_in]`` batches (tensors or arrays): used in its own order, re-batched.
 - :func:`synthetic`: sparse non-negative mixtures of known unit directions, with the true dictionary.
 """

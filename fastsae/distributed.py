@@ -594,11 +594,12 @@ def _pad(t: Tensor, width: int, value) -> Tensor:
     return F.pad(t, (0, width - t.shape[-1]), value=value)
 
 
-def _build(config: dict, d_sae: int, *, backend: str = "auto", device=None, where="the SAE config"):
-    """An SAE module from a saved config with ``d_sae`` replaced (``k`` clipped to it); every field checked."""
+def _build(config: dict, d_sae: int, *, backend: str = "auto", device=None, where="the SAE config", weights=None):
+    """An SAE module from a saved config with ``d_sae`` replaced (``k`` clipped to it); every field checked, and
+    ``weights`` (name -> shape) matched before anything is allocated."""
     from .io import sae_from_config
 
-    return sae_from_config(config, where, backend=backend, d_sae=d_sae, device=device)
+    return sae_from_config(config, where, backend=backend, d_sae=d_sae, device=device, weights=weights)
 
 
 def _split_dims(full_shapes: dict[str, torch.Size], local_shapes: dict[str, torch.Size]) -> dict[str, Optional[int]]:
@@ -1015,7 +1016,8 @@ def load_sharded(path, *, device=None, backend: str = "auto"):
     manifest = read_manifest(path)
     cfg = manifest["config"]
     state = _full_state(path, manifest)
-    sae = _build(cfg, cfg.get("d_sae"), backend=backend, where=path / MANIFEST)
+    sae = _build(cfg, cfg.get("d_sae"), backend=backend, where=path / MANIFEST,
+                 weights={k: v.shape for k, v in state.items()})
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:
@@ -1037,14 +1039,17 @@ def load_shard(path, g: Optional[Grid] = None, *, backend: str = "auto", device=
     if n == g.latent_size:
         state = read_safetensors(path / manifest["shards"][g.latent_rank]["file"])[0]
         start, stop = shard_range(cfg["d_sae"], g.latent_rank, g.latent_size)
-        local = _build(cfg, stop - start, backend=backend, device=device)
+        local = _build(cfg, stop - start, backend=backend, device=device, where=path / MANIFEST,
+                       weights={k: v.shape for k, v in state.items()})
         try:
             local.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"{path}: shard {g.latent_rank} does not match the manifest's config: {e}") from e
         return ShardedSAE(local, cfg, g, manifest["split"])
-    full = _build(cfg, cfg["d_sae"], backend=backend, device=device)
-    full.load_state_dict(_full_state(path, manifest))
+    state = _full_state(path, manifest)
+    full = _build(cfg, cfg["d_sae"], backend=backend, device=device, where=path / MANIFEST,
+                  weights={k: v.shape for k, v in state.items()})
+    full.load_state_dict(state)
     return ShardedSAE.from_full(full, g)
 
 

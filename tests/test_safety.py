@@ -460,13 +460,22 @@ def test_an_absurd_d_sae_is_refused_before_anything_is_allocated(tmp_path):
     d = _sae_files(tmp_path / "sae")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(dict(cfg, d_sae=10**11)))  # 2.4 TB of weights
+    sharded = tmp_path / "sharded"
+    _write_sharded(sharded)
+    m = json.loads((sharded / "shards.json").read_text())
+    m["config"]["d_sae"] = 10**11
+    (sharded / "shards.json").write_text(json.dumps(m))
     out = _parse(_child(_CASES + f'''
 import resource, fastsae
+from fastsae.distributed import load_shard
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # an allocation attempt would fail, not swap
-case("absurd", lambda: fastsae.load({str(d)!r}))
+case("config.json", lambda: fastsae.load({str(d)!r}))
+case("shards.json", lambda: fastsae.load({str(sharded)!r}))
+case("shards.json resume", lambda: load_shard({str(sharded)!r}))
 '''))
-    kind, msg = out["absurd"]
-    assert kind == "ValueError" and "config.json" in msg and "d_sae=100000000000" in msg, (kind, msg)
+    for name in ("config.json", "shards.json", "shards.json resume"):
+        kind, msg = out[name]
+        assert kind == "ValueError" and name.split()[0] in msg and "d_sae=100000000000" in msg, (kind, msg)
 
 
 @pytest.mark.filterwarnings("ignore:resuming .* with steps")
