@@ -323,10 +323,11 @@ class FiniteCheck:
         self._limits = None
         with torch.no_grad():
             norms = _norms(self.params + self.buffers)
-            finite = torch.stack(norms).isfinite().tolist() if norms else []
-        if not all(finite):
-            raise FloatingPointError(f"training cannot start at step {first_step}: {state[finite.index(False)]} "
-                                     "of the SAE holds NaN or inf values")
+            finite = torch.stack(norms).isfinite() if norms else torch.ones(0, dtype=torch.bool, device=device)
+            everywhere = bool(_agree(finite.all().to(torch.int64)))
+        if not everywhere:
+            bad = [what for what, ok in zip(state, finite.tolist()) if not ok] + ["the SAE's state on another rank"]
+            raise FloatingPointError(f"training cannot start at step {first_step}: {bad[0]} holds NaN or inf values")
 
     @torch.no_grad()
     def record(self, x: Tensor, loss: Tensor) -> None:
@@ -345,6 +346,10 @@ class FiniteCheck:
         self._base += len(self.labels)
 
     def raise_if_bad(self, last_checkpoint: Optional[int] = None, cause: Optional[BaseException] = None) -> None:
+        """Raise if a recorded step was bad. Collective under torch.distributed (every rank stops together), except
+        when ``cause`` is given: an exception on this rank alone must not wait for the others."""
+        if cause is None:
+            _agree(self.first_bad)
         key = int(self.first_bad)  # the only device->host read
         if key == self._never:
             return
@@ -354,6 +359,13 @@ class FiniteCheck:
         err = FloatingPointError(f"training stopped at step {step}: {self.labels[key % len(self.labels)]}; "
                                  f"nothing from this step on was saved ({saved})")
         raise err from cause
+
+
+def _agree(t: Tensor) -> Tensor:
+    """``t`` replaced by its minimum over all ranks when torch.distributed runs (one verdict for all), in place."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:

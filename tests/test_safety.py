@@ -292,6 +292,59 @@ def test_the_per_step_check_never_reads_back_to_the_host(monkeypatch):
         train_step(sae, torch.optim.Adam(sae.parameters()), x, step=4, dead_mask=None, sparsity_coefficient=None)
 
 
+def test_ranks_agree_on_non_finite_state(tmp_path):
+    """Under torch.distributed every rank stops at the same read, also when only one rank's state is bad."""
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    code = textwrap.dedent(f'''
+        import sys, torch, torch.distributed as dist, fastsae
+        from fastsae.train import FiniteCheck
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        torch.manual_seed(0)
+        sae = fastsae.TopKSAE(8, 16, 2)
+        if rank == 1:
+            with torch.no_grad():
+                sae.W_dec[2] = float("nan")
+        try:
+            FiniteCheck(sae, 7)
+        except FloatingPointError as e:
+            print("init:", e)
+        sae = fastsae.TopKSAE(8, 16, 2)
+        check = FiniteCheck(sae, 0)
+        x = torch.randn(16, 8)
+        if rank == 1:
+            x[3, 3] = float("inf")
+        out = sae.training_forward(x)
+        out.loss.backward()
+        check.record(x, out.loss)
+        try:
+            check.raise_if_bad()
+        except FloatingPointError as e:
+            print("step:", e)
+        dist.destroy_process_group()
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for r in (0, 1)]
+    outs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+        outs.append(out)
+    assert "init: training cannot start at step 7: the SAE's state on another rank" in outs[0], outs[0]
+    assert "init: training cannot start at step 7: parameter W_dec" in outs[1], outs[1]
+    for out in outs:
+        assert "step: training stopped at step 0: the input batch contains NaN or inf" in out, out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Data
 # ---------------------------------------------------------------------------------------------------------------
