@@ -4,7 +4,8 @@ One step is: next batch -> ``sae.training_forward`` -> ``loss.backward()`` -> Ad
 ``sae.apply_constraints()`` -> ``sae.observe``. Around it: a dataset-wide input scale (folded into the
 weights at the end), ``b_dec`` initialised from the data, learning-rate warm-up and decay, a linear
 sparsity-coefficient warm-up, dead-latent tracking for AuxK, metrics as JSON lines, a progress bar,
-and atomic checkpoints that a resumed run continues from exactly.
+atomic checkpoints (safetensors + JSON, no pickle) that a resumed run continues from exactly, and a sync-free
+per-step check that stops training on non-finite state (:class:`FiniteCheck`).
 
 The pieces are small functions on purpose (data iteration, the gradient step, metric reduction,
 checkpoint I/O), so a distributed trainer can wrap them: all-reduce the gradients after
@@ -465,14 +466,23 @@ def train(
         log_every: steps between metric records (default ``min(100, max(1, steps // 50))``); each record has
             step, tokens, loss, mse, fvu, l0, sparsity, aux, dead (fraction), lr, sparsity_coefficient, tokens_per_s.
         metrics_path: JSON-lines file for the records (default ``checkpoint_dir/metrics.jsonl``).
-        checkpoint_dir: write ``checkpoint.pt`` there every ``checkpoint_every`` steps (default ``steps // 10``)
-            and at the end, atomically, with optimizer, step, RNG and data position.
-        resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists (else start fresh).
+        checkpoint_dir: write ``checkpoint.safetensors`` there every ``checkpoint_every`` steps (default
+            ``steps // 10``), at the end and on Ctrl-C, atomically: every parameter and buffer (persistent or
+            not), optimizer, step, RNG and data position (tensors as safetensors, the rest as JSON; no pickle).
+        resume: continue exactly from ``checkpoint_dir/checkpoint.safetensors`` when it exists (else start
+            fresh); a checkpoint of another architecture, shape or dtype is refused, an old ``checkpoint.pt``
+            too (never unpickled).
         callback: called with each metrics record (after that step's checkpoint, if any).
         latent_parallel: under torchrun, ranks that split the SAE's latents (default: env
             ``FASTSAE_LATENT_PARALLEL`` or 1); the rest is data parallel (``fastsae/distributed.py``).
     Raises:
-        FloatingPointError: a NaN/inf loss (e.g. NaN input), naming the step; nothing is updated for that step.
+        FloatingPointError: the input, the loss, a gradient (or its square), a parameter or a buffer became
+            non-finite; names the first bad step and the tensor (:class:`FiniteCheck`). It is raised at the next
+            logging interval or checkpoint at the latest, and no checkpoint ever holds state from that step on
+            (the module passed in does: it was trained in place).
+        TrainingInterrupted: Ctrl-C (with ``checkpoint_dir``, in one process): after the step in flight and a
+            checkpoint.
+        ValueError: no data (not one batch), or a checkpoint that does not fit.
     Returns:
         :class:`TrainResult` with the trained ``sae`` (modified in place), the metric records and the scale.
     """
