@@ -5,6 +5,7 @@ so a compiled or Triton kernel never sees a bad shape or an out-of-range index.
 """
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
 from typing import Union
 
 import torch
@@ -106,11 +107,9 @@ def module_device(module, **inputs) -> None:
     same_device(**inputs, **tensors)
 
 
-def file_in_folder(folder, name, where) -> "Path":
+def file_in_folder(folder, name, where) -> Path:
     """``folder / name`` for a file name read from a manifest (``where``): a relative path that stays inside
     ``folder``, also after resolving symbolic links. Anything else raises ValueError naming ``where``."""
-    from pathlib import Path, PurePosixPath
-
     folder = Path(folder)
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
         raise ValueError(f"{where}: file entries must be non-empty relative paths, got {name!r}")
