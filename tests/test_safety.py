@@ -211,7 +211,6 @@ def test_a_meta_device_in_a_config_or_load_is_refused(tmp_path):
         fastsae.load(d, device="meta")
 
 
-@pytest.mark.xfail(strict=True, reason="module methods need the device check of /work/notes/patch-13-sae.diff")
 def test_module_methods_refuse_mixed_devices():
     out = _parse(_child(_CASES + f'''
 import torch, fastsae
