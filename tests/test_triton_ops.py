@@ -96,9 +96,10 @@ def test_topk_repair_path_is_exercised_and_exact():
     B, N, k = 6, 64, 8
     x = torch.randn(B, N, device=DEV)
     x[:, :k] += 10.0  # all top-k of every row in the first tile, more than kp of them
-    cv, ci, drop = topk.topk_candidates(x, k)
-    _, _, unsafe = topk.merge_candidates(cv, ci, drop, k)
-    assert bool(unsafe.all())
+    c = topk.Candidates(B, N, k, x.dtype, DEV)
+    topk.dense_candidates(c, x)
+    first, _ = torch.topk(c.keys, k)
+    assert bool((c.drop > first[:, -1:]).any(-1).all())  # every row has a flagged tile
     v, i = topk.topk(x, k)
     rv, ri = torch.topk(x, k)
     assert torch.equal(v, rv) and torch.equal(i, ri)
@@ -160,50 +161,90 @@ def test_sddmm_segment_reduce_gather_sum():
     torch.testing.assert_close(got, torch.einsum("bk,bkd->bd", wv, Wt.t()[idx.long()]))
 
 
+@pytest.fixture
+def small_slabs(monkeypatch):
+    """cuBLAS-slab encoder with slabs one interpreter tile wide (16 columns): every test crosses several."""
+    from fastsae.ops import encode
+
+    monkeypatch.setattr(encode, "SLAB_BYTES", 1)
+
+
+@pytest.mark.parametrize("provider", ["fused", "slab"])
 @pytest.mark.parametrize("B,d_in,d_sae", [(11, 13, 37), (33, 40, 70), (1, 3, 5)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_encode_jumprelu_lists_match_dense(B, d_in, d_sae, dtype):
-    *_, encode, _ = ops()
+def test_encode_jumprelu_lists_match_dense(B, d_in, d_sae, dtype, provider, small_slabs):
+    *_, encode, common = ops()
     x = torch.randn(B, d_in, dtype=dtype, device=DEV)
     W = torch.randn(d_in, d_sae, dtype=dtype, device=DEV) / d_in ** 0.5
     b = 0.1 * torch.randn(d_sae, dtype=dtype, device=DEV)
     theta = (0.3 * torch.rand(d_sae, device=DEV)).to(dtype)
     eps = (0.1 + 0.3 * torch.rand(d_sae, device=DEV)).to(dtype)
     encode._capacity_hint[(B, d_sae)] = 1  # force the overflow + exact retry path
-    idx, pre, counts = encode.encode_jumprelu(x, W, b, theta, eps)
+    idx, pre, counts = encode.encode_jumprelu(x, W, b, theta, eps, provider)
     dense = x @ W + b
     u = (dense - theta) / eps
     keep = (dense > theta) | ((u > -0.5) & (u < 0.5))
     assert torch.equal(counts.long(), keep.sum(-1))
-    assert idx.shape[1] == int(keep.sum(-1).max())
+    # the width is the bucket of the longest list (tuning keys stay put while L0 drifts)
+    assert idx.shape[1] == min(d_sae, common.bucket(int(keep.sum(-1).max())))
     for r in range(B):
         n = int(counts[r])
         cols = idx[r, :n].long()
         assert sorted(cols.tolist()) == keep[r].nonzero().squeeze(1).tolist()
         torch.testing.assert_close(pre[r, :n], dense[r, cols], **TOL[dtype])
+        assert not idx[r, n:].any() and not pre[r, n:].any()  # padding: latent 0, value 0
     assert encode._capacity_hint[(B, d_sae)] >= idx.shape[1]
 
 
+@pytest.mark.parametrize("provider", ["fused", "slab"])
 @pytest.mark.parametrize("B,d_in,d_sae,k", [(11, 13, 37, 5), (33, 40, 70, 17), (4, 7, 9, 9)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_encode_topk_matches_dense(B, d_in, d_sae, k, dtype):
+def test_encode_topk_matches_dense(B, d_in, d_sae, k, dtype, provider, small_slabs):
     *_, encode, _ = ops()
     x = torch.randn(B, d_in, dtype=dtype, device=DEV)
     W = torch.randn(d_in, d_sae, dtype=dtype, device=DEV)
     b = torch.randn(d_sae, dtype=dtype, device=DEV)
-    v, i = encode.encode_topk(x, W, b, k)
+    v, i = encode.encode_topk(x, W, b, k, provider)
     rv, ri = torch.topk(torch.relu(x @ W + b), k)
     torch.testing.assert_close(v, rv, **TOL[dtype])
     pos = rv > 0  # zero-valued picks are ties at 0: any index is right
     assert torch.equal(i[pos], ri[pos])
-    vals, idx, counts = encode.encode_batchtopk(x, W, b, k)
+    vals, idx, rows, row_ptr = encode.encode_batchtopk(x, W, b, k, provider)
     dense = torch.relu(x @ W + b)
     kept_v, kept_i = torch.topk(dense.reshape(-1), B * k)
     want = torch.zeros_like(dense).reshape(-1).scatter(0, kept_i, kept_v).reshape(dense.shape)
-    valid = torch.arange(vals.shape[1], device=DEV).unsqueeze(0) < counts.unsqueeze(1)
-    assert int(counts.sum()) == B * k
-    got = torch.zeros_like(dense).scatter_add(1, idx.long(), torch.where(valid, vals, torch.zeros_like(vals)))
+    assert vals.shape == (B * k,) and row_ptr.shape == (B + 1,)
+    assert torch.equal(rows.long(), torch.searchsorted(row_ptr, torch.arange(B * k), right=True) - 1)
+    pair = rows.long() * d_sae + idx.long()
+    assert pair.unique().numel() == B * k  # distinct (row, latent) entries
+    got = torch.zeros_like(dense).reshape(-1).scatter(0, pair, vals).reshape(dense.shape)
     torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("provider", ["fused", "slab"])
+@pytest.mark.parametrize("batch", [False, True])
+def test_encoder_repair_concentrated_winners(provider, batch, small_slabs):
+    """Every row's winners in one tile: the first merge flags that tile, the recomputed tile makes it exact."""
+    *_, encode, _ = ops()
+    B, d_in, N, k = 6, 9, 70, 8
+    x = torch.randn(B, d_in, dtype=torch.float64, device=DEV)
+    W = torch.randn(d_in, N, dtype=torch.float64, device=DEV)
+    b = torch.randn(N, dtype=torch.float64, device=DEV)
+    b[16:16 + k] += 50.0  # latents 16..23: one interpreter tile, more than kp of each row's top k
+    c = encode.topk_candidates(x, W, b, k, provider)
+    first, _ = torch.topk(c.keys, k)
+    assert bool((c.drop > first[:, -1:]).any(-1).all())
+    dense = torch.relu(x @ W + b)
+    if batch:
+        vals, idx, rows, _ = encode.encode_batchtopk(x, W, b, k, provider)
+        got = torch.zeros_like(dense).reshape(-1).scatter(0, rows.long() * N + idx.long(), vals).reshape(B, N)
+        kv, ki = torch.topk(dense.reshape(-1), B * k)
+        torch.testing.assert_close(got, torch.zeros_like(dense).reshape(-1).scatter(0, ki, kv).reshape(B, N))
+    else:
+        v, i = encode.encode_topk(x, W, b, k, provider)
+        rv, ri = torch.topk(dense, k)
+        torch.testing.assert_close(v, rv)
+        assert torch.equal(i, ri)
 
 
 @pytest.mark.parametrize("apply_b_dec", [False, True])
