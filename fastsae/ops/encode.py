@@ -45,7 +45,7 @@ from torch.library import custom_op
 from .decode import _check_lists, gather_sum, segment_reduce
 from .topk import (Candidates, dense_candidates, order_key, absent_key, recompute_gemm, relu_keep_nan,
                    select_batch, select_rows, tile_topk_store)
-from .triton_common import (INTERPRET, NS, TritonKernel, bucket, cfg, flat_grid, kernel_op, keys_to_values,
+from .triton_common import (NS, TritonKernel, bucket, cfg, flat_grid, gpu_geometry, kernel_op, keys_to_values,
                             matmul_fp32_precision)
 
 
@@ -148,7 +148,7 @@ _ENC_CONFIGS = [
 
 _encode_jumprelu = TritonKernel(
     _encode_jumprelu_kernel, _ENC_CONFIGS, key=["M", "N", "Kd"], bucketed=["M"],
-    interp=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2), reset_to_zero=["cnt_ptr"],
+    interp=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2), reset_to_zero=["cnt_ptr"], wide="ACC64",
 )
 
 
@@ -199,7 +199,7 @@ _encode_topk = TritonKernel(
      cfg(BLOCK_M=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
      cfg(BLOCK_M=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
      cfg(BLOCK_M=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)],  # fits float64
-    key=["M", "N", "Kd", "KP"], bucketed=["M"], interp=dict(BLOCK_M=16, BLOCK_K=16, GROUP_M=2),
+    key=["M", "N", "Kd", "KP"], bucketed=["M"], interp=dict(BLOCK_M=16, BLOCK_K=16, GROUP_M=2), wide="ACC64",
 )
 
 
@@ -281,7 +281,8 @@ def _precision(x: Tensor) -> str:
     """``tl.dot`` input precision. It only matters for float32 operands: match what eager's matmul does
     on this device (TF32 only where torch allows it). bf16/fp16 keep Triton's default."""
     if x.dtype == torch.float32:
-        return "tf32" if (x.is_cuda and matmul_fp32_precision() == "tf32") else "ieee"
+        on_gpu = x.is_cuda or (x.device.type == "meta" and gpu_geometry())  # meta: what a GPU launch would get
+        return "tf32" if (on_gpu and matmul_fp32_precision() == "tf32") else "ieee"
     return "ieee" if x.dtype == torch.float64 else "tf32"
 
 
@@ -312,7 +313,7 @@ def jumprelu_lists(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor
         return idx, pre, counts
     wide64 = torch.float64 in (x_in.dtype, threshold.dtype)
     if provider == "slab":
-        for col0, slab in _slabs(x_in, W_enc, b_enc, 128 if not INTERPRET else 16):
+        for col0, slab in _slabs(x_in, W_enc, b_enc, 128 if gpu_geometry() else 16):
             n = slab.shape[1]
             _compact_jumprelu(
                 flat_grid(lambda m: triton.cdiv(B, m["BLOCK_M"]), lambda m, n=n: triton.cdiv(n, m["BLOCK_N"])),
@@ -340,7 +341,7 @@ def encode_jumprelu(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tenso
     """JumpReLU encoder: the active ∪ window entries of ``pre = x_in @ W_enc + b_enc``, per row.
 
     Returns ``(indices [B, K] int32, pre [B, K], counts [B] int32)``: row ``b``'s entries are its first
-    ``counts[b]`` slots, in no particular order, the rest padding (latent 0, value 0); ``K`` is the
+    ``counts[b]`` slots, by latent, the rest padding (latent 0, value 0); ``K`` is the
     :func:`bucket` of the longest row (a dynamic size, padded so that tuning keys do not drift). Not
     differentiable: pass ``pre`` through :func:`sampled_encoder` for gradients.
     """
@@ -361,8 +362,11 @@ def encode_jumprelu(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tenso
         torch._assert_async(counts.max() <= cap, "encode_jumprelu: the capacity retry overflowed")
     _capacity_hint[key] = min(N, bucket(need + need // 4 + 16))
     width = min(cap, bucket(need))
-    if width < cap:
-        idx, pre = idx[:, :width].contiguous(), pre[:, :width].contiguous()
+    # The atomics place a row's entries in whatever order its tiles finished: sort each row by latent
+    # (padding last) so the lists, and every sum over them, are the same bit for bit on every run.
+    order = torch.sort(torch.where(torch.arange(cap, device=idx.device) < counts[:, None], idx,
+                                   torch.full_like(idx, N)), dim=1, stable=True).indices[:, :width]
+    idx, pre = idx.gather(1, order), pre.gather(1, order)
     return idx, pre, counts
 
 
@@ -422,7 +426,7 @@ def encode_batchtopk(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     c = topk_candidates(x_in, W_enc, b_enc, k, provider)
     keys, rows, cols = select_batch(c, n_keep, recompute_gemm(x_in, W_enc, b_enc, c))
     vals = keys_to_values(keys, x_in.dtype)
-    order = torch.argsort(rows, stable=True)
+    order = torch.argsort(rows * N + cols)  # by row, then latent: one order on every run (keys are unique)
     rows, cols, vals = rows[order], cols[order], vals[order]
     row_ptr = torch.searchsorted(rows, torch.arange(B + 1, device=rows.device, dtype=rows.dtype))
     return vals, cols.to(torch.int32), rows.to(torch.int32), row_ptr

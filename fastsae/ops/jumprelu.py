@@ -118,10 +118,7 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
     return _forward(pre, threshold, step=True)
 
 
-@kernel_op("jumprelu_backward")
-def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor,
-                      is_step: bool) -> tuple[Tensor, Tensor]:
-    """``(grad_pre, grad_threshold [d_sae])`` of :func:`jumprelu` (or :func:`step` with ``is_step``)."""
+def _backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor, is_step: bool) -> tuple[Tensor, Tensor]:
     g, p = _as_rows(grad), _as_rows(pre)
     R, N = p.shape
     grad_pre = torch.zeros_like(p) if is_step else torch.empty_like(p)
@@ -132,6 +129,13 @@ def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: T
                   g, p, threshold.contiguous(), bandwidth.contiguous(), grad_pre, grad_thr, R, N,
                   STEP=is_step, NEED_PRE=not is_step, WIDE64=_wide64(pre, threshold))
     return grad_pre.reshape(pre.shape), grad_thr
+
+
+@kernel_op("jumprelu_backward")
+def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor,
+                      is_step: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_pre, grad_threshold [d_sae])`` of :func:`jumprelu` (or :func:`step` with ``is_step``)."""
+    return _backward(grad, pre, threshold, bandwidth, is_step)
 
 
 def _setup(ctx, inputs, output):

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import custom_op
 
-from .triton_common import ABSENT32, ABSENT64, INTERPRET, NS, TritonKernel, cfg, flat_grid, key_dtype, keys_to_values
+from .triton_common import ABSENT32, ABSENT64, NS, TritonKernel, cfg, flat_grid, gpu_geometry, key_dtype, keys_to_values
 
 #: Candidates kept per (row, tile) and the tile width on GPUs / in the interpreter.
 KP_GPU, BLOCK_N_GPU = 8, 128
@@ -184,7 +184,7 @@ def tile_shape(N: int, k: int) -> tuple[int, int, int]:
     ``kp`` grows until the tiles offer at least ``k`` real candidates per row (the last tile may be
     narrow); ``kp == BLOCK_N`` keeps every entry (then nothing is dropped and the merge is exact).
     """
-    block_n, kp = (BLOCK_N_INTERP, KP_INTERP) if INTERPRET else (BLOCK_N_GPU, KP_GPU)
+    block_n, kp = (BLOCK_N_GPU, KP_GPU) if gpu_geometry() else (BLOCK_N_INTERP, KP_INTERP)
     n_tiles = triton.cdiv(N, block_n)
     last = N - (n_tiles - 1) * block_n
     kp = min(kp, block_n)

@@ -165,22 +165,30 @@ def check_index_range(idx: Tensor, size: int, op: str, arg: str) -> None:
 
 #: While set (``capture_launches``), launches are recorded instead of run.
 _capture: Optional[list] = None
+_as_gpu = False
+
+
+def gpu_geometry() -> bool:
+    """Block shapes and configs are the GPU's (not the interpreter's small ones): on a GPU, and while
+    ``capture_launches(as_gpu=True)`` records what a GPU would launch."""
+    return (not INTERPRET) or _as_gpu
 
 
 @contextlib.contextmanager
-def capture_launches():
+def capture_launches(as_gpu: bool = False):
     """Record every kernel launch as ``Launch`` (kernel, grid, args, kwargs) and run none of them.
 
     What the compile report and the grid-limit tests use: the launchers allocate and launch exactly
     as in training, so the recorded argument lists are the real ones (any dtype, any size: tensors on
-    the ``meta`` device cost nothing).
+    the ``meta`` device cost nothing). ``as_gpu``: record the GPU's geometry even under the interpreter.
     """
-    global _capture
+    global _capture, _as_gpu
     prev, _capture = _capture, []
+    prev_gpu, _as_gpu = _as_gpu, as_gpu or _as_gpu
     try:
         yield _capture
     finally:
-        _capture = prev
+        _capture, _as_gpu = prev, prev_gpu
 
 
 class Launch:
@@ -205,13 +213,15 @@ class TritonKernel:
     the first config (the last one for float64 data, so every list ends with a config small enough for
     float64 tiles); under the interpreter it runs ``interp`` — small blocks, so that tests at odd sizes
     cross several blocks and every mask. Launching goes through ``torch.library.wrap_triton`` so
-    ``torch.compile`` sees the kernel itself.
+    ``torch.compile`` sees the kernel itself. Kernels with a ``tl.dot`` name ``wide="ACC64"``: float64
+    launches then tune over the last config only (float64 tiles of the others pass the 227 KB of
+    shared memory of an H100, see ``benchmarks/results/compile``).
     """
 
     #: every kernel made here, by name (the compile report and the tests walk them)
     registry: dict[str, "TritonKernel"] = {}
 
-    def __init__(self, fn, configs, key, interp, bucketed=(), reset_to_zero=None):
+    def __init__(self, fn, configs, key, interp, bucketed=(), reset_to_zero=None, wide=None):
         self.fn = fn
         self.name = fn.__name__
         self.configs = configs
@@ -219,11 +229,24 @@ class TritonKernel:
         self.bucketed = set(bucketed)
         assert self.bucketed <= set(self.key), "bucketed sizes must be key arguments"
         self.interp = interp
-        self.tuned = triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(fn) if AUTOTUNE else None
+        self.wide = wide
+        prune = {"early_config_prune": self._prune} if wide else None
+        self.tuned = (triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune)(fn)
+                      if AUTOTUNE else None)
         self._best: dict[tuple, triton.Config] = {}  # bucketed tuning key -> the config tuned for it
         self.seen_keys: set[tuple] = set()  # every tuning key launched with (tests count them)
         self.seen_raw: set[tuple] = set()  # the same without bucketing
+        self._forced: Optional[triton.Config] = None
         TritonKernel.registry[self.name] = self
+
+    @contextlib.contextmanager
+    def forced(self, config: Optional[triton.Config]):
+        """Launch with ``config`` (no autotuning) while inside: how the GPU probe checks every config."""
+        prev, self._forced = self._forced, config
+        try:
+            yield
+        finally:
+            self._forced = prev
 
     # -- keys and configs ---------------------------------------------------------------------
     def tuning_key(self, named: dict, bucketed: bool = True) -> tuple:
@@ -231,11 +254,20 @@ class TritonKernel:
         dtypes = tuple(str(v.dtype) for v in named.values() if isinstance(v, Tensor))
         return vals + dtypes
 
+    def _prune(self, configs, named_args, **kwargs):
+        return configs[-1:] if (kwargs.get(self.wide) or named_args.get(self.wide)) else configs
+
+    def candidate_configs(self, kwargs: dict) -> list:
+        """The configs a launch with these constexprs can run with on a GPU (all, or float64's last)."""
+        return self._prune(self.configs, {}, **kwargs) if self.wide else list(self.configs)
+
     def metas(self, kwargs: dict) -> list[dict]:
         """Block sizes (and warps/stages) of every config this launch can run with here."""
-        if INTERPRET:
+        if not gpu_geometry():
             return [dict(self.interp)]
-        cfgs = self.configs if AUTOTUNE else [self.configs[-1] if kwargs.get("ACC64") else self.configs[0]]
+        cfgs = self.candidate_configs(kwargs)
+        if not AUTOTUNE and not _as_gpu:
+            cfgs = cfgs[:1]
         return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
 
     @staticmethod
@@ -263,7 +295,11 @@ class TritonKernel:
         tkey = self.tuning_key(named)
         self.seen_keys.add(tkey)
         self.seen_raw.add(self.tuning_key(named, bucketed=False))
-        if self.tuned is not None:
+        if self._forced is not None:
+            c = self._forced
+            meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            self._check_grid(grid, [meta])
+        elif self.tuned is not None:
             best = self._best.get(tkey)
             if best is None:
                 self._check_grid(grid, self.metas(kwargs))
@@ -273,7 +309,7 @@ class TritonKernel:
                 return
             meta = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
         else:
-            meta = self.metas(kwargs)[0]
+            meta = self.metas(kwargs)[0]  # untuned: the first config (float64: the last)
             self._check_grid(grid, [meta])
         wrap_triton(self.fn)[grid](*args, **kwargs, **meta)
 
