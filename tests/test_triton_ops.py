@@ -269,3 +269,147 @@ def test_sampled_encoder_gradients(apply_b_dec, dtype):
     inputs = [x, W, b] + ([bd] if apply_b_dec else [])
     for a, e in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
         torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------
+# NaN / ±inf / short rows, on every backend (the same answers as torch.topk and the reference)
+# ------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def special_rows(dtype):
+    """Rows with NaN, ±inf, fewer than k finite values, all -inf, ties, and ordinary values (width 37)."""
+    torch.manual_seed(5)
+    x = torch.randn(8, 37, dtype=dtype, device=DEV)
+    x[0, [3, 20]] = NAN  # NaN ranks above everything
+    x[1, [2, 30]] = INF
+    x[1, 5] = NAN  # NaN above +inf
+    x[2, :] = -INF
+    x[2, [4, 9]] = torch.tensor([1.0, -2.0], dtype=dtype)  # two finite values, k > 2
+    x[3, :] = -INF  # nothing finite: k distinct columns all the same
+    x[4, 10:14] = 0.5  # ties
+    x[5, 17:] = -INF  # the last tiles hold no finite value
+    x[6, ::2] = INF
+    return x
+
+
+def _check_topk_like_torch(v, i, x, k, **tol):
+    tol = tol or dict(atol=0, rtol=0)
+    rv, _ = torch.topk(x, k)
+    torch.testing.assert_close(v, rv, equal_nan=True, **tol)
+    assert all(len(set(r.tolist())) == k for r in i), "indices must be distinct within a row"
+    torch.testing.assert_close(x.gather(1, i), v, equal_nan=True, **tol)  # each index holds its value
+
+
+# The C++ top-k ranks NaN level with +inf (csrc/topk.h gives NaN the key +inf), so a row holding both
+# may return +inf where torch.topk returns NaN. Strict: this fails once csrc is fixed, to drop the mark.
+_CPP_NAN = pytest.mark.xfail(strict=True, reason="cpp topk ranks NaN equal to +inf (csrc/topk.h), torch ranks it above")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_CPP_NAN) if b == "cpp" else b for b in fastsae.backends()])
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_topk_nan_inf_and_short_rows_match_torch_on_every_backend(backend, k):
+    x = special_rows(torch.float32)
+    v, i = fastsae.topk(x, k, backend=backend)
+    _check_topk_like_torch(v, i, x, k)
+
+
+@pytest.mark.parametrize("backend", fastsae.backends())
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_topk_inf_and_short_rows_without_nan_match_torch_on_every_backend(backend, k):
+    x = special_rows(torch.float32)
+    x = torch.where(x.isnan(), torch.full_like(x, 7.0), x)
+    v, i = fastsae.topk(x, k, backend=backend)
+    _check_topk_like_torch(v, i, x, k)
+
+
+def test_encoder_topk_keeps_nan_like_torch_relu():
+    """NaN inputs give NaN pre-activations; relu keeps them (as F.relu does) and they rank first."""
+    *_, encode, _ = ops()
+    x = torch.randn(5, 6, device=DEV)
+    x[2, 1] = NAN
+    W, b = torch.randn(6, 40, device=DEV), torch.randn(40, device=DEV)
+    for provider in ("fused", "slab"):
+        v, i = encode.encode_topk(x, W, b, 7, provider)
+        dense = torch.relu(x @ W + b)
+        _check_topk_like_torch(v, i, dense, 7, **TOL[torch.float32])
+        assert bool(v[2].isnan().all()) and bool(i[2].lt(40).all())  # the NaN row: NaN values first
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy (interpreter): inf·0 is NaN, on purpose
+@pytest.mark.parametrize("backend", fastsae.backends())
+def test_jumprelu_keeps_nan_on_every_backend(backend):
+    """``jumprelu``/``step`` forward and backward agree with the reference at NaN and ±inf pre-activations
+    (NaN stays NaN; ``-inf`` gives ``-inf·0 = NaN`` as in the reference)."""
+    pre = torch.randn(4, 9, device=DEV)
+    pre[0, 1], pre[1, 2], pre[2, 3], pre[3, 4] = NAN, INF, -INF, NAN
+    theta = torch.rand(9, device=DEV).requires_grad_()
+    pre.requires_grad_()
+    for fn in (fastsae.jumprelu, fastsae.step):
+        out = fn(pre, theta, 0.5, backend=backend)
+        want = fn(pre, theta, 0.5, backend="eager")
+        torch.testing.assert_close(out, want, equal_nan=True)
+        assert bool(out[0, 1].isnan()) or fn is fastsae.step
+        g = torch.randn_like(out)
+        for a, e in zip(torch.autograd.grad(out, [pre, theta], g), torch.autograd.grad(want, [pre, theta], g)):
+            torch.testing.assert_close(a, e, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_triton_jumprelu_backward_propagates_nan_gradients_like_the_reference():
+    jumprelu, *_ = ops()
+    pre = torch.randn(4, 9, device=DEV, requires_grad=True)
+    theta = torch.rand(9, device=DEV).requires_grad_()
+    eps = torch.full((9,), 0.5, device=DEV)
+    for fn, rfn in ((jumprelu.jumprelu, ref.jumprelu), (jumprelu.step, ref.step)):
+        out, want = fn(pre, theta, eps), rfn(pre, theta, eps)
+        g = torch.randn_like(out)
+        g[1, 0] = NAN
+        for a, e in zip(torch.autograd.grad(out, [pre, theta], g), torch.autograd.grad(want, [pre, theta], g)):
+            torch.testing.assert_close(a, e, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Raw ops check their indices (as the C++ ops do): IndexError naming the op and argument
+# ------------------------------------------------------------------------------------------
+
+
+def test_raw_ops_check_index_bounds():
+    _, _, decode, encode, common = ops()
+    B, K, N, D = 3, 4, 11, 5
+    v = torch.randn(B, K, device=DEV)
+    W = torch.randn(N, D, device=DEV)
+    g = torch.randn(B, D, device=DEV)
+    for bad in (N, -1, 10**6):
+        i = torch.randint(0, N, (B, K), device=DEV)
+        i[1, 2] = bad
+        with pytest.raises(IndexError, match="sparse_decode: indices must lie in"):
+            torch.ops.fastsae_triton.sparse_decode(v, i, W)
+        with pytest.raises(IndexError, match="sddmm: indices"):
+            torch.ops.fastsae_triton.sddmm(g, i, W)
+        with pytest.raises(IndexError, match="gather_sum: indices"):
+            torch.ops.fastsae_triton.gather_sum(v, i, W)
+    i = torch.randint(0, N, (B, K), device=DEV)
+    order, offsets = common.segments(i, None, N)
+    bad_order = order.clone()
+    bad_order[0] = B * K
+    with pytest.raises(IndexError, match="segment_reduce: order"):
+        torch.ops.fastsae_triton.segment_reduce(bad_order, offsets, v.reshape(-1), g, K)
+    rows = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEV)  # row 3 of a 3-row batch
+    with pytest.raises(IndexError, match="sddmm: rows"):
+        torch.ops.fastsae_triton.sddmm(g, i[0, :3].to(torch.int32), W, rows)
+
+
+def test_kernels_skip_out_of_range_latents():
+    """Below the op checks, the kernels themselves never read outside W: an out-of-range latent adds nothing."""
+    _, _, decode, _, _ = ops()
+    v = torch.ones(2, 3, device=DEV)
+    i = torch.tensor([[0, 5, 99], [-7, 1, 2]], device=DEV)
+    W = torch.randn(6, 4, device=DEV)
+    got = decode.gather_rows(v, i, W)
+    want = torch.stack([W[0] + W[5], W[1] + W[2]])
+    torch.testing.assert_close(got, want)
+    s, _ = decode._sddmm_launch(torch.ones(2, 4, device=DEV), i, W)
+    torch.testing.assert_close(s[0, 2], torch.zeros((), device=DEV))
+    torch.testing.assert_close(s[1, 0], torch.zeros((), device=DEV))
