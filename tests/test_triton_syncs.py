@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsae
 from fastsae import reference as ref
+from test_triton_backend import sae_params  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.skipif("triton" not in fastsae.backends(),
                                 reason="triton backend unavailable (needs CUDA or TRITON_INTERPRET=1)")
@@ -62,18 +63,6 @@ class HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def sae_params(B, d_in, d_sae, dtype=torch.float32):
-    g = dict(dtype=dtype, device=DEV)
-    x = torch.randn(B, d_in, **g)
-    W_enc = (torch.randn(d_in, d_sae, **g) / d_in ** 0.5).requires_grad_()
-    b_enc = (0.1 * torch.randn(d_sae, **g)).requires_grad_()
-    W_dec = torch.randn(d_sae, d_in, **g).requires_grad_()
-    b_dec = (0.1 * torch.randn(d_in, **g)).requires_grad_()
-    theta = (0.4 * torch.rand(d_sae, device=DEV)).requires_grad_()
-    eps = 0.1 + 0.3 * torch.rand(d_sae, device=DEV)
-    return x, W_enc, b_enc, W_dec, b_dec, theta, eps
-
-
 def backend():
     return backends_mod.get("triton", torch.device(DEV))
 
@@ -93,7 +82,7 @@ def test_counter_sees_host_reads():
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_topk_steps_make_no_host_reads(arch):
     """A TopK / BatchTopK step (forward, loss, backward) and the AuxK top-k + decode: no device→host read."""
-    x, W_enc, b_enc, W_dec, b_dec, _, _ = sae_params(13, 11, 41)
+    x, W_enc, b_enc, W_dec, b_dec, _, _ = sae_params(13, 11, 41, torch.float32)
     be = backend()
     with HostReads() as m:
         out = (be.topk_sae if arch == "topk" else be.batchtopk_sae)(x, W_enc, b_enc, W_dec, b_dec, 6, True)
@@ -109,7 +98,7 @@ def test_topk_steps_make_no_host_reads(arch):
 def test_jumprelu_step_makes_one_host_read_even_when_the_lists_overflow():
     from fastsae.ops import encode
 
-    x, W_enc, b_enc, W_dec, b_dec, theta, eps = sae_params(13, 11, 41)
+    x, W_enc, b_enc, W_dec, b_dec, theta, eps = sae_params(13, 11, 41, torch.float32)
     be = backend()
     for hint in (None, 1):  # 1: the first pass overflows and retries at the exact bucket
         encode._capacity_hint.clear()
@@ -147,7 +136,7 @@ def test_tuning_keys_stay_in_buckets_while_l0_and_dead_latents_drift():
     encode._capacity_hint.clear()
     torch.manual_seed(0)
     B, d_in, d_sae = 6, 5, 64
-    x, W_enc, b_enc, W_dec, b_dec, theta, eps = sae_params(B, d_in, d_sae)
+    x, W_enc, b_enc, W_dec, b_dec, theta, eps = sae_params(B, d_in, d_sae, torch.float32)
     with torch.no_grad():
         theta.fill_(-1.2)
         eps.fill_(0.02)
