@@ -34,8 +34,8 @@ def _md(results, fingerprint, meta) -> str:
 
     lines = ["# Triton kernels compiled for GPU targets (no GPU)", "",
              f"`{meta['command']}` — {meta['date']}, triton {meta['triton']}, torch {meta['torch']}, "
-             f"{len(results)} compiles in {meta['seconds']:.0f} s on {meta['machine']}. Matrix fingerprint "
-             f"`{fingerprint}`.", "",
+             f"{len(results)} compiles ({sum(r.seconds for r in results):.0f} s of compile time) on {meta['machine']}. "
+             f"Matrix fingerprint `{fingerprint}`.", "",
              "Sizes of the captured launches: B 4096, d_in 2304, d_sae 16384, k 64 (the benchmark), specialised "
              "as Triton's JIT specialises them at run time. **green** = compiles, shared memory within the "
              f"arch's limit ({SMEM_LIMIT[90] // 1024} KB sm_90, {SMEM_LIMIT[80] // 1024} KB sm_80), no spill "
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--which", choices=["ci", "slow", "all"], default="all")
     p.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "fastsae", "compile.jsonl"),
+                   help="earlier results by what they depend on: only changed kernels recompile ('' for none)")
     a = p.parse_args(argv)
     import torch
     import triton
@@ -79,7 +81,12 @@ def main(argv=None) -> int:
     from fastsae.ops.triton_common import INTERPRET
 
     t0 = time.time()
-    results, fingerprint = (tc.compile_subprocess if INTERPRET else tc.run)(a.which, a.jobs)
+    if INTERPRET:
+        results, fingerprint = tc.compile_subprocess(a.which, a.jobs)
+    else:
+        if a.cache:
+            os.makedirs(os.path.dirname(a.cache), exist_ok=True)
+        results, fingerprint = tc.run(a.which, a.jobs, cache=a.cache or None, progress=True)
     meta = dict(command=" ".join(["python", "benchmarks/triton_compile_report.py"] + (argv or sys.argv[1:])),
                 date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", triton=triton.__version__,
                 torch=torch.__version__, machine=f"{platform.machine()} CPU ({os.cpu_count()} cores)",

@@ -21,7 +21,9 @@ Two list layouts. *Padded rows*: ``[B, K]`` lists, row ``b``'s entries in its fi
 Accumulation is float32 for bf16/fp16/fp32 data and float64 for float64 data. Offsets that can pass
 2^31 (a latent index times a stride, a ``d_in`` index times the stride ``d_sae`` of ``W_enc.t()``) are
 formed in int64. Kernels skip entries whose latent lies outside ``[0, n_latents)`` (never an
-out-of-bounds read); the ops also check the indices they are given (``check_index_range``).
+out-of-bounds read); the ops also check the indices they are given (``check_index_range``, IndexError
+as the C++ ops raise), unless called with ``checked=False`` — as the training path does with the lists
+its own encoders made (a check is a few extra launches per op on a GPU).
 """
 from __future__ import annotations
 
@@ -340,18 +342,19 @@ def _check_lists(op: str, indices: Tensor, n: int, order: Optional[Tensor] = Non
 
 
 @kernel_op("sddmm")
-def sddmm(grad: Tensor, indices: Tensor, W: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+def sddmm(grad: Tensor, indices: Tensor, W: Tensor, rows: Optional[Tensor] = None, checked: bool = True) -> Tensor:
     """``out[b, e] = grad[b] · W[indices[b, e]]``: ``grad [B, D]``, ``indices [B, K]``, ``W [N, D]`` -> ``[B, K]``.
 
     With ``rows`` (CSR): ``indices [nnz]``, ``out[e] = grad[rows[e]] · W[indices[e]]``."""
-    _check_lists("sddmm", indices, W.shape[0], rows=rows, n_rows=grad.shape[0])
+    if checked:
+        _check_lists("sddmm", indices, W.shape[0], rows=rows, n_rows=grad.shape[0])
     return _sddmm_launch(grad, indices, W, rows=rows)[0]
 
 
 @kernel_op("segment_reduce")
 def segment_reduce(order: Tensor, offsets: Tensor, weights: Tensor, X: Tensor, K: int,
                    t: Optional[Tensor] = None, x_bias: Optional[Tensor] = None,
-                   rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   rows: Optional[Tensor] = None, checked: bool = True) -> tuple[Tensor, Tensor]:
     """Latent-wise scatter-add as a segment reduction over entries sorted by latent.
 
     Returns ``(out [N, D], tsum [N])`` with ``out[j] = Σ_seg(j) weights · (X[row] - x_bias)`` (``X``'s
@@ -359,9 +362,10 @@ def segment_reduce(order: Tensor, offsets: Tensor, weights: Tensor, X: Tensor, K
     ``weights``/``t`` are flat ``[B*K]`` lists; ``order``/``offsets`` come from ``triton_common.segments``;
     an entry's row is ``position // K``, or ``rows[position]`` when ``rows`` is given (CSR).
     """
-    check_index_range(order, weights.numel(), "segment_reduce", "order")
-    if rows is not None:
-        check_index_range(rows, X.shape[0], "segment_reduce", "rows")
+    if checked:
+        check_index_range(order, weights.numel(), "segment_reduce", "order")
+        if rows is not None:
+            check_index_range(rows, X.shape[0], "segment_reduce", "rows")
     wide = torch.float64 if _is64(weights, X, t) else torch.float32
     return segment_rows(order, offsets, weights, X, K, t=weights if t is None else t, x_bias=x_bias, t_dtype=wide,
                         rows=rows)
@@ -369,19 +373,21 @@ def segment_reduce(order: Tensor, offsets: Tensor, weights: Tensor, X: Tensor, K
 
 @kernel_op("gather_sum")
 def gather_sum(values: Tensor, indices: Tensor, W: Tensor, counts: Optional[Tensor] = None,
-               row_ptr: Optional[Tensor] = None) -> Tensor:
+               row_ptr: Optional[Tensor] = None, checked: bool = True) -> Tensor:
     """``out[b] = Σ_{e < counts[b]} values[b,e] · W[indices[b,e]]`` for any 2-D strided ``W`` (e.g. ``W_enc.t()``).
 
     With ``row_ptr`` (CSR): 1-D lists, row ``b``'s entries at ``row_ptr[b]:row_ptr[b+1]``."""
-    _check_lists("gather_sum", indices, W.shape[0])
+    if checked:
+        _check_lists("gather_sum", indices, W.shape[0])
     return gather_rows(values, indices, W, counts=counts, row_ptr=row_ptr)
 
 
 @kernel_op("jumprelu_sddmm")
 def jumprelu_sddmm(grad_x_hat: Tensor, grad_l0: Tensor, pre: Tensor, indices: Tensor, counts: Tensor,
-                   threshold: Tensor, bandwidth: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+                   threshold: Tensor, bandwidth: Tensor, W_dec: Tensor, checked: bool = True) -> tuple[Tensor, Tensor]:
     """JumpReLU backward at compact entries: ``(∂L/∂pre [B, K], per-entry θ-gradient [B, K])``."""
-    _check_lists("jumprelu_sddmm", indices, W_dec.shape[0])
+    if checked:
+        _check_lists("jumprelu_sddmm", indices, W_dec.shape[0])
     return _sddmm_launch(grad_x_hat, indices, W_dec, counts, pre, threshold, bandwidth, grad_l0)
 
 
@@ -393,20 +399,21 @@ def jumprelu_sddmm(grad_x_hat: Tensor, grad_l0: Tensor, pre: Tensor, indices: Te
 @kernel_op("sparse_decode")
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None,
                   order: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
-                  rows: Optional[Tensor] = None, row_ptr: Optional[Tensor] = None) -> Tensor:
+                  rows: Optional[Tensor] = None, row_ptr: Optional[Tensor] = None, checked: bool = True) -> Tensor:
     """``x̂[b] = Σ_e values[b,e] · W_dec[indices[b,e]] (+ b_dec)``: ``values [B,K]``, ``indices [B,K]`` int -> ``[B, d_in]``.
 
     ``order``/``offsets`` (``triton_common.segments``), when the caller has them, are reused by the
     backward instead of sorting again. CSR lists (BatchTopK): 1-D ``values``/``indices`` with their
-    ``rows`` and ``row_ptr [B+1]``.
+    ``rows`` and ``row_ptr [B+1]``. ``checked=False`` skips the index check (lists fastsae made).
     """
-    n_rows = row_ptr.shape[0] - 1 if row_ptr is not None else values.shape[0]
-    _check_lists("sparse_decode", indices, W_dec.shape[0], order, rows, n_rows)
+    if checked:
+        n_rows = row_ptr.shape[0] - 1 if row_ptr is not None else values.shape[0]
+        _check_lists("sparse_decode", indices, W_dec.shape[0], order, rows, n_rows)
     return gather_rows(values, indices, W_dec, b_dec, row_ptr=row_ptr)
 
 
 def _sparse_decode_setup(ctx, inputs, output):
-    values, indices, W_dec, b_dec, order, offsets, rows, row_ptr = inputs
+    values, indices, W_dec, b_dec, order, offsets, rows, row_ptr, checked = inputs
     ctx.has_bias = b_dec is not None
     ctx.has_segments = order is not None and offsets is not None
     ctx.save_for_backward(values, indices, W_dec, order, offsets, rows)
@@ -417,16 +424,16 @@ def _sparse_decode_backward(ctx, grad):
     grad = grad.contiguous()
     grad_values = grad_W = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_values = sddmm(grad, indices, W_dec, rows).to(values.dtype)
+        grad_values = sddmm(grad, indices, W_dec, rows, False).to(values.dtype)  # indices checked in the forward
     if ctx.needs_input_grad[2]:
         if not ctx.has_segments:
             order, offsets = segments(indices.reshape(-1, indices.shape[-1]), None, W_dec.shape[0])
         grad_W, _ = segment_reduce(order, offsets, values.contiguous().reshape(-1), grad, values.shape[-1],
-                                   None, None, rows)
+                                   None, None, rows, False)
         grad_W = grad_W.to(W_dec.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = grad.sum(0)
-    return grad_values, None, grad_W, grad_b, None, None, None, None
+    return grad_values, None, grad_W, grad_b, None, None, None, None, None
 
 
 sparse_decode.register_autograd(_sparse_decode_backward, setup_context=_sparse_decode_setup)
@@ -439,14 +446,16 @@ sparse_decode.register_autograd(_sparse_decode_backward, setup_context=_sparse_d
 
 @kernel_op("jumprelu_decode")
 def jumprelu_decode(pre: Tensor, indices: Tensor, counts: Tensor, threshold: Tensor, bandwidth: Tensor,
-                    W_dec: Tensor, b_dec: Tensor, order: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+                    W_dec: Tensor, b_dec: Tensor, order: Tensor, offsets: Tensor,
+                    checked: bool = True) -> tuple[Tensor, Tensor]:
     """``(x̂ [B, d_in], l0 [B] float32)`` from compact pre-activations.
 
     ``pre [B, K]`` at latents ``indices [B, K]``, the first ``counts[b]`` slots of row ``b`` valid;
     ``f = pre·H(pre - θ)`` (so window-only entries decode to 0) and ``l0[b] = Σ_e H(pre - θ)``.
     ``order``/``offsets`` group the entries by latent (``triton_common.segments``) for the backward.
     """
-    _check_lists("jumprelu_decode", indices, W_dec.shape[0], order)
+    if checked:
+        _check_lists("jumprelu_decode", indices, W_dec.shape[0], order)
     x_hat = gather_rows(pre, indices, W_dec, b_dec, counts=counts, threshold=threshold)
     B, K = pre.shape
     active = valid_mask(counts, B, K, pre.device) & (pre > threshold[indices.long()])
@@ -454,7 +463,7 @@ def jumprelu_decode(pre: Tensor, indices: Tensor, counts: Tensor, threshold: Ten
 
 
 def _jumprelu_decode_setup(ctx, inputs, output):
-    pre, indices, counts, threshold, bandwidth, W_dec, b_dec, order, offsets = inputs
+    pre, indices, counts, threshold, bandwidth, W_dec, b_dec, order, offsets, checked = inputs
     ctx.save_for_backward(pre, indices, counts, threshold, bandwidth, W_dec, order, offsets)
 
 
@@ -468,16 +477,17 @@ def _jumprelu_decode_backward(ctx, grad_x_hat, grad_l0):
     # One SDDMM pass gives ∂L/∂f at every compact entry; its epilogue applies H for ∂L/∂pre and
     # forms the per-entry θ-gradient of both pseudo-derivative terms.
     grad_pre, t = jumprelu_sddmm(grad_x_hat, grad_l0 if grad_l0 is not None else pre.new_zeros(B, dtype=torch.float32),
-                                 pre, indices, counts, threshold, bandwidth, W_dec)
+                                 pre, indices, counts, threshold, bandwidth, W_dec, False)
     grad_W = grad_theta = grad_b = None
     if ctx.needs_input_grad[5] or ctx.needs_input_grad[3]:
         f = torch.where(pre > threshold[indices.long()], pre, torch.zeros_like(pre))
-        W_out, theta_out = segment_reduce(order, offsets, f.reshape(-1), grad_x_hat, K, t.reshape(-1))
+        W_out, theta_out = segment_reduce(order, offsets, f.reshape(-1), grad_x_hat, K, t.reshape(-1), None, None,
+                                          False)
         grad_W = W_out.to(W_dec.dtype) if ctx.needs_input_grad[5] else None
         grad_theta = theta_out.to(threshold.dtype) if ctx.needs_input_grad[3] else None
     if ctx.needs_input_grad[6]:
         grad_b = grad_x_hat.sum(0)
-    return grad_pre, None, None, grad_theta, None, grad_W, grad_b, None, None
+    return grad_pre, None, None, grad_theta, None, grad_W, grad_b, None, None, None
 
 
 jumprelu_decode.register_autograd(_jumprelu_decode_backward, setup_context=_jumprelu_decode_setup)

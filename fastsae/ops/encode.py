@@ -448,21 +448,22 @@ def _(x_in, W_enc, b_enc, k, provider="auto"):
 @kernel_op("sampled_encoder")
 def sampled_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], indices: Tensor,
                     counts: Optional[Tensor], pre: Tensor, order: Tensor, offsets: Tensor,
-                    rows: Optional[Tensor] = None, row_ptr: Optional[Tensor] = None) -> Tensor:
+                    rows: Optional[Tensor] = None, row_ptr: Optional[Tensor] = None, checked: bool = True) -> Tensor:
     """Returns ``pre`` unchanged, differentiable as ``pre[b, e] = x_in[b] · W_enc[:, indices[b, e]] + b_enc[indices[b, e]]``
     with ``x_in = x - b_dec`` (``x`` when ``b_dec`` is None).
 
     ``pre`` must hold exactly those values — the encoders compute them, so the forward recomputes
     nothing. Padded lists ``[B, K]``: slots ``e >= counts[b]`` are padding and get no gradient. CSR lists
     (``rows``, ``row_ptr``): 1-D ``indices``/``pre``. ``order``/``offsets`` group the entries by latent
-    (``triton_common.segments``).
+    (``triton_common.segments``). ``checked=False`` skips the index check (lists fastsae made).
     """
-    _check_lists("sampled_encoder", indices, W_enc.shape[1], order, rows, x.shape[0])
+    if checked:
+        _check_lists("sampled_encoder", indices, W_enc.shape[1], order, rows, x.shape[0])
     return pre.clone()
 
 
 def _sampled_encoder_setup(ctx, inputs, output):
-    x, W_enc, b_enc, b_dec, indices, counts, pre, order, offsets, rows, row_ptr = inputs
+    x, W_enc, b_enc, b_dec, indices, counts, pre, order, offsets, rows, row_ptr, checked = inputs
     ctx.has_b_dec = b_dec is not None
     ctx.has_counts = counts is not None
     ctx.save_for_backward(x, W_enc, b_enc, b_dec, indices, counts, order, offsets, rows, row_ptr)
@@ -478,7 +479,7 @@ def _sampled_encoder_backward(ctx, grad):
     if need_W or need_b or need_bd:
         # One pass over the entries sorted by latent gives both grad W_enc (transposed) and grad b_enc.
         flat = grad.reshape(-1)
-        W_t, gb = segment_reduce(order, offsets, flat, x, K, None, b_dec if ctx.has_b_dec else None, rows)
+        W_t, gb = segment_reduce(order, offsets, flat, x, K, None, b_dec if ctx.has_b_dec else None, rows, False)
         gb = gb.to(b_enc.dtype)
         if need_W:
             grad_W = W_t.t().to(W_enc.dtype)
@@ -487,8 +488,8 @@ def _sampled_encoder_backward(ctx, grad):
         if need_bd:
             grad_bd = -(W_enc @ gb.to(W_enc.dtype)).to(b_dec.dtype)
     if need_x:
-        grad_x = gather_sum(grad, indices, W_enc.t(), counts if ctx.has_counts else None, row_ptr).to(x.dtype)
-    return grad_x, grad_W, grad_b, grad_bd, None, None, None, None, None, None, None
+        grad_x = gather_sum(grad, indices, W_enc.t(), counts if ctx.has_counts else None, row_ptr, False).to(x.dtype)
+    return grad_x, grad_W, grad_b, grad_bd, None, None, None, None, None, None, None, None
 
 
 sampled_encoder.register_autograd(_sampled_encoder_backward, setup_context=_sampled_encoder_setup)

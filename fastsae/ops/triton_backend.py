@@ -133,9 +133,10 @@ class TritonBackend(Backend):
             idx, pre, counts = encode_jumprelu(x_in.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(),
                                                bandwidth)
             order, offsets = segments(idx, counts, d_sae)
+        # the lists come from our own encoder: no index checks (checked=False)
         pre = sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, idx, counts, pre,
-                              order, offsets)
-        x_hat, l0 = jumprelu_decode(pre, idx, counts, threshold, bandwidth, W_dec, b_dec, order, offsets)
+                              order, offsets, None, None, False)
+        x_hat, l0 = jumprelu_decode(pre, idx, counts, threshold, bandwidth, W_dec, b_dec, order, offsets, False)
         with torch.no_grad():
             K = idx.shape[1]
             valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
@@ -184,9 +185,10 @@ class TritonBackend(Backend):
             values, indices, *csr = select(x_in.detach(), W_enc.detach(), b_enc.detach())
             rows, row_ptr = csr if csr else (None, None)
             order, offsets = segments(indices.reshape(-1, indices.shape[-1]), None, d_sae)
+        # the lists come from our own encoders: no index checks (checked=False)
         values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, None,
-                                        values, order, offsets, rows, row_ptr))
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets, rows, row_ptr)
+                                        values, order, offsets, rows, row_ptr, False))
+        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets, rows, row_ptr, False)
         with torch.no_grad():
             active = values > 0
             fired = _fired(indices, active, d_sae)

@@ -305,16 +305,44 @@ def atomic_result_broadcast(ptx: str) -> Optional[bool]:
     return True if found else None
 
 
+def kernel_source(jit_fn) -> str:
+    """The source of a kernel and of every ``@triton.jit`` helper it calls, transitively (what it compiles from)."""
+    seen, out, todo = set(), [], [jit_fn]
+    while todo:
+        f = todo.pop()
+        py = f.fn  # JITFunction and InterpretedFunction alike
+        if py in seen:
+            continue
+        seen.add(py)
+        out.append(inspect.getsource(py))
+        for name in py.__code__.co_names:
+            g = py.__globals__.get(name)
+            if g is not None and hasattr(g, "fn") and callable(getattr(g, "fn")) and hasattr(g, "arg_names"):
+                todo.append(g)
+    return "\n".join(sorted(out))
+
+
 def matrix_fingerprint(variants: list[Variant]) -> str:
-    """A hash of what the report covers: each kernel's source, its configs, and the launch constexprs."""
-    h = hashlib.sha256()
+    """A hash of what the report covers: each kernel's source (with its helpers), its configs, the launch
+    constexprs, and the Triton version."""
+    h = hashlib.sha256(triton.__version__.encode())
     for v in sorted(variants, key=lambda v: (v.kernel, v.site, v.dtype)):
         h.update(f"{v.kernel}|{v.site}|{v.dtype}|{sorted(v.constexprs.items())}|".encode())
         h.update("|".join(config_name(c) for c in v.configs()).encode())
     kernels = {v.kernel: v.launch.kernel.fn for v in variants}
     for name in sorted(kernels):
-        h.update(inspect.getsource(kernels[name].fn).encode())  # JITFunction and InterpretedFunction alike
+        h.update(kernel_source(kernels[name]).encode())
     return h.hexdigest()[:16]
+
+
+def job_key(v: Variant, config, arch: int) -> str:
+    """What one compile depends on: a cache key, so a rerun recompiles only what changed."""
+    h = hashlib.sha256(f"{triton.__version__}|{v.kernel}|{v.site}|{v.dtype}|{arch}|{config_name(config)}|"
+                       f"{sorted(v.constexprs.items())}|".encode())
+    h.update(kernel_source(v.launch.kernel.fn).encode())
+    h.update(repr([(type(a).__name__, getattr(a, "dtype", a), getattr(a, "shape", None), getattr(a, "stride", None)
+                    and a.stride()) for a in v.launch.args]).encode())
+    return h.hexdigest()[:24]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,22 +383,48 @@ def jobs(variants: list[Variant], which: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def run(which: str, n_jobs: int = 1) -> tuple[list[Result], str]:
-    """Compile ``which`` in this process (it must not be interpreting): ``(results, matrix fingerprint)``."""
+def run(which: str, n_jobs: int = 1, cache: Optional[str] = None, progress: bool = False) -> tuple[list[Result], str]:
+    """Compile ``which`` in this process (it must not be interpreting): ``(results, matrix fingerprint)``.
+
+    ``cache``: a JSON-lines file of earlier results by ``job_key``; only compiles not in it run (and are
+    appended), so a report after changing one kernel recompiles that kernel only.
+    """
+    import json
+
     from .triton_common import INTERPRET
 
     assert not INTERPRET, "compiling for a GPU needs TRITON_INTERPRET unset (see compile_subprocess)"
     variants = launch_matrix()
     todo = jobs(variants, which)
+    keys = [job_key(variants[i], variants[i].configs()[j], arch) for i, j, arch, *_ in todo]
+    done: dict[str, Result] = {}
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            for line in f:
+                d = json.loads(line)
+                done[d.pop("key")] = Result(**d)
+    pending = [(t, k) for t, k in zip(todo, keys) if k not in done or len(t) > 3]
+
+    def record(k, r, n):
+        done[k] = r
+        if cache and len(todo[0]) == 3:
+            with open(cache, "a") as f:
+                f.write(json.dumps(dict(dataclasses.asdict(r), key=k)) + "\n")
+        if progress:
+            print(f"[{n}/{len(pending)}] {'ok ' if r.green else 'BAD'} {r.kernel} | {r.site} | {r.dtype} | "
+                  f"{r.config} | sm_{r.arch} {r.seconds:.1f}s", flush=True)
+
     if n_jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
 
         with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as ex:
-            results = list(ex.map(_compile_job, todo, chunksize=1))
+            for n, ((t, k), r) in enumerate(zip(pending, ex.map(_compile_job, [t for t, _ in pending])), 1):
+                record(k, r, n)
     else:
-        results = [_compile_job(t) for t in todo]
-    return results, matrix_fingerprint(variants)
+        for n, (t, k) in enumerate(pending, 1):
+            record(k, _compile_job(t), n)
+    return [done[k] for k in keys], matrix_fingerprint(variants)
 
 
 _variants_cache: Optional[list] = None
