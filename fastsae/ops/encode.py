@@ -91,7 +91,8 @@ def _encoder_tile(x_ptr, w_ptr, b_ptr, rm, rn, M, N, Kd, stride_xm, stride_xk, s
 
 
 @triton.jit
-def append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt_ptr, CAP, WIDE64: tl.constexpr):
+def append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt_ptr, CAP, WIDE64: tl.constexpr,
+                 OFF64: tl.constexpr):
     """Append the active ∪ window entries of the tile ``pre [BM, BN]`` (rows ``rm``, latents ``rn``;
     ``inside`` masks the tile's real cells) to the rows' lists ``[M, CAP]``.
 
@@ -99,6 +100,8 @@ def append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt
     atomic per (row, tile) reserves this tile's slots in the row's list; rows with nothing to append
     skip it. The atomic's result must reach every thread that holds the row (Triton >= 3.5.0, see
     ``MIN_TRITON``). Counts keep growing past ``CAP`` so the caller learns the exact size to retry with.
+    List offsets are int32 unless ``OFF64`` (``M · CAP`` past 2^31): per-element int64 offsets were
+    what spilled the epilogue's registers (benchmarks/results/compile).
     """
     WIDE: tl.constexpr = tl.float64 if WIDE64 else tl.float32
     pw = pre.to(WIDE)
@@ -111,7 +114,10 @@ def append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt
     base = tl.atomic_add(cnt_ptr + rm, count, mask=(rm < M) & (count > 0), sem="relaxed")
     pos = base[:, None] + tl.cumsum(ki, axis=1) - ki
     ok = keep & (pos < CAP)
-    off = rm.to(tl.int64)[:, None] * CAP + pos
+    if OFF64:
+        off = rm.to(tl.int64)[:, None] * CAP + pos
+    else:
+        off = rm[:, None] * CAP + pos
     tl.store(idx_ptr + off, (rn[None, :] + 0 * pos).to(tl.int32), mask=ok)
     tl.store(out_ptr + off, pre, mask=ok)
 
@@ -120,7 +126,7 @@ def append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt
 def _encode_jumprelu_kernel(
     x_ptr, w_ptr, b_ptr, thr_ptr, eps_ptr, idx_ptr, pre_ptr, cnt_ptr,
     M, N, Kd, CAP, stride_xm, stride_xk, stride_wk, stride_wn,
-    ACC64: tl.constexpr, WIDE64: tl.constexpr, PRECISION: tl.constexpr,
+    ACC64: tl.constexpr, WIDE64: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -130,19 +136,22 @@ def _encode_jumprelu_kernel(
                         ACC64, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     inside = (rm[:, None] < M) & (rn[None, :] < N)
     append_lists(pre, rm, tl.where(rn < N, rn, -1), inside, M, thr_ptr, eps_ptr, idx_ptr, pre_ptr, cnt_ptr, CAP,
-                 WIDE64)
+                 WIDE64, OFF64)
 
 
 _ENC_CONFIGS = [
-    # Hopper GEMM shapes for bf16 with float32 accumulation (d_in = 2304 is a multiple of 64); every
-    # config here compiles for sm_90 and sm_80 within shared memory and without spills in the K loop
-    # (benchmarks/results/compile/).
+    # Hopper GEMM shapes for bf16 with float32 accumulation (d_in = 2304 is a multiple of 64). Every
+    # config compiles for sm_90 and sm_80 within shared memory and without spills in the K loop
+    # (benchmarks/results/compile/). 32 tile elements per thread keep the list-building epilogue in
+    # registers; 64 per thread spill a few hundred bytes there (once per tile, kept for the larger
+    # tile's GEMM efficiency: the autotuner weighs the two). Dropped: 128x256 (256 KB of shared memory
+    # on sm_90, over its 227 KB), 256x128 w8 and 128x128 w4 (2.3-2.4 KB of epilogue spills per thread).
+    cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    cfg(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    # last: small enough for float64 operands in shared memory (the autotuner drops configs that do not fit)
+    # last: small enough for float64 operands in shared memory (float64 launches tune over it alone)
     cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
 ]
 
@@ -155,7 +164,7 @@ _encode_jumprelu = TritonKernel(
 @triton.jit
 def _compact_jumprelu_kernel(
     pre_ptr, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt_ptr, M, N, col0, CAP, stride_pm,
-    WIDE64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WIDE64: tl.constexpr, OFF64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The JumpReLU compaction of a dense slab ``pre [M, N]`` whose column 0 is latent ``col0``."""
     n_n = tl.cdiv(N, BLOCK_N)
@@ -165,7 +174,7 @@ def _compact_jumprelu_kernel(
     inside = (rm[:, None] < M) & (rn_local[None, :] < N)
     pre = tl.load(pre_ptr + rm.to(tl.int64)[:, None] * stride_pm + rn_local[None, :], mask=inside, other=0.0)
     rn = tl.where(rn_local < N, col0 + rn_local, -1)
-    append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt_ptr, CAP, WIDE64)
+    append_lists(pre, rm, rn, inside, M, thr_ptr, eps_ptr, idx_ptr, out_ptr, cnt_ptr, CAP, WIDE64, OFF64)
 
 
 _compact_jumprelu = TritonKernel(
@@ -312,17 +321,19 @@ def jumprelu_lists(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor
     if not (B and N):
         return idx, pre, counts
     wide64 = torch.float64 in (x_in.dtype, threshold.dtype)
+    off64 = B * capacity >= 2**31
     if provider == "slab":
         for col0, slab in _slabs(x_in, W_enc, b_enc, 128 if gpu_geometry() else 16):
             n = slab.shape[1]
             _compact_jumprelu(
                 flat_grid(lambda m: triton.cdiv(B, m["BLOCK_M"]), lambda m, n=n: triton.cdiv(n, m["BLOCK_N"])),
-                slab, threshold, bandwidth, idx, pre, counts, B, n, col0, capacity, slab.stride(0), WIDE64=wide64)
+                slab, threshold, bandwidth, idx, pre, counts, B, n, col0, capacity, slab.stride(0), WIDE64=wide64,
+                OFF64=off64)
     else:
         _encode_jumprelu(
             _gemm_grid(B, N), x_in, W_enc, b_enc, threshold, bandwidth, idx, pre, counts,
             B, N, Kd, capacity, x_in.stride(0), x_in.stride(1), W_enc.stride(0), W_enc.stride(1),
-            ACC64=x_in.dtype == torch.float64, WIDE64=wide64, PRECISION=_precision(x_in),
+            ACC64=x_in.dtype == torch.float64, WIDE64=wide64, PRECISION=_precision(x_in), OFF64=off64,
         )
     return idx, pre, counts
 

@@ -120,6 +120,9 @@ def _launch_matrix(dtypes, s) -> list[Variant]:
             record(f"jumprelu encoder ({provider})", dt,
                    lambda: encode.jumprelu_lists(x, W_enc, b_enc, theta, eps, cap, provider))
             record(f"topk candidates ({provider})", dt, lambda: encode.topk_candidates(x, W_enc, b_enc, k, provider))
+        if dt == "bfloat16":  # lists of 4096 x 2^19 slots: int64 list offsets (OFF64)
+            record("jumprelu encoder (fused, lists past 2^31)", dt,
+                   lambda: encode.jumprelu_lists(x, W_enc, b_enc, theta, eps, 2**19, "fused"))
         if dtype == torch.float32:  # the fused GEMMs also compile with TF32 operands (when torch allows TF32)
             with _tf32():
                 record("jumprelu encoder (fused, tf32)", dt,
@@ -402,7 +405,8 @@ def run(which: str, n_jobs: int = 1, cache: Optional[str] = None, progress: bool
         with open(cache) as f:
             for line in f:
                 d = json.loads(line)
-                done[d.pop("key")] = Result(**d)
+                key = d.pop("key")
+                done[key] = Result(**d)
     pending = [(t, k) for t, k in zip(todo, keys) if k not in done or len(t) > 3]
 
     def record(k, r, n):
