@@ -413,3 +413,69 @@ def test_kernels_skip_out_of_range_latents():
     s, _ = decode._sddmm_launch(torch.ones(2, 4, device=DEV), i, W)
     torch.testing.assert_close(s[0, 2], torch.zeros((), device=DEV))
     torch.testing.assert_close(s[1, 0], torch.zeros((), device=DEV))
+
+
+# ------------------------------------------------------------------------------------------
+# Encoder providers: the slab width bound, the choice table, the fp32 precision read
+# ------------------------------------------------------------------------------------------
+
+
+def test_slab_encoder_holds_one_bounded_slab(monkeypatch):
+    """``SLAB_BYTES`` bounds the one buffer the slabs reuse; each slab is compacted by its own launch."""
+    *_, encode, common = ops()
+    B, d_in, N = 9, 7, 70
+    monkeypatch.setattr(encode, "SLAB_BYTES", B * 32 * 4)  # 32 float32 columns
+    x, W, b = torch.randn(B, d_in), torch.randn(d_in, N), torch.randn(N)
+    assert encode.slab_width(B, N, 4, 16) == 32
+    widths = [s.shape[1] for _, s in encode._slabs(x, W, b, 16)]
+    assert widths == [32, 32, 6]
+    with common.capture_launches() as got:
+        encode.jumprelu_lists(x, W, b, torch.zeros(N), torch.ones(N), 8, "slab")
+    assert [launch.kernel.name for launch in got] == ["_compact_jumprelu_kernel"] * 3
+
+
+def test_encoder_plan_reads_the_measured_table(monkeypatch):
+    *_, encode, _ = ops()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(encode, "_table_cache", [
+        dict(device="Fake GPU", dtype="bfloat16", arch="topk", B=4096, d_in=2304, d_sae=16384, best="fused"),
+        dict(device="Fake GPU", dtype="bfloat16", arch="topk", B=4096, d_in=2304, d_sae=65536, best="slab"),
+        dict(device="Other GPU", dtype="bfloat16", arch="topk", B=4096, d_in=2304, d_sae=20000, best="fused"),
+    ])
+    monkeypatch.delenv("FASTSAE_ENCODER", raising=False)
+    cuda = torch.device("cuda")
+    plan = lambda N, arch="topk", dt=torch.bfloat16: encode.encoder_plan(4096, N, 2304, dt, cuda, arch)  # noqa: E731
+    assert plan(16384) == "fused" and plan(20000) == "fused" and plan(2**20) == "slab"  # nearest measured size
+    assert plan(16384, arch="jumprelu") == "slab"  # nothing measured: the default on CUDA
+    assert plan(16384, dt=torch.float32) == "slab"
+    assert encode.encoder_plan(4096, 16384, 2304, torch.float32, torch.device("cpu"), "topk") == "fused"
+    monkeypatch.setenv("FASTSAE_ENCODER", "slab")
+    assert plan(16384) == "slab"
+    with pytest.raises(ValueError, match="provider must be"):
+        encode.encode_topk(torch.randn(2, 3), torch.randn(3, 5), torch.randn(5), 2, "cublas")
+
+
+def test_fp32_precision_is_read_through_the_api_that_does_not_raise():
+    """``torch.backends.fp32_precision = "tf32"`` makes the legacy ``allow_tf32`` read raise (torch >= 2.9);
+    the kernels' precision choice reads the new API and follows either way of setting it."""
+    *_, common = ops()
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy flag")
+    prev_root, prev = torch.backends.fp32_precision, matmul.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        matmul.fp32_precision = "none"
+        with pytest.raises(RuntimeError):
+            matmul.allow_tf32  # noqa: B018  (the read itself raises)
+        assert common.matmul_fp32_precision() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert common.matmul_fp32_precision() == "ieee"
+        torch.backends.fp32_precision = "none"
+        matmul.fp32_precision = "none"
+        matmul.allow_tf32 = True  # the legacy setter
+        assert common.matmul_fp32_precision() == "tf32"
+        matmul.allow_tf32 = False
+        assert common.matmul_fp32_precision() == "ieee"
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = prev_root, prev
