@@ -85,15 +85,15 @@ class Probe:
     def params(self, d_sae=None, B=None, seed=0):
         """Unit-norm decoder rows, encoder near their transpose, inputs with E‖x‖² = 1 (the paper's scale)."""
         d_sae, B = d_sae or self.d_sae, B or self.B
-        g = torch.Generator(device="cpu").manual_seed(seed)
         dev = self.device
-        x = torch.randn(B, self.d_in, generator=g).to(dev)
+        g = torch.Generator(device=dev).manual_seed(seed)  # on the device: 2^20-latent weights in seconds
+        x = torch.randn(B, self.d_in, generator=g, device=dev)
         x = x / x.pow(2).sum(-1).mean().sqrt()
-        W_dec = torch.randn(d_sae, self.d_in, generator=g).to(dev)
+        W_dec = torch.randn(d_sae, self.d_in, generator=g, device=dev)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        W_enc = W_dec.t().contiguous() + 0.01 * torch.randn(self.d_in, d_sae, generator=g).to(dev)
-        b_enc = 0.01 * torch.randn(d_sae, generator=g).to(dev)
-        b_dec = 0.01 * torch.randn(self.d_in, generator=g).to(dev)
+        W_enc = W_dec.t().contiguous().add_(torch.randn(self.d_in, d_sae, generator=g, device=dev), alpha=0.01)
+        b_enc = 0.01 * torch.randn(d_sae, generator=g, device=dev)
+        b_dec = 0.01 * torch.randn(self.d_in, generator=g, device=dev)
         return [t.to(self.dtype) for t in (x, W_enc, b_enc, W_dec, b_dec)]
 
     def thresholds(self, x, W_enc, b_enc, l0=None):
@@ -192,11 +192,11 @@ class Probe:
             self.check("a", f"topk repair, {_cfg(c)}", run)
 
         # decoders and backward kernels on random lists
-        g = torch.Generator(device="cpu").manual_seed(1)
+        g = torch.Generator(device=self.device).manual_seed(1)
         K = k
-        idx = torch.randint(0, N, (B, K), generator=g).to(self.device)
-        vals = torch.randn(B, K, generator=g).to(self.device).to(self.dtype)
-        grad = torch.randn(B, self.d_in, generator=g).to(self.device).to(self.dtype)
+        idx = torch.randint(0, N, (B, K), generator=g, device=self.device)
+        vals = torch.randn(B, K, generator=g, device=self.device).to(self.dtype)
+        grad = torch.randn(B, self.d_in, generator=g, device=self.device).to(self.dtype)
         out_tol = 2 * self.rtol
         for c in configs(decode._gather_rows):
             def run(c=c):
