@@ -126,22 +126,28 @@ def _repair_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, tiles_ptr, key_ptr, idx_ptr,
     N, Kd, stride_xm, stride_xk, stride_wk, stride_wn,
     FROM_GEMM: tl.constexpr, RELU: tl.constexpr, KEY64: tl.constexpr, ACC64: tl.constexpr, KR: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KR_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Exact top-``KR`` of one (row, tile) pair per program; pairs with tile ``-1`` store absent keys.
 
     ``FROM_GEMM``: the tile is recomputed as ``x[row] @ W[:, tile] + b[tile]`` (rounded to the data
-    dtype as the encoder's GEMM rounds it); otherwise read from the dense ``x [M, N]``.
+    dtype as the encoder's GEMM rounds it); otherwise read from the dense ``x [M, N]``. Most pairs are
+    not flagged: they store their absent keys in one vector store and do no further work.
     """
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     p = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + p).to(tl.int64)
     tile = tl.load(tiles_ptr + p)
+    out = p * KR
+    slots = tl.arange(0, KR_P2)
+    skipped = (slots * 0 + tile) < 0  # the vector form: a scalar mask on a vector store trips the interpreter
+    tl.store(key_ptr + out + slots, absent_key((KR_P2,), KEY64), mask=(slots < KR) & skipped)
+    tl.store(idx_ptr + out + slots, slots * 0, mask=(slots < KR) & skipped)
     rn = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = (rn >= 0) & (rn < N)  # tile -1 (skip) gives rn < 0 everywhere
     if FROM_GEMM:
         acc = tl.zeros((BLOCK_N,), dtype=ACC)
-        k_end = tl.where(tile >= 0, Kd, 0)  # skipped pairs do no work
+        k_end = tl.where(tile >= 0, Kd, 0)
         for k0 in range(0, k_end, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mk = rk < Kd
@@ -158,8 +164,8 @@ def _repair_kernel(
     keys = tl.where(valid, order_key(v, KEY64), absent_key((BLOCK_N,), KEY64))
     gone = absent_key((BLOCK_N,), KEY64)
     local = tl.arange(0, BLOCK_N)
-    out = p * KR
-    for i in range(KR):
+    rounds = tl.where(tile >= 0, KR, 0)
+    for i in range(0, rounds):
         m, a = tl.max(keys, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(key_ptr + out + i, m)
         tl.store(idx_ptr + out + i, (tile * BLOCK_N + a).to(tl.int32))
@@ -249,7 +255,7 @@ def _launch_repair(c, rows, tiles, KR, x, w, b, N, Kd, sxm, sxk, swk, swn, from_
     if P:
         _repair((P,), x, w, b, rows.contiguous(), tiles.to(torch.int32).contiguous(), keys, idx,
                 N, Kd, sxm, sxk, swk, swn, FROM_GEMM=from_gemm, RELU=relu, KEY64=c.key64, ACC64=acc64,
-                KR=KR, BLOCK_N=c.block_n)
+                KR=KR, KR_P2=triton.next_power_of_2(KR), BLOCK_N=c.block_n)
     return keys, idx
 
 
