@@ -61,21 +61,32 @@ def test_list_building_atomics_broadcast_their_result(ci_results):
 
 
 def test_atomic_broadcast_check_tells_fixed_from_broken_ptx():
-    """``atomic_result_broadcast`` on PTX shaped as Triton 3.5 emits it (predicated st.shared of the
-    atomic's register, then bar.sync and a reload) and as 3.4 did (unpredicated st.shared)."""
+    """``atomic_result_broadcast`` on PTX shaped as Triton 3.5 emits it for a replicated row vector
+    (owner-predicated st.shared of the atomic's register, then bar.sync and a reload), as 3.4 did
+    (unpredicated st.shared: checked against real 3.4.0 and 3.5.0 output when this was written), and for a
+    layout with one thread per row (nothing to broadcast)."""
     fixed = """
+    setp.eq.b32 %p36, %r175, 0;
+    and.pred %p35, %p36, %p215;
     @%p35 atom.global.gpu.relaxed.add.u32 %r72, [ %rd1 + 0 ], %r70;
     add.s32 %r71, %r405, %r514;
     @%p36 st.shared.b32 [ %r71 + 0 ], %r72;
     bar.sync 0;
     ld.shared.b32 %r515, [%r71];"""
     broken = """
+    and.pred %p35, %p100, %p215;
     @%p35 atom.global.gpu.relaxed.add.u32 %r69, [ %rd1 + 0 ], %r70;
     bar.sync 0;
     st.shared.b32 [%r563], %r69;
     bar.sync 0;"""
+    one_thread_per_row = """
+    setp.ne.b16 %p51, %rs362, 0;
+    @%p51 atom.global.gpu.relaxed.add.u32 %r270, [ %rd167 + 0 ], %r271;
+    bar.sync 0;
+    st.shared.b32 [%r912], %r270;"""
     assert tc.atomic_result_broadcast(fixed) is True
     assert tc.atomic_result_broadcast(broken) is False
+    assert tc.atomic_result_broadcast(one_thread_per_row) is True
     assert tc.atomic_result_broadcast("mov.u32 %r1, 0;") is None
 
 

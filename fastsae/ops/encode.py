@@ -48,6 +48,30 @@ from .topk import (Candidates, dense_candidates, order_key, absent_key, recomput
 from .triton_common import (NS, TritonKernel, bucket, cfg, flat_grid, gpu_geometry, kernel_op, keys_to_values,
                             matmul_fp32_precision)
 
+#: Shared memory per block on sm_90 (H100/H200): the pipelined operand tiles of a config must fit.
+SMEM_BYTES = 227 * 1024
+
+
+def gemm_prune(configs, named):
+    """The fused GEMM configs a launch may use (found by ``benchmarks/results/compile``).
+
+    float64 data, and float32 without TF32, multiply on CUDA cores (no tensor-core MMA): only the last,
+    small config — larger tiles spill inside the K loop on sm_80. Otherwise the configs whose operand
+    pipeline ``stages · (BLOCK_M·BLOCK_K + BLOCK_K·BLOCK_N) · itemsize`` fits 227 KB (4-byte TF32
+    operands drop the 256-row tile).
+    """
+    if named.get("ACC64") or named.get("PRECISION") == "ieee":
+        return configs[-1:]
+    x = named.get("x_ptr")
+    size = x.element_size() if isinstance(x, torch.Tensor) else 2
+    bn = named.get("BLOCK_N")
+
+    def fits(c):
+        k = c.kwargs
+        return c.num_stages * (k["BLOCK_M"] + k.get("BLOCK_N", bn)) * k["BLOCK_K"] * size <= SMEM_BYTES
+
+    return [c for c in configs if fits(c)] or configs[-1:]
+
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -157,7 +181,7 @@ _ENC_CONFIGS = [
 
 _encode_jumprelu = TritonKernel(
     _encode_jumprelu_kernel, _ENC_CONFIGS, key=["M", "N", "Kd"], bucketed=["M"],
-    interp=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2), reset_to_zero=["cnt_ptr"], wide="ACC64",
+    interp=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2), reset_to_zero=["cnt_ptr"], prune=gemm_prune,
 )
 
 
@@ -208,7 +232,7 @@ _encode_topk = TritonKernel(
      cfg(BLOCK_M=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
      cfg(BLOCK_M=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
      cfg(BLOCK_M=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)],  # fits float64
-    key=["M", "N", "Kd", "KP"], bucketed=["M"], interp=dict(BLOCK_M=16, BLOCK_K=16, GROUP_M=2), wide="ACC64",
+    key=["M", "N", "Kd", "KP"], bucketed=["M"], interp=dict(BLOCK_M=16, BLOCK_K=16, GROUP_M=2), prune=gemm_prune,
 )
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import TritonKernel, cfg, flat_grid, kernel_op
+from .triton_common import TritonKernel, cfg, flat_grid, kernel_op, last_config_if
 
 
 @triton.jit
@@ -85,6 +85,7 @@ _jumprelu_bwd = TritonKernel(
     [cfg(BLOCK_R=32, BLOCK_N=128, num_warps=4), cfg(BLOCK_R=64, BLOCK_N=64, num_warps=4),
      cfg(BLOCK_R=16, BLOCK_N=256, num_warps=8)],
     key=["R", "N"], bucketed=["R"], interp=dict(BLOCK_R=8, BLOCK_N=32),
+    prune=last_config_if("WIDE64"),  # float64 accumulators in the 32x128 / 64x64 tiles spill in the row loop
 )
 
 

@@ -200,7 +200,7 @@ class Launch:
 
     def grids(self) -> list[tuple[int, ...]]:
         """The launch grid under every config this launch may run with (autotune configs and the interpreter's)."""
-        return [self.kernel.grid_of(self.grid, m) for m in self.kernel.metas(self.kwargs)]
+        return [self.kernel.grid_of(self.grid, m) for m in self.kernel.metas(self.named_args())]
 
 
 class TritonKernel:
@@ -213,15 +213,15 @@ class TritonKernel:
     the first config (the last one for float64 data, so every list ends with a config small enough for
     float64 tiles); under the interpreter it runs ``interp`` — small blocks, so that tests at odd sizes
     cross several blocks and every mask. Launching goes through ``torch.library.wrap_triton`` so
-    ``torch.compile`` sees the kernel itself. Kernels with a ``tl.dot`` name ``wide="ACC64"``: float64
-    launches then tune over the last config only (float64 tiles of the others pass the 227 KB of
-    shared memory of an H100, see ``benchmarks/results/compile``).
+    ``torch.compile`` sees the kernel itself. ``prune(configs, named_args) -> configs`` narrows the
+    configs a launch may use by its arguments (e.g. float64 data: the last, smallest config; see
+    ``last_config_if``) — what the compile report found not to fit or to spill in a loop never runs.
     """
 
     #: every kernel made here, by name (the compile report and the tests walk them)
     registry: dict[str, "TritonKernel"] = {}
 
-    def __init__(self, fn, configs, key, interp, bucketed=(), reset_to_zero=None, wide=None):
+    def __init__(self, fn, configs, key, interp, bucketed=(), reset_to_zero=None, prune=None):
         self.fn = fn
         self.name = fn.__name__
         self.configs = configs
@@ -229,9 +229,9 @@ class TritonKernel:
         self.bucketed = set(bucketed)
         assert self.bucketed <= set(self.key), "bucketed sizes must be key arguments"
         self.interp = interp
-        self.wide = wide
-        prune = {"early_config_prune": self._prune} if wide else None
-        self.tuned = (triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune)(fn)
+        self.prune = prune
+        by = {"early_config_prune": lambda configs, nargs, **kw: prune(configs, {**nargs, **kw})} if prune else None
+        self.tuned = (triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by=by)(fn)
                       if AUTOTUNE else None)
         self._best: dict[tuple, triton.Config] = {}  # bucketed tuning key -> the config tuned for it
         self.seen_keys: set[tuple] = set()  # every tuning key launched with (tests count them)
@@ -254,18 +254,15 @@ class TritonKernel:
         dtypes = tuple(str(v.dtype) for v in named.values() if isinstance(v, Tensor))
         return vals + dtypes
 
-    def _prune(self, configs, named_args, **kwargs):
-        return configs[-1:] if (kwargs.get(self.wide) or named_args.get(self.wide)) else configs
+    def candidate_configs(self, named: dict) -> list:
+        """The configs a launch with these arguments (by name) can run with on a GPU."""
+        return list(self.prune(self.configs, named)) if self.prune else list(self.configs)
 
-    def candidate_configs(self, kwargs: dict) -> list:
-        """The configs a launch with these constexprs can run with on a GPU (all, or float64's last)."""
-        return self._prune(self.configs, {}, **kwargs) if self.wide else list(self.configs)
-
-    def metas(self, kwargs: dict) -> list[dict]:
+    def metas(self, named: dict) -> list[dict]:
         """Block sizes (and warps/stages) of every config this launch can run with here."""
         if not gpu_geometry():
             return [dict(self.interp)]
-        cfgs = self.candidate_configs(kwargs)
+        cfgs = self.candidate_configs(named)
         if not AUTOTUNE and not _as_gpu:
             cfgs = cfgs[:1]
         return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
@@ -302,14 +299,14 @@ class TritonKernel:
         elif self.tuned is not None:
             best = self._best.get(tkey)
             if best is None:
-                self._check_grid(grid, self.metas(kwargs))
+                self._check_grid(grid, self.metas(named))
                 wrap_triton(self.tuned)[grid](*args, **kwargs)
                 if getattr(self.tuned, "best_config", None) is not None:  # not while torch.compile traces
                     self._best[tkey] = self.tuned.best_config
                 return
             meta = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
         else:
-            meta = self.metas(kwargs)[0]  # untuned: the first config (float64: the last)
+            meta = self.metas(named)[0]  # untuned: the first config this launch may use
             self._check_grid(grid, [meta])
         wrap_triton(self.fn)[grid](*args, **kwargs, **meta)
 
@@ -351,6 +348,16 @@ def kernel_op(name: str):
 
 def cfg(num_warps=4, num_stages=2, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def last_config_if(*flags: str):
+    """A ``prune`` that keeps only the last config when any of the named constexpr flags is set (the
+    config lists end with one small enough for float64 data)."""
+
+    def prune(configs, named):
+        return configs[-1:] if any(named.get(f) for f in flags) else configs
+
+    return prune
 
 
 def flat_grid(*counts: Callable[[dict], int]):

@@ -57,7 +57,7 @@ class Variant:
         return {k: v for k, v in self.launch.kwargs.items()}
 
     def configs(self) -> list:
-        return self.launch.kernel.candidate_configs(self.launch.kwargs)
+        return self.launch.kernel.candidate_configs(self.launch.named_args())
 
 
 @contextlib.contextmanager
@@ -290,20 +290,28 @@ def uses_dot(v: Variant) -> bool:
 def atomic_result_broadcast(ptx: str) -> Optional[bool]:
     """Does the PTX hand each ``atom.global`` result to every thread holding the element?
 
-    Triton >= 3.5 (triton-lang/triton#7460) stores the atomic's result to shared memory under the
-    owning thread's predicate, syncs, and reloads it in every thread; 3.4 stored it unpredicated from
-    every thread (the non-owners' zeros race with the owner's value). None: the PTX has no atomic.
+    When a layout replicates the atomic's elements over several threads, Triton issues the atomic from one
+    owner thread only (its predicate is ``and.pred owner, mask``). Triton >= 3.5 (triton-lang/triton#7460)
+    then stores the result to shared memory under the owner predicate, syncs, and reloads it in every
+    thread; 3.4 stored it unpredicated from every thread (the non-owners' zeros race with the owner's
+    value). An atomic predicated by its mask alone has one thread per element: nothing to broadcast.
+    None: the PTX has no atomic.
     """
     lines = ptx.splitlines()
     found = False
     for i, line in enumerate(lines):
-        m = re.search(r"atom\.global\.\S+\s+(%r\d+),", line)
+        m = re.search(r"@(%p\d+)\s+atom\.global\.\S+\s+(%r\d+),", line)
         if not m:
             continue
         found = True
-        reg = re.escape(m.group(1))
+        pred, reg = m.group(1), re.escape(m.group(2))
+        defs = [re.search(r"and\.pred\s+" + re.escape(pred) + r",\s*(%p\d+),\s*(%p\d+);", x) for x in lines[:i]]
+        defs = [d for d in defs if d]
+        if not defs:
+            continue  # predicated by the mask alone: no replicated element
+        owners = "|".join(re.escape(p) for p in defs[-1].groups())
         window = "\n".join(lines[i + 1:i + 12])
-        if not re.search(r"@%p\d+\s+st\.shared\S*\s+\[[^\]]+\],\s*" + reg + r";", window):
+        if not re.search(r"@(" + owners + r")\s+st\.shared\S*\s+\[[^\]]+\],\s*" + reg + r";", window):
             return False
     return True if found else None
 
@@ -343,6 +351,8 @@ def job_key(v: Variant, config, arch: int) -> str:
     h = hashlib.sha256(f"{triton.__version__}|{v.kernel}|{v.site}|{v.dtype}|{arch}|{config_name(config)}|"
                        f"{sorted(v.constexprs.items())}|".encode())
     h.update(kernel_source(v.launch.kernel.fn).encode())
+    for f in (compile_variant, _ptxas_numbers, loop_spills, atomic_result_broadcast):  # how results are read
+        h.update(inspect.getsource(f).encode())
     h.update(repr([(type(a).__name__, getattr(a, "dtype", a), getattr(a, "shape", None), getattr(a, "stride", None)
                     and a.stride()) for a in v.launch.args]).encode())
     return h.hexdigest()[:24]
