@@ -289,6 +289,14 @@ class TritonKernel:
             return
         if INTERPRET and any(_is_fake(a) for a in args):
             return  # shape propagation of an interpreter op (see kernel_op): nothing to compute
+        if any(isinstance(v, torch.SymInt) for v in named.values()):
+            # torch.compile tracing a triton_op with a dynamic size (a list width): the kernel goes into
+            # the graph as is; bucketed keys and grid checks need concrete sizes, which it has when it runs
+            if self.tuned is not None:
+                wrap_triton(self.tuned)[grid](*args, **kwargs)
+            else:
+                wrap_triton(self.fn)[grid](*args, **kwargs, **self.metas(named)[0])
+            return
         tkey = self.tuning_key(named)
         self.seen_keys.add(tkey)
         self.seen_raw.add(self.tuning_key(named, bucketed=False))
