@@ -3,6 +3,7 @@
 
     python benchmarks/bench_gpu.py                       # d_in 2304, batch 4096, d_sae 16384 and 65536, bf16
     python benchmarks/bench_gpu.py --dtype float32 --d-sae 16384
+    python benchmarks/bench_gpu.py --d-sae 65536 --write-table   # also store the encoder provider choice
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # no GPU: run every code path at toy sizes on CPU
 
 What it does, in order:
@@ -14,9 +15,12 @@ What it does, in order:
    JumpReLU at L0 ≈ ``--l0`` (θ set per latent from the batch's quantiles, ε = 1e-3, inputs with
    E‖x‖² = 1), TopK and BatchTopK at k = ``--k``. Providers: eager, compiled eager, triton
    (and sparsify for TopK). Peak memory is ``max_memory_allocated`` during one step above the level
-   before it. The encoder GEMM is timed alone: the fused encoder (GEMM + compaction / top-k epilogue)
-   against a bare ``torch.matmul`` of the same shape, in TFLOP/s.
-4. Writes ``benchmarks/results/<gpu-name>/bench_gpu.md`` and ``.csv`` (device, versions, command).
+   before it. The encoder is timed alone: both providers — the fused Triton GEMM (compaction / top-k
+   in its epilogue) and cuBLAS slabs (``torch.addmm`` per bounded column slab + a Triton compaction
+   kernel) — against a bare ``torch.matmul`` of the same shape, in TFLOP/s.
+4. Writes ``benchmarks/results/<gpu-name>/bench_gpu.md`` and ``.csv`` (device, versions, command) and
+   ``encoder_table.json``: the faster provider per (arch, B, d_in, d_sae, dtype). ``--write-table`` also
+   merges it into ``fastsae/ops/encoder_table.json``, which ``encode.encoder_plan`` reads.
 
 Targets (from the issue): JumpReLU step >= 3x eager and >= 2x compiled, peak memory <= 1/3 of eager;
 TopK step >= 1.3x sparsify; fused encoder within 1.25x of the bare GEMM. The table says which are met.
@@ -165,8 +169,10 @@ def check_correctness(device, small=False) -> list[str]:
     from fastsae.backends import get
 
     failures = []
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    matmul = torch.backends.cuda.matmul
+    # the fp32_precision API: setting or reading the legacy allow_tf32 raises once it was used (torch >= 2.9)
+    prev = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
     try:
         tri, eag = get("triton", device), get("eager", device)
         torch.manual_seed(0)
@@ -229,7 +235,7 @@ def check_correctness(device, small=False) -> list[str]:
         except AssertionError as err:
             failures.append(f"sparse_decode: {str(err).splitlines()[0]}")
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        matmul.fp32_precision = prev
     return failures
 
 
@@ -257,7 +263,7 @@ def run(args) -> int:
         return 1
     from fastsae.backends import get
     from fastsae.ops import encode as enc
-    from fastsae.ops.topk import merge_candidates
+    from fastsae.ops.topk import recompute_gemm, select_rows
 
     if args.smoke:
         args.d_in, args.d_sae, args.batch, args.l0, args.k = 24, [70], 33, 4, 4
@@ -273,7 +279,7 @@ def run(args) -> int:
     print("  all triton ops and fused steps match eager (float32, TF32 off)")
 
     tri = get("triton", device)
-    rows = []
+    rows, table = [], []
     lam = 1e-3
     for d_sae in args.d_sae:
         x, W_enc, b_enc, W_dec, b_dec = make_params(args.d_in, d_sae, args.batch, dtype, device)
@@ -352,25 +358,69 @@ def run(args) -> int:
                 zero_grads(ps4)
             rows.append(dict(arch=arch, shape=shape, l0_or_k=f"k={args.k}", sparsify_note=note, **_row(res, "triton")))
 
-        # --- the encoder GEMM alone -----------------------------------------------------------
+        # --- the encoder alone: both providers against a bare matmul -----------------------------------
         flops = 2.0 * args.batch * args.d_in * d_sae
         with torch.no_grad():
             Wd, bd, th = W_enc.detach(), b_enc.detach(), theta.detach()
             t_mm = bench_ms(lambda: torch.matmul(x, Wd), device)
-            t_jr = bench_ms(lambda: enc.encode_jumprelu(x, Wd, bd, th, eps), device)
-            cap = enc._capacity_hint[(args.batch, d_sae)]
-            t_jr_kernel = bench_ms(lambda: enc.jumprelu_lists(x, Wd, bd, th, eps, cap), device)
-            t_tk_kernel = bench_ms(lambda: enc.topk_candidates_fused(x, Wd, bd, args.k), device)
-            t_tk = bench_ms(lambda: merge_candidates(*enc.topk_candidates_fused(x, Wd, bd, args.k), args.k), device)
-        for name, t in [("torch.matmul", t_mm), ("fused jumprelu encoder (kernel)", t_jr_kernel),
-                        ("fused jumprelu encoder (op, with capacity check)", t_jr),
-                        ("fused topk encoder (kernel)", t_tk_kernel), ("fused topk encoder + merge", t_tk)]:
+            timed = [("torch.matmul", None, None, t_mm)]
+            for provider in enc.PROVIDERS:
+                t_jr = bench_ms(lambda: enc.encode_jumprelu(x, Wd, bd, th, eps, provider), device)
+                cap = enc._capacity_hint[(args.batch, d_sae)]
+                t_jr_lists = bench_ms(lambda: enc.jumprelu_lists(x, Wd, bd, th, eps, cap, provider), device)
+                t_tk_cand = bench_ms(lambda: enc.topk_candidates(x, Wd, bd, args.k, provider), device)
+
+                def topk_full(provider=provider):
+                    c = enc.topk_candidates(x, Wd, bd, args.k, provider)
+                    return select_rows(c, args.k, recompute_gemm(x, Wd, bd, c))
+
+                t_tk = bench_ms(topk_full, device)
+                timed += [(f"{provider}: jumprelu lists (one pass)", provider, "jumprelu", t_jr_lists),
+                          (f"{provider}: jumprelu encoder op (with capacity check, sort)", provider, None, t_jr),
+                          (f"{provider}: topk candidates", provider, None, t_tk_cand),
+                          (f"{provider}: topk exact selection", provider, "topk", t_tk)]
+        for name, provider, arch, t in timed:
             rows.append(dict(arch="encoder GEMM", shape=shape, l0_or_k=name, ms=t, tflops=flops / t / 1e9,
-                             vs_matmul=t / t_mm))
+                             vs_matmul=t / t_mm, provider=provider or "", table_arch=arch or ""))
+        for arch in ("jumprelu", "topk"):
+            ts = {r["provider"]: r["ms"] for r in rows if r.get("table_arch") == arch and r["shape"] == shape}
+            if len(ts) == 2:
+                table.append(dict(device=gpu, dtype=str(dtype).removeprefix("torch."), arch=arch, B=args.batch,
+                                  d_in=args.d_in, d_sae=d_sae, fused_ms=ts["fused"], slab_ms=ts["slab"],
+                                  best=min(ts, key=ts.get)))
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
     write_results(rows, gpu, dtype, args)
+    write_table(table, gpu, args)
     return 0
+
+
+def write_table(table, gpu, args):
+    """The measured provider choice: ``results/<gpu>/encoder_table.json``; merged into the package's table
+    (``fastsae/ops/encoder_table.json``, read by ``encode.encoder_plan``) with ``--write-table``."""
+    import json
+
+    from fastsae.ops import encode as enc
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu).strip("_")
+    out_dir = os.path.join(HERE, "results", safe)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "encoder_table.json"), "w") as f:
+        json.dump({"entries": table}, f, indent=1)
+    for e in table:
+        print(f"encoder provider for {e['arch']} B={e['B']} d_sae={e['d_sae']}: {e['best']} "
+              f"(fused {e['fused_ms']:.3g} ms, slab {e['slab_ms']:.3g} ms)")
+    if args.write_table and not args.smoke:
+        try:
+            with open(enc.TABLE_PATH) as f:
+                entries = json.load(f).get("entries", [])
+        except (OSError, ValueError):
+            entries = []
+        same = lambda a, b: all(a[k] == b[k] for k in ("device", "dtype", "arch", "B", "d_in", "d_sae"))  # noqa: E731
+        entries = [e for e in entries if not any(same(e, t) for t in table)] + table
+        with open(enc.TABLE_PATH, "w") as f:
+            json.dump({"entries": entries}, f, indent=1)
+        print(f"merged {len(table)} entries into {enc.TABLE_PATH}")
 
 
 def _row(res, mine):
@@ -420,12 +470,12 @@ def write_results(rows, gpu, dtype, args):
     for r in step_rows:
         lines.append(f"| {r['arch']} | {r['shape']} | {r['l0_or_k']} | " + " | ".join(_fmt(r.get(c, float('nan'))) for c in cols)
                      + f" | {_targets(r)} |")
-    lines += ["", "| encoder | shape | ms | TFLOP/s | time vs torch.matmul |", "|---|---|---|---|---|"]
+    lines += ["", "| encoder (provider: what) | shape | ms | TFLOP/s | time vs torch.matmul |", "|---|---|---|---|---|"]
     for r in rows:
         if r["arch"] == "encoder GEMM":
             lines.append(f"| {r['l0_or_k']} | {r['shape']} | {_fmt(r['ms'])} | {_fmt(r['tflops'])} | {_fmt(r['vs_matmul'])} |")
     lines += ["", "Targets: JumpReLU >= 3x eager, >= 2x compile, peak <= 1/3 eager; TopK >= 1.3x sparsify; "
-              "fused encoder kernel <= 1.25x torch.matmul."]
+              "encoder (either provider's one pass) <= 1.25x torch.matmul."]
     notes = {r.get("sparsify_note") for r in rows if r.get("sparsify_note")}
     lines += [f"TopK baseline: {n}" for n in notes]
     text = "\n".join(lines) + "\n"
@@ -455,6 +505,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--smoke", action="store_true", help="toy sizes; on CPU needs TRITON_INTERPRET=1")
+    p.add_argument("--write-table", action="store_true",
+                   help="merge the measured encoder provider choice into fastsae/ops/encoder_table.json")
     return run(p.parse_args(argv))
 
 

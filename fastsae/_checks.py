@@ -5,6 +5,7 @@ so a compiled or Triton kernel never sees a bad shape or an out-of-range index.
 """
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
 from typing import Union
 
 import torch
@@ -79,3 +80,47 @@ def indices_in_range(name: str, indices, size: int) -> Tensor:
         if lo < 0 or hi >= size:
             raise IndexError(f"{name} must lie in [0, d_sae={size}), got values in [{lo}, {hi}]")
     return indices.long()
+
+
+def same_device(**tensors) -> None:
+    """Every given tensor (``None`` entries skipped) on one device.
+
+    Mixing devices is refused before any kernel runs: a ``meta`` tensor holds no data, so a kernel handed one
+    next to real tensors would read uninitialised memory (or reach a fake, shape-only implementation).
+    """
+    first = None
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            meta = " (a meta tensor holds no data)" if "meta" in (t.device.type, first[1].type) else ""
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}: every tensor argument "
+                             f"must be on one device{meta}")
+
+
+def module_device(module, **inputs) -> None:
+    """``module``'s parameters and buffers, and each input, all on one device (see :func:`same_device`)."""
+    tensors = {f"{type(module).__name__}.{n}": t for n, t in module.named_parameters()}
+    tensors.update((f"{type(module).__name__}.{n}", t) for n, t in module.named_buffers())
+    same_device(**inputs, **tensors)
+
+
+def file_in_folder(folder, name, where) -> Path:
+    """``folder / name`` for a file name read from a manifest (``where``): a relative path that stays inside
+    ``folder``, also after resolving symbolic links. Anything else raises ValueError naming ``where``."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise ValueError(f"{where}: file entries must be non-empty relative paths, got {name!r}")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or Path(name).is_absolute() or Path(name).drive:
+        raise ValueError(f"{where}: file {name!r} points outside its folder {folder}")
+    path = folder / rel
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as e:  # a symbolic-link loop
+        raise ValueError(f"{where}: file {name!r} cannot be resolved: {e}") from e
+    if not inside:
+        raise ValueError(f"{where}: file {name!r} resolves to {path.resolve()}, outside its folder {folder}")
+    return path

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .io import atomic_write
+
 MANIFEST = "manifest.json"
 FORMAT = "fastsae-activations"
 FORMAT_VERSION = 1
@@ -447,17 +449,8 @@ class Capture:
 # ---------------------------------------------------------------------------------------------
 # Harvest to disk
 # ---------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write(out / MANIFEST, lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
+    atomic_write(out / MANIFEST, lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
 
 
 def read_manifest(path) -> dict:
@@ -470,11 +463,17 @@ def read_manifest(path) -> dict:
         m = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"data: {mpath} is not valid JSON: {e}") from e
-    if m.get("format") != FORMAT:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ValueError(f"data: {mpath} is not a {FORMAT} manifest")
     for key in ("d_in", "dtype", "n_tokens", "shards"):
         if key not in m:
             raise ValueError(f"data: {mpath} lacks {key!r}")
+    if not isinstance(m["shards"], list) or not all(isinstance(e, dict) for e in m["shards"]):
+        raise ValueError(f"data: {mpath}: field 'shards' must be a list of objects")
+    from ._checks import file_in_folder
+
+    for e in m["shards"]:  # a manifest may not point outside its folder
+        file_in_folder(mpath.parent, e.get("file"), f"data: {mpath}")
     return m
 
 
@@ -616,7 +615,7 @@ def harvest(
             arr = np.concatenate(pending, axis=0)
             index = len(manifest["shards"])
             name = f"shard_{index:05d}.npy"
-            _atomic_write(out / name, lambda fh: np.save(fh, arr, allow_pickle=False))
+            atomic_write(out / name, lambda fh: np.save(fh, arr, allow_pickle=False))
             sq = float(np.square(arr, dtype=np.float64).sum())
             manifest["shards"].append(dict(file=name, n_tokens=int(arr.shape[0]), sum_sq_norm=sq))
             manifest["n_tokens"] += int(arr.shape[0])
@@ -668,7 +667,8 @@ def harvest(
 def open_shards(path) -> list:
     """The shards of a harvest folder as read-only memory maps ``[n_tokens, d_in]`` (nothing is read yet)."""
     m = read_manifest(path)
-    return [np.load(Path(path) / s["file"], mmap_mode="r") for s in m["shards"]]
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return [np.load(folder / s["file"], mmap_mode="r", allow_pickle=False) for s in m["shards"]]
 
 
 # ---------------------------------------------------------------------------------------------

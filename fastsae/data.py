@@ -8,16 +8,17 @@ replaying the rows before (tensors and shard folders; re-iterable iterables are 
 - ``[N, d_in]`` tensor or array: a fresh random permutation of the rows every epoch.
 - A folder of ``*.npy`` / ``*.safetensors`` shards (each one 2-D ``[n_tokens, d_in]`` array, read in name
   order, or in the order of an optional ``manifest.json``'s ``shards: [{file}, ...]``, which is never
-  required and whose ``d_in`` is checked): files are memory-mapped and read
-  lazily in contiguous blocks; every epoch the blocks are shuffled, then the rows within a buffer of
-  blocks, so a dataset larger than RAM trains with bounded memory.
+  required and whose ``d_in`` is checked; its entries may not point outside the folder): headers are
+  validated when a shard is opened and files are read lazily in contiguous blocks with ordinary reads (no
+  memory map: a shard truncated or rewritten during training raises ValueError naming it, never SIGBUS);
+  every epoch the blocks are shuffled, then the rows within a buffer of blocks, so a dataset larger than RAM
+  trains with bounded memory.
 - Any iterable of ``[..., d_in]`` batches (tensors or arrays): used in its own order, re-batched.
 - :func:`synthetic`: sparse non-negative mixtures of known unit directions, with the true dictionary.
 """
 from __future__ import annotations
 
-import json
-import struct
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,9 +152,12 @@ class IterableSource(ActivationSource):
         self._peeked: list[Tensor] = []
         self._it: Optional[Iterator] = None
         self.d_in = None  # known after the first batch
-        first = self._pull()
+        first, n_items = self._pull(), 0
+        while first is not None and first.shape[0] == 0:  # empty batches carry nothing: skip to the first row
+            first, n_items = self._pull(), n_items + 1
         if first is None:
-            raise ValueError("data is an empty iterable")
+            raise ValueError("data is an empty iterable" if n_items == 0 else
+                             f"data holds no rows: all {n_items} batches of the iterable are empty")
         self._peeked.append(first)
 
     def _pull(self) -> Optional[Tensor]:
@@ -218,68 +222,132 @@ class IterableSource(ActivationSource):
 
 # -- shard folders --------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "F64": (np.float64, None),
-              "BF16": (np.uint16, torch.bfloat16)}
+_SHARD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _Shard:
-    """One memory-mapped 2-D array; ``rows(a, b)`` / ``take(idx)`` read only what they return."""
+    """One 2-D ``[n_tokens, d_in]`` array in a file; ``rows(a, b)`` / ``take(idx)`` read only what they return.
+
+    The header is validated when the shard is opened (its data must fit the file); every read first checks that
+    the file still has the size, inode and modification time it had then, and reads with ordinary positional
+    reads, never a memory map. So a shard truncated or rewritten while training reads it raises ValueError
+    naming the file instead of killing the process with SIGBUS, and no offset outside the file is ever read.
+    """
 
     def __init__(self, path: Path):
-        self.path = path
-        self.view_as = None  # torch dtype to reinterpret the numpy bits as (bf16)
-        if path.suffix == ".npy":
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except Exception as e:
-                raise ValueError(f"{path} is not a readable .npy file: {e}") from e
-        else:
-            arr = self._open_safetensors(path)
-        if arr.ndim != 2:
-            raise ValueError(f"{path} must hold a 2-D [n_tokens, d_in] array, got shape {arr.shape}")
-        if arr.dtype not in (np.float16, np.float32, np.float64) and self.view_as is None:
-            raise ValueError(f"{path} must hold float16/bfloat16/float32/float64 activations, got {arr.dtype}")
-        self.arr = arr
-        self.n, self.d_in = arr.shape
-
-    def _open_safetensors(self, path: Path) -> np.ndarray:
-        # Parse the header ourselves so the tensor can be memory-mapped (safetensors' own loaders read it all).
-        size = path.stat().st_size
+        self.path = Path(path)
         try:
-            with open(path, "rb") as fh:
-                (n_header,) = struct.unpack("<Q", fh.read(8))
-                if n_header > size - 8:
-                    raise ValueError("header length exceeds the file size")
-                header = json.loads(fh.read(n_header))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            st = self.path.stat()
+        except OSError as e:
+            raise ValueError(f"{path} cannot be read: {e}") from e
+        self._identity = (st.st_size, st.st_ino, st.st_mtime_ns)
+        if self.path.suffix == ".npy":
+            shape, self.dtype, self.offset, self._np_dtype = self._npy_header(st.st_size)
+        else:
+            shape, self.dtype, self.offset = self._safetensors_header()
+            self._np_dtype = None
+        if len(shape) != 2:
+            raise ValueError(f"{path} must hold a 2-D [n_tokens, d_in] array, got shape {tuple(shape)}")
+        if self.dtype not in _SHARD_DTYPES:
+            raise ValueError(f"{path} must hold float16/bfloat16/float32/float64 activations, got {self.dtype}")
+        self.n, self.d_in = shape
+        self.row_bytes = self.d_in * torch.empty((), dtype=self.dtype).element_size()
+        end = self.offset + self.n * self.row_bytes
+        if end > st.st_size:
+            raise ValueError(f"{path} is truncated or corrupt: its header describes {self.n} x {self.d_in} values "
+                             f"ending at byte {end}, the file has {st.st_size}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.d_in)
+
+    def _npy_header(self, size: int):
+        """Shape, dtype and data offset from a ``.npy`` header (numpy's parser evaluates literals only)."""
+        fmt = np.lib.format
+        try:
+            with open(self.path, "rb") as fh:
+                version = fmt.read_magic(fh)
+                read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, fortran_order, dtype = read(fh)
+                offset = fh.tell()
+        except (ValueError, OSError, SyntaxError, TypeError) as e:
+            raise ValueError(f"{self.path} is not a readable .npy file: {e}") from e
+        if dtype.hasobject:  # never unpickled: object arrays are refused outright
+            raise ValueError(f"{self.path} holds Python objects (dtype {dtype}), not activations")
+        if fortran_order and len(shape) == 2 and min(shape) > 1:
+            raise ValueError(f"{self.path} is stored in Fortran (column-major) order; save it C-ordered "
+                             "(np.ascontiguousarray) so rows can be read lazily")
+        native = dtype.newbyteorder("=")
+        names = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64}
+        if native not in names:
+            raise ValueError(f"{self.path} must hold float16/bfloat16/float32/float64 activations, got {dtype}")
+        return tuple(shape), names[native], offset, dtype
+
+    def _safetensors_header(self):
+        from .io import read_safetensors_header
+
+        header = read_safetensors_header(self.path)
+        tensors = header.tensors
         if len(tensors) != 1 and "activations" not in tensors:
-            raise ValueError(f"{path} must hold exactly one tensor (or one named 'activations'), "
+            raise ValueError(f"{self.path} must hold exactly one tensor (or one named 'activations'), "
                              f"got {sorted(tensors)}")
         info = tensors.get("activations") or next(iter(tensors.values()))
-        if info.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"{path}: activations must be F16/BF16/F32/F64, got {info.get('dtype')}")
-        np_dtype, self.view_as = _ST_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        expected = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-        if end - begin != expected or 8 + n_header + end > size:
-            raise ValueError(f"{path} is truncated or corrupt: tensor needs bytes [{begin}, {end}) after the "
-                             f"header, file has {size - 8 - n_header}")
-        if expected == 0:
-            return np.zeros(shape, dtype=np_dtype)
-        return np.memmap(path, dtype=np_dtype, mode="r", offset=8 + n_header + begin, shape=shape)
+        return info.shape, info.dtype, info.start
 
-    def _tensor(self, a: np.ndarray) -> Tensor:
-        t = torch.from_numpy(np.array(a, copy=True))  # read from the map into writable memory
-        return t.view(self.view_as) if self.view_as is not None else t
+    def _read(self, spans: list[tuple[int, int]]) -> Tensor:
+        """The rows ``[a, b)`` of each span, concatenated, as a fresh ``[rows, d_in]`` tensor."""
+        from .io import read_exact
+
+        total = sum(b - a for a, b in spans)
+        out = torch.empty(total, self.d_in, dtype=self.dtype)
+        if not total:
+            return out
+        raw = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        try:
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if (st.st_size, st.st_ino, st.st_mtime_ns) != self._identity:
+                    raise ValueError(f"{self.path} changed on disk since it was opened (size {self._identity[0]} -> "
+                                     f"{st.st_size} bytes): a shard must not be rewritten while training reads it")
+                at = 0
+                for a, b in spans:
+                    n = (b - a) * self.row_bytes
+                    read_exact(fh, self.offset + a * self.row_bytes, raw[at:at + n], self.path)
+                    at += n
+        except OSError as e:
+            raise ValueError(f"{self.path} cannot be read: {e}") from e
+        if self._np_dtype is not None and not self._np_dtype.isnative:  # a big-endian .npy
+            out.numpy().byteswap(inplace=True)
+        return out
 
     def rows(self, a: int, b: int) -> Tensor:
-        return self._tensor(self.arr[a:b])
+        if not 0 <= a <= b <= self.n:
+            raise IndexError(f"{self.path}: rows [{a}, {b}) outside [0, {self.n})")
+        return self._read([(a, b)])
 
     def take(self, idx: np.ndarray) -> Tensor:
-        return self._tensor(self.arr[idx])
+        """Rows ``idx`` (any order), read as runs of consecutive rows."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return self._read([])
+        if idx.min() < 0 or idx.max() >= self.n:
+            raise IndexError(f"{self.path}: row indices must lie in [0, {self.n})")
+        order = np.argsort(idx, kind="stable")
+        s = idx[order]
+        uniq, first = np.unique(s, return_inverse=True)
+        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+        if hi - lo <= 4 * uniq.size:  # dense enough: one read of the whole span
+            block, pos = self._read([(lo, hi)]), torch.from_numpy(uniq - lo)
+        else:
+            runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
+            block, pos = self._read([(int(r[0]), int(r[-1]) + 1) for r in runs]), torch.arange(uniq.size)
+        rows = block[pos][torch.from_numpy(first)]
+        out = torch.empty_like(rows)
+        out[torch.from_numpy(order)] = rows
+        return out
 
 
 class ShardSource(ActivationSource):
@@ -315,11 +383,9 @@ class ShardSource(ActivationSource):
         m = Path(path) / "manifest.json"
         if not m.is_file():
             return None
-        try:
-            manifest = json.loads(m.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{m} is not valid JSON: {e}") from e
-        return manifest if isinstance(manifest, dict) else None
+        from .io import read_json
+
+        return read_json(m)
 
     @staticmethod
     def _list(path, manifest: Optional[dict]) -> list[Path]:
@@ -330,14 +396,20 @@ class ShardSource(ActivationSource):
             return [path]
         if not path.is_dir():
             raise FileNotFoundError(f"{path} does not exist")
-        listed = (manifest or {}).get("shards")
-        if isinstance(listed, list) and listed and all(isinstance(e, dict) and "file" in e for e in listed):
+        if manifest is not None and "shards" in manifest:
             # A manifest that lists its shards is authoritative: a shard written by an interrupted harvest
-            # but not yet recorded is not part of the dataset.
-            files = [path / e["file"] for e in listed]
+            # but not yet recorded is not part of the dataset. Its entries may not point outside the folder.
+            from ._checks import file_in_folder
+
+            where, listed = path / "manifest.json", manifest["shards"]
+            if not isinstance(listed, list) or not all(isinstance(e, dict) and "file" in e for e in listed):
+                raise ValueError(f"{where}: field 'shards' must be a list of {{\"file\": name, ...}} objects")
+            if not listed:
+                raise ValueError(f"{where} lists no shards (an unfinished harvest?)")
+            files = [file_in_folder(path, e["file"], where) for e in listed]
             for f in files:
                 if not f.is_file():
-                    raise ValueError(f"{path / 'manifest.json'} lists {f.name}, which does not exist")
+                    raise ValueError(f"{where} lists {f.name}, which does not exist")
             return files
         files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".safetensors") and p.is_file())
         if not files:
@@ -345,7 +417,12 @@ class ShardSource(ActivationSource):
         return files
 
     def _check_manifest(self, path, manifest: Optional[dict]) -> None:
-        if manifest and "d_in" in manifest and int(manifest["d_in"]) != self.d_in:
+        d_in = (manifest or {}).get("d_in")
+        if d_in is None:
+            return
+        if isinstance(d_in, bool) or not isinstance(d_in, int):
+            raise ValueError(f"{Path(path) / 'manifest.json'}: field 'd_in' must be an integer, got {d_in!r}")
+        if d_in != self.d_in:
             raise ValueError(f"{Path(path) / 'manifest.json'} says d_in={manifest['d_in']} but the shards have "
                              f"d_in={self.d_in}")
 

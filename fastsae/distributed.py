@@ -594,20 +594,12 @@ def _pad(t: Tensor, width: int, value) -> Tensor:
     return F.pad(t, (0, width - t.shape[-1]), value=value)
 
 
-def _build(config: dict, d_sae: int, *, backend: str = "auto", device=None):
-    """An SAE module from a saved config with ``d_sae`` replaced (``k`` clipped to it)."""
-    from .sae import ARCHITECTURES
+def _build(config: dict, d_sae: int, *, backend: str = "auto", device=None, where="the SAE config", weights=None):
+    """An SAE module from a saved config with ``d_sae`` replaced (``k`` clipped to it); every field checked, and
+    ``weights`` (name -> shape) matched before anything is allocated."""
+    from .io import sae_from_config
 
-    cfg = dict(config)
-    cfg.pop("fastsae", None)
-    arch = cfg.pop("architecture", None)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    dtype = getattr(torch, cfg.pop("dtype", "float32"))
-    d_in = cfg.pop("d_in")
-    cfg.pop("d_sae")
-    args = (d_in, d_sae, min(cfg.pop("k"), d_sae)) if "k" in cfg else (d_in, d_sae)
-    return ARCHITECTURES[arch](*args, **cfg, dtype=dtype, backend=backend, device=device)
+    return sae_from_config(config, where, backend=backend, d_sae=d_sae, device=device, weights=weights)
 
 
 def _split_dims(full_shapes: dict[str, torch.Size], local_shapes: dict[str, torch.Size]) -> dict[str, Optional[int]]:
@@ -902,7 +894,10 @@ def _shard_file(i: int, n: int) -> str:
 
 
 def _optim_file(i: int, n: int) -> str:
-    return f"optim-{i:05d}-of-{n:05d}.pt"
+    return f"optim-{i:05d}-of-{n:05d}.safetensors"
+
+
+_OPTIM_META = "fastsae.optimizer"
 
 
 def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -913,9 +908,7 @@ def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optim
     ``shards.json`` (temp + rename). An existing manifest is removed first, so a crash midway leaves a
     directory without manifest (incomplete) rather than a manifest pointing at mixed files.
     """
-    from safetensors.torch import save as st_save
-
-    from .io import atomic_write_bytes
+    from .io import atomic_write_bytes, pack_optimizer, write_safetensors
 
     g = module.grid
     path = Path(path)
@@ -925,14 +918,10 @@ def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optim
         (path / MANIFEST).unlink(missing_ok=True)
     barrier()
     if g.data_rank == 0:
-        state = {k: v.detach().cpu().contiguous() for k, v in module.shard.state_dict().items()}
-        atomic_write_bytes(path / _shard_file(g.latent_rank, n), st_save(state))
+        write_safetensors(path / _shard_file(g.latent_rank, n), module.shard.state_dict())
         if optimizer is not None:
-            import io as _io
-
-            buf = _io.BytesIO()
-            torch.save(optimizer.state_dict(), buf)
-            atomic_write_bytes(path / _optim_file(g.latent_rank, n), buf.getvalue())
+            tensors, meta = pack_optimizer(optimizer)
+            write_safetensors(path / _optim_file(g.latent_rank, n), tensors, {_OPTIM_META: json.dumps(meta)})
     barrier()
     if g.is_main:
         sizes = split_sizes(module.d_sae, n)
@@ -952,27 +941,47 @@ def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optim
 
 
 def read_manifest(path) -> dict:
+    """``shards.json``, checked: its fields have the right types, its files exist with the recorded sizes and lie
+    inside ``path`` (ValueError naming the manifest otherwise)."""
+    from ._checks import file_in_folder
+    from .io import read_json
+
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{mpath} is not valid JSON: {e}") from e
-    for s in manifest["shards"]:
-        f = path / s["file"]
+    manifest = read_json(mpath)
+    shards, split, cfg = manifest.get("shards"), manifest.get("split"), manifest.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{mpath}: field 'config' must be an object")
+    if not isinstance(split, dict) or not all(d is None or (isinstance(d, int) and not isinstance(d, bool)
+                                                            and 0 <= d < 2) for d in split.values()):
+        raise ValueError(f"{mpath}: field 'split' must map tensor names to null or a dimension (0 or 1)")
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(s, dict) and isinstance(s.get("bytes"), int) and not isinstance(s["bytes"], bool)
+            for s in shards):
+        raise ValueError(f"{mpath}: field 'shards' must be a non-empty list of {{file, bytes, ...}} objects")
+    for s in shards:
+        f = file_in_folder(path, s.get("file"), mpath)
         if not f.is_file() or f.stat().st_size != s["bytes"]:
             raise ValueError(f"{mpath}: shard {s['file']} is missing or has the wrong size")
+    optim = manifest.get("optimizer")
+    if optim is not None:
+        if not isinstance(optim, list) or len(optim) != len(shards):
+            raise ValueError(f"{mpath}: field 'optimizer' must list one file per shard")
+        for name in optim:
+            file_in_folder(path, name, mpath)
     return manifest
 
 
 def _full_state(path: Path, manifest: dict) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+    from .io import read_safetensors
 
-    shards = [load_file(str(path / s["file"])) for s in manifest["shards"]]
+    shards = [read_safetensors(path / s["file"])[0] for s in manifest["shards"]]
     out = {}
     for name, dim in manifest["split"].items():
+        if any(name not in s for s in shards):
+            raise ValueError(f"{path / MANIFEST}: tensor {name!r} is missing from a shard")
         out[name] = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim)
     return out
 
@@ -987,17 +996,30 @@ def load_optimizer_shard(path, optimizer: torch.optim.Optimizer, g: Optional[Gri
     if len(files) != g.latent_size:
         raise ValueError(f"{path}: optimizer state was saved for latent size {len(files)}, "
                          f"this grid has {g.latent_size}")
-    optimizer.load_state_dict(torch.load(Path(path) / files[g.latent_rank], map_location="cpu"))
+    from .io import read_safetensors, unpack_optimizer
+
+    file = Path(path) / files[g.latent_rank]
+    tensors, metadata = read_safetensors(file)
+    try:
+        meta = json.loads(metadata[_OPTIM_META])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{file} holds no fastsae optimizer state") from e
+    unpack_optimizer(optimizer, tensors, meta, file)
 
 
 def load_sharded(path, *, device=None, backend: str = "auto"):
     """Reassemble a sharded checkpoint into one single-process SAE (for inference or further training)."""
+    from .io import _check_device
+
+    _check_device(device)
     path = Path(path)
     manifest = read_manifest(path)
     cfg = manifest["config"]
-    sae = _build(cfg, cfg["d_sae"], backend=backend)
+    state = _full_state(path, manifest)
+    sae = _build(cfg, cfg.get("d_sae"), backend=backend, where=path / MANIFEST,
+                 weights={k: v.shape for k, v in state.items()})
     try:
-        sae.load_state_dict(_full_state(path, manifest))
+        sae.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: shards do not match the manifest's config: {e}") from e
     return sae.to(device) if device is not None else sae
@@ -1006,21 +1028,28 @@ def load_sharded(path, *, device=None, backend: str = "auto"):
 def load_shard(path, g: Optional[Grid] = None, *, backend: str = "auto", device=None) -> ShardedSAE:
     """Resume: this rank's :class:`ShardedSAE` from a sharded checkpoint, on any latent size (the same size
     reads only this rank's file; another size reassembles the SAE on the host and re-slices it)."""
-    from safetensors.torch import load_file
+    from .io import read_safetensors
 
     g = g or grid()
     path = Path(path)
     manifest = read_manifest(path)
     cfg = manifest["config"]
+    _build(cfg, cfg.get("d_sae"), device="meta", where=path / MANIFEST)  # every field checked, nothing allocated
     n = len(manifest["shards"])
     if n == g.latent_size:
-        state = load_file(str(path / manifest["shards"][g.latent_rank]["file"]))
+        state = read_safetensors(path / manifest["shards"][g.latent_rank]["file"])[0]
         start, stop = shard_range(cfg["d_sae"], g.latent_rank, g.latent_size)
-        local = _build(cfg, stop - start, backend=backend, device=device)
-        local.load_state_dict(state)
+        local = _build(cfg, stop - start, backend=backend, device=device, where=path / MANIFEST,
+                       weights={k: v.shape for k, v in state.items()})
+        try:
+            local.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: shard {g.latent_rank} does not match the manifest's config: {e}") from e
         return ShardedSAE(local, cfg, g, manifest["split"])
-    full = _build(cfg, cfg["d_sae"], backend=backend, device=device)
-    full.load_state_dict(_full_state(path, manifest))
+    state = _full_state(path, manifest)
+    full = _build(cfg, cfg["d_sae"], backend=backend, device=device, where=path / MANIFEST,
+                  weights={k: v.shape for k, v in state.items()})
+    full.load_state_dict(state)
     return ShardedSAE.from_full(full, g)
 
 
@@ -1360,14 +1389,16 @@ class TrainingContext:
             return path
         manifest = path.with_suffix(".json")
         if manifest.is_file():
-            try:
-                files = json.loads(manifest.read_text())["files"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
-                raise ValueError(f"{manifest} is not a valid checkpoint manifest: {e}") from e
+            from ._checks import file_in_folder
+            from .io import read_json
+
+            files = read_json(manifest).get("files")
+            if not isinstance(files, list):
+                raise ValueError(f"{manifest} is not a valid checkpoint manifest: field 'files' must be a list")
             if len(files) != self.grid.latent_size:
                 raise ValueError(f"{manifest} holds {len(files)} latent shards; this run has "
                                  f"latent_parallel={self.grid.latent_size} (resume needs the same)")
-            return path.with_name(files[self.grid.latent_rank])
+            return file_in_folder(path.parent, files[self.grid.latent_rank], manifest)
         return self._generation_file(path, 0)
 
     def _generation_file(self, path: Path, step: int, latent_rank: Optional[int] = None) -> Path:
@@ -1403,9 +1434,9 @@ class TrainingContext:
         barrier()
         if self.grid.data_rank == 0:
             pattern = f"{base.stem}-step*-latent{self.grid.latent_rank:05d}-of-{self.grid.latent_size:05d}{base.suffix}"
-            for old in base.parent.glob(pattern):
+            for old in list(base.parent.glob(pattern)) + list(base.parent.glob(f".{pattern}.tmp*")):
                 if old != mine:
-                    old.unlink(missing_ok=True)
+                    old.unlink(missing_ok=True)  # older generations, and temporaries of interrupted saves
 
     def finish(self, sae) -> nn.Module:
         """The trained SAE as one module on every rank: the user's object (data parallel trains it in place;

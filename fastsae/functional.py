@@ -61,6 +61,7 @@ def sparse_decode(
         raise ValueError(f"W_dec must be [d_sae, d_in], got shape {tuple(W_dec.shape)}")
     if values.dim() == 0:
         raise ValueError("values must be at least 1-D [..., k], got a scalar")
+    check.same_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec)
     if not hasattr(indices, "shape") or tuple(indices.shape) != tuple(values.shape):
         got = tuple(indices.shape) if hasattr(indices, "shape") else type(indices).__name__
         raise ValueError(f"indices must have the shape of values {tuple(values.shape)}, got {got}")
@@ -82,4 +83,5 @@ def _elementwise_args(pre, threshold, bandwidth, backend):
         raise ValueError("pre must be at least 1-D [..., d_sae], got a scalar")
     d_sae = pre.shape[-1]
     check.latent_vector("threshold", threshold, d_sae)
+    check.same_device(pre=pre, threshold=threshold, bandwidth=bandwidth)
     return pre, threshold, check.bandwidth(bandwidth, d_sae, threshold)

@@ -15,13 +15,26 @@ outputs equal those libraries' own forward passes:
 
 A corrupt or truncated file raises ``ValueError`` naming the file; a folder in none of these layouts
 raises ``FileNotFoundError`` saying what was expected.
+
+Nothing here can execute code from a file: tensors are read by one validating safetensors reader
+(:func:`read_safetensors`: every offset checked against the file, read with ordinary reads, never
+memory-mapped), ``.npz``/``.npy`` with ``allow_pickle=False``, everything else is JSON whose every field is
+type-checked (:func:`sae_from_config`). The same module holds the one atomic writer (:func:`atomic_write`)
+and the tensors + JSON form of optimizer state used by training checkpoints.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import inspect
 import json
+import math
 import os
+import struct
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -34,22 +47,408 @@ SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
 GEMMA_SCOPE = "params.npz"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: everything fastsae writes goes through `atomic_write`
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file next to it, fsync, then rename over it.
+
+    A crash at any point leaves the previous ``path`` (or none); a failed write (e.g. a full disk) removes the
+    temporary file and raises ``OSError`` naming ``path``, the previous file untouched; a successful write also
+    removes the temporaries that earlier, interrupted writes of ``path`` left behind.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the device while writing {path}; the previous "
+                                   f"{path.name} (if any) is unchanged") from e
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def read_exact(fh: BinaryIO, offset: int, out: memoryview, path) -> None:
+    """Fill ``out`` with the bytes of ``fh`` from ``offset``; a file that ends early raises ValueError naming ``path``
+    (reads, never memory maps: a file truncated while training reads it cannot kill the process with SIGBUS)."""
+    fh.seek(offset)
+    done, n = 0, len(out)
+    while done < n:
+        got = fh.readinto(out[done:])
+        if not got:
+            raise ValueError(f"{path} is truncated: expected {n} bytes at offset {offset}, the file ends after "
+                             f"{done} (was it rewritten or truncated while being read?)")
+        done += got
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: one validating reader and one streaming writer for every tensor file fastsae touches
+# ----------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+#: the safetensors library's own limit on the JSON header
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a safetensors file lives: ``[start, stop)`` are absolute byte offsets in the file."""
+
+    dtype: torch.dtype
+    shape: tuple
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    size: int  # of the file, in bytes, when the header was read
+    tensors: dict  # name -> TensorInfo, in file order
+    metadata: dict  # str -> str
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the JSON repeats the key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_safetensors_header(path) -> SafetensorsHeader:
+    """The validated header of a safetensors file.
+
+    Every tensor's dtype is known, its shape a list of non-negative ints, its byte range the size its shape and
+    dtype need, and the ranges tile the data section exactly (no negative, overlapping or out-of-file offsets):
+    nothing outside the file, and nothing of the header, is ever read as tensor data.
+    """
+    path = Path(path)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a readable safetensors file: {why}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise bad(f"the file has {size} bytes, fewer than the 8 of the header length")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
+                raise bad(f"header length {n} does not fit the file of {size} bytes")
+            raw = fh.read(n)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets, got {info!r}")
+        dtype = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise bad(f"tensor {name!r} has dtype {info['dtype']!r}; fastsae reads {sorted(_ST_DTYPES)}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}, not two integers")
+        begin, end = offsets
+        need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin < 0 or end < begin or end - begin != need:
+            raise bad(f"tensor {name!r} has data_offsets {offsets} but its shape {shape} and dtype {info['dtype']} "
+                      f"need {need} bytes")
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    at = 0
+    for begin, end, name, _, _ in entries:
+        if begin != at:
+            raise bad(f"tensor {name!r} starts at data offset {begin}, expected {at} "
+                      "(tensors overlap or leave a gap)")
+        at = end
+    if at != data_size:
+        raise bad(f"the tensors cover {at} bytes of data but the file holds {data_size} after the header "
+                  "(truncated or padded)")
+    tensors = {name: TensorInfo(dtype, shape, data_start + begin, data_start + end)
+               for begin, end, name, dtype, shape in entries}
+    return SafetensorsHeader(path=path, size=size, tensors=tensors, metadata=metadata)
+
+
+def read_safetensors(path, names=None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file (only ``names`` if given), read into fresh CPU tensors."""
+    header = read_safetensors_header(path)
+    wanted = header.tensors if names is None else {k: header.tensors[k] for k in names}
+    out = {}
+    with open(header.path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size != header.size:
+            raise ValueError(f"{header.path} changed size while being read")
+        for name, info in wanted.items():
+            t = torch.empty(info.shape, dtype=info.dtype)
+            if t.numel():
+                read_exact(fh, info.start, memoryview(t.reshape(-1).view(torch.uint8).numpy()), header.path)
+            out[name] = t
+    return out, dict(header.metadata)
+
+
+def write_safetensors(path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a safetensors file atomically, one tensor at a time (no second in-memory copy of the whole file)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if t.dtype not in _ST_CODES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be saved (supported: {sorted(map(str, _ST_CODES))})")
+        nbytes = t.numel() * t.element_size()
+        header[name] = dict(dtype=_ST_CODES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(fh):
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                fh.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state as tensors + JSON (checkpoints, sharded checkpoints)
+# ----------------------------------------------------------------------------------------------
+
+
+def pack_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
+    """``optimizer.state_dict()`` split into tensors named ``{prefix}{param index}.{key}`` and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for idx, entry in sd["state"].items():
+        rest = {}
+        for key, v in entry.items():
+            if isinstance(v, Tensor):
+                tensors[f"{prefix}{idx}.{key}"] = v
+            else:
+                rest[key] = v
+        plain[str(idx)] = rest
+    return tensors, dict(state=plain, param_groups=sd["param_groups"])
+
+
+def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta, where,
+                     prefix: str = "") -> None:
+    """Load what :func:`pack_optimizer` wrote into ``optimizer``; a mismatch raises ValueError naming ``where``."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict) \
+            or not isinstance(meta.get("param_groups"), list):
+        raise ValueError(f"{where}: the optimizer state is malformed")
+    current = optimizer.state_dict()["param_groups"]
+    groups = meta["param_groups"]
+    if len(groups) != len(current) or any(not isinstance(g, dict) or not isinstance(g.get("params"), list)
+                                          or len(g["params"]) != len(c["params"]) for g, c in zip(groups, current)):
+        raise ValueError(f"{where}: the optimizer state is for other parameters (param groups "
+                         f"{[len(g.get('params', [])) if isinstance(g, dict) else '?' for g in groups]}, "
+                         f"this optimizer has {[len(c['params']) for c in current]})")
+    # JSON turned tuples (Adam's betas) into lists: give each value the type the optimizer uses.
+    groups = [{k: (tuple(v) if isinstance(c.get(k), tuple) and isinstance(v, list) else v) for k, v in g.items()}
+              for g, c in zip(groups, current)]
+    n_params = sum(len(c["params"]) for c in current)
+    state: dict = {}
+    for idx, rest in meta["state"].items():
+        if not (idx.isdigit() and int(idx) < n_params and isinstance(rest, dict)):
+            raise ValueError(f"{where}: optimizer state for unknown parameter {idx!r}")
+        state[int(idx)] = dict(rest)
+    for name, t in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        idx, _, key = name[len(prefix):].partition(".")
+        if not (idx.isdigit() and int(idx) in state and key):
+            raise ValueError(f"{where}: optimizer tensor {name!r} belongs to no parameter")
+        state[int(idx)][key] = t
+    try:
+        optimizer.load_state_dict(dict(state=state, param_groups=groups))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{where}: the optimizer state does not fit this optimizer: {e}") from e
+    for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        for key, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, Tensor) and v.dim() and v.shape != p.shape:
+                raise ValueError(f"{where}: optimizer {key} of parameter {i} has shape {list(v.shape)}, "
+                                 f"the parameter {list(p.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: every field type-checked against the constructor before anything is allocated
+# ----------------------------------------------------------------------------------------------
+
+#: dtypes a config may name
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: constructor arguments a file never sets (they describe this process, not the SAE)
+_NOT_FROM_FILES = ("backend", "device", "dtype")
+
+
+def _fits(value, hint) -> bool:
+    """Does a JSON value match a constructor annotation? (JSON has no tensors, dtypes or objects.)"""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any or hint is inspect.Parameter.empty:
+        return True
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return type(value) is bool
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return (_is_int(value) or type(value) is float) and math.isfinite(value)
+    if hint is str:
+        return type(value) is str
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, list)
+    return False
+
+
+def _constructor_parameters(cls) -> dict[str, object]:
+    """Name -> annotation of every argument ``cls(...)`` accepts, following ``**kwargs`` up the MRO."""
+    out: dict[str, object] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # an annotation that does not evaluate: fall back to no type check for it
+            hints = {}
+        more = False
+        for name, p in inspect.signature(init).parameters.items():
+            if name == "self":
+                continue
+            if p.kind is p.VAR_KEYWORD:
+                more = True
+            elif p.kind is not p.VAR_POSITIONAL:
+                out.setdefault(name, hints.get(name, inspect.Parameter.empty))
+        if not more:
+            break
+    return out
+
+
+def sae_from_config(cfg: dict, where, *, backend: str = "auto", d_sae: Optional[int] = None, device=None,
+                    weights: Optional[dict[str, tuple]] = None):
+    """Build the SAE a saved ``config()`` describes; every malformed field raises ValueError naming ``where``.
+
+    ``d_sae`` replaces the config's (latent shards; ``k`` is clipped to it). ``weights`` (name -> shape, from the
+    weights file's header) must match the module exactly: checked on the meta device, before anything is allocated.
+    """
+    from .sae import ARCHITECTURES
+
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    version = cfg.pop("fastsae", FORMAT_VERSION)
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise ValueError(f"{where}: unknown format version fastsae={version!r}; this fastsae reads version "
+                         f"{FORMAT_VERSION} (a newer fastsae wrote it?)")
+    arch = cfg.pop("architecture", None)
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"{where}: unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    cls = ARCHITECTURES[arch]
+    dtype_name = cfg.pop("dtype", "float32")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ValueError(f"{where}: field 'dtype' must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+    params = _constructor_parameters(cls)
+    for key in ("d_in", "d_sae"):
+        if not _is_int(cfg.get(key)) or cfg[key] <= 0:
+            raise ValueError(f"{where}: field {key!r} must be a positive integer, got {cfg.get(key)!r}")
+    for key, value in cfg.items():
+        if key in _NOT_FROM_FILES or key not in params:
+            allowed = sorted(k for k in params if k not in _NOT_FROM_FILES)
+            raise ValueError(f"{where}: unknown field {key!r} for a {arch} SAE (expected some of {allowed})")
+        if not _fits(value, params[key]):
+            raise ValueError(f"{where}: field {key!r} has the wrong type: got {value!r} "
+                             f"({type(value).__name__}), expected {getattr(params[key], '__name__', params[key])}")
+    if d_sae is not None:
+        cfg["d_sae"] = d_sae
+        if "k" in cfg:
+            cfg["k"] = min(cfg["k"], d_sae)
+
+    def build(dev):
+        return cls(**cfg, dtype=DTYPES[dtype_name], backend=backend, device=dev)
+
+    try:
+        if weights is not None:
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in build("meta").state_dict().items()}
+            if set(expected) != set(weights):
+                raise ValueError(f"the weights hold {sorted(weights)}, a {arch} SAE has {sorted(expected)}")
+            for k, shape in expected.items():
+                if tuple(weights[k]) != shape:
+                    raise ValueError(f"{k} has shape {list(weights[k])} in the weights, but d_in={cfg['d_in']}, "
+                                     f"d_sae={cfg['d_sae']} need {list(shape)}")
+        return build(device)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{where} does not describe a valid {arch} SAE: {e}") from e
+
+
+def _check_device(device) -> None:
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError("device='meta' holds no data: load an SAE onto a real device (cpu, cuda, ...)")
 
 
 def save(sae, path) -> Path:
-    from safetensors.torch import save as st_save
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    atomic_write_bytes(path / WEIGHTS, st_save(tensors))
+    write_safetensors(path / WEIGHTS, sae.state_dict())
     cfg = dict(fastsae=FORMAT_VERSION, **sae.config())
     atomic_write_bytes(path / CONFIG, json.dumps(cfg, indent=2).encode())
     return path
@@ -81,7 +480,11 @@ def detect_format(path) -> str:
 
 def load(path, *, device=None, backend: str = "auto"):
     """Load an SAE: a folder written by ``sae.save``, a SAELens or sparsify folder, or a Gemma Scope
-    ``params.npz`` (or a folder holding one). Returns the matching fastsae module in eval mode."""
+    ``params.npz`` (or a folder holding one). Returns the matching fastsae module in eval mode.
+
+    Nothing read can execute code (no pickle anywhere); a malformed config or weights file raises ValueError
+    naming the file and the field, before the module is allocated."""
+    _check_device(device)
     path = Path(path)
     if (path / "shards.json").is_file():  # latent-sharded checkpoint: fastsae.distributed.save_sharded
         from .distributed import load_sharded
@@ -104,23 +507,25 @@ def load(path, *, device=None, backend: str = "auto"):
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path) -> dict:
+    """A JSON object from ``path``; anything else (invalid JSON, repeated keys, a list) raises ValueError naming it."""
+    path = Path(path)
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     return cfg
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+_read_json = read_json
 
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError, OSError, ...: truncated or not safetensors at all
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    return read_safetensors(path)[0]
 
 
 def _read_npz(path: Path) -> dict[str, Tensor]:
@@ -138,14 +543,29 @@ def _need(state: dict, key: str, path: Path, shape: Optional[tuple] = None) -> T
         raise ValueError(f"{path} has no tensor {key!r} (found {sorted(state)})")
     t = state[key]
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{path}: {key} must have shape {list(shape)}, got {list(t.shape)}")
+        raise ValueError(f"{path}: {key} must have shape {list(shape)} (d_in/d_sae of the config), "
+                         f"got {list(t.shape)}")
     return t
 
 
 def _cfg_int(cfg: dict, key: str, path: Path) -> int:
     v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{path}: {key!r} must be a positive integer, got {v!r}")
+    if not _is_int(v) or v <= 0:
+        raise ValueError(f"{path}: field {key!r} must be a positive integer, got {v!r}")
+    return v
+
+
+_MISSING = object()
+
+
+def _cfg_typed(cfg: dict, key: str, path: Path, types: tuple, default=_MISSING):
+    """``cfg[key]`` if it is one of ``types`` (exactly: ``"false"`` is no bool, ``1`` no string), else ValueError."""
+    v = cfg.get(key, default)
+    if v is _MISSING:
+        raise ValueError(f"{path}: field {key!r} is missing")
+    if type(v) not in types:
+        names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ValueError(f"{path}: field {key!r} must be {names}, got {v!r} ({type(v).__name__})")
     return v
 
 
@@ -168,24 +588,14 @@ def _fill(sae, state: dict[str, Tensor], path: Path):
 
 
 def _load_own(path: Path, backend: str):
-    from .sae import ARCHITECTURES
-
     cfg_path, weights_path = path / CONFIG, path / WEIGHTS
-    cfg = dict(_read_json(cfg_path))
-    state = _read_safetensors(weights_path)
-    cfg.pop("fastsae", None)
-    arch = cfg.pop("architecture", None)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{cfg_path}: unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    try:
-        dtype = getattr(torch, cfg.pop("dtype", "float32"))
-        d_in, d_sae = cfg.pop("d_in"), cfg.pop("d_sae")
-        cls = ARCHITECTURES[arch]
-        args = (d_in, d_sae, cfg.pop("k")) if "k" in cfg else (d_in, d_sae)
-        sae = cls(*args, **cfg, dtype=dtype, backend=backend)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ValueError(f"{cfg_path} does not describe a valid {arch} SAE: {e}") from e
-    return _fill(sae, state, weights_path)
+    cfg = _read_json(cfg_path)
+    if "fastsae" not in cfg:
+        raise ValueError(f"{cfg_path}: field 'fastsae' (the format version) is missing: not a fastsae config")
+    header = read_safetensors_header(weights_path)
+    sae = sae_from_config(cfg, cfg_path, backend=backend,
+                          weights={k: v.shape for k, v in header.tensors.items()})
+    return _fill(sae, _read_safetensors(weights_path), weights_path)
 
 
 def _dtype_of(state: dict[str, Tensor]) -> torch.dtype:
@@ -205,19 +615,20 @@ def _load_saelens(path: Path, backend: str):
     cfg = _read_json(cfg_path)
     state = _read_safetensors(weights_path)
     d_in, d_sae = _cfg_int(cfg, "d_in", cfg_path), _cfg_int(cfg, "d_sae", cfg_path)
-    norm = cfg.get("normalize_activations", "none")
+    norm = _cfg_typed(cfg, "normalize_activations", cfg_path, (str, type(None), bool), "none")
     # "expected_average_only_in" is folded into the weights by SAELens before saving; at inference it is
     # the identity in SAELens' own forward, as are "none"/None/False.
     if norm not in ("none", None, False, "expected_average_only_in"):
         raise ValueError(f"{cfg_path}: normalize_activations={norm!r} (a per-token normalisation) has no fastsae "
                          "equivalent; only 'none' and 'expected_average_only_in' load")
-    arch = cfg.get("architecture", "standard")
-    act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    arch = _cfg_typed(cfg, "architecture", cfg_path, (str,), "standard")
+    act_key = "activation_fn" if "activation_fn" in cfg else "activation_fn_str"
+    act = _cfg_typed(cfg, act_key, cfg_path, (str, type(None)), "relu")
     if arch == "standard" and act == "topk":  # pre-6.0 TopK SAEs
         arch = "topk"
     elif arch == "standard" and act not in ("relu", None):
         raise ValueError(f"{cfg_path}: activation_fn={act!r} is not supported (relu or topk)")
-    b_dec_in = bool(cfg.get("apply_b_dec_to_input", True))
+    b_dec_in = _cfg_typed(cfg, "apply_b_dec_to_input", cfg_path, (bool,), True)
     dtype = _dtype_of(state)
     W_enc = _need(state, "W_enc", weights_path, (d_in, d_sae))
     W_dec = _need(state, "W_dec", weights_path, (d_sae, d_in)).clone()
@@ -232,11 +643,12 @@ def _load_saelens(path: Path, backend: str):
         sae = ReLUSAE(d_in, d_sae, **common)
         out["b_enc"] = _need(state, "b_enc", weights_path, (d_sae,))
     elif arch == "topk":
-        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-        if cfg.get("rescale_acts_by_decoder_norm"):
+        kwargs = _cfg_typed(cfg, "activation_fn_kwargs", cfg_path, (dict, type(None)), None) or {}
+        k = cfg.get("k", kwargs.get("k"))
+        if _cfg_typed(cfg, "rescale_acts_by_decoder_norm", cfg_path, (bool, type(None)), False):
             raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm=True is not supported")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
-            raise ValueError(f"{cfg_path}: a topk SAE needs k in 1..d_sae={d_sae}, got {k!r}")
+        if not _is_int(k) or not 1 <= k <= d_sae:
+            raise ValueError(f"{cfg_path}: field 'k': a topk SAE needs k in 1..d_sae={d_sae}, got {k!r}")
         sae = TopKSAE(d_in, d_sae, k, **common)
         out["b_enc"] = _need(state, "b_enc", weights_path, (d_sae,))
     elif arch == "jumprelu":
@@ -277,19 +689,22 @@ def _load_sparsify(path: Path, backend: str):
     cfg = _read_json(cfg_path)
     state = _read_safetensors(weights_path)
     for flag in ("transcode", "skip_connection"):
-        if cfg.get(flag):
+        if _cfg_typed(cfg, flag, cfg_path, (bool, type(None)), False):
             raise ValueError(f"{cfg_path}: {flag}=True is not supported (fastsae loads autoencoders only)")
-    if cfg.get("activation", "topk") != "topk":
+    if _cfg_typed(cfg, "activation", cfg_path, (str,), "topk") != "topk":
         raise ValueError(f"{cfg_path}: activation={cfg.get('activation')!r} is not supported (topk only)")
     W = _need(state, "encoder.weight", weights_path)
     if W.dim() != 2:
         raise ValueError(f"{weights_path}: encoder.weight must be 2-D, got shape {list(W.shape)}")
     d_sae, d_in = W.shape
-    if "d_in" in cfg and cfg["d_in"] != d_in:
-        raise ValueError(f"{cfg_path} says d_in={cfg['d_in']} but encoder.weight has {d_in} columns")
+    if "d_in" in cfg and _cfg_int(cfg, "d_in", cfg_path) != d_in:
+        raise ValueError(f"{cfg_path}: field 'd_in' says {cfg['d_in']} but encoder.weight has {d_in} columns")
+    if cfg.get("num_latents") and _cfg_int(cfg, "num_latents", cfg_path) != d_sae:
+        raise ValueError(f"{cfg_path}: field 'num_latents' says {cfg['num_latents']} but encoder.weight has "
+                         f"{d_sae} rows")
     k = cfg.get("k")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
-        raise ValueError(f"{cfg_path}: k must lie in 1..num_latents={d_sae}, got {k!r}")
+    if not _is_int(k) or not 1 <= k <= d_sae:
+        raise ValueError(f"{cfg_path}: field 'k' must lie in 1..num_latents={d_sae}, got {k!r}")
     sae = TopKSAE(d_in, d_sae, k, apply_b_dec_to_input=True, dtype=_dtype_of(state), backend=backend)
     out = dict(
         W_enc=W.t().contiguous(),

@@ -96,6 +96,7 @@ class SAE(nn.Module):
     def _flatten(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         check.float_tensor("x", x)
         check.last_dim("x", x, self.d_in, "d_in")
+        check.module_device(self, x=x)
         return x.reshape(-1, self.d_in).to(self.dtype), x.shape[:-1]
 
     def _encoder_input(self, x: Tensor) -> Tensor:
@@ -132,6 +133,7 @@ class SAE(nn.Module):
         """``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``, in ``f``'s dtype."""
         check.float_tensor("f", f)
         check.last_dim("f", f, self.d_sae, "d_sae")
+        check.module_device(self, f=f)
         f2 = f.reshape(-1, self.d_sae).to(self.dtype)
         return (f2 @ self.W_dec + self.b_dec).reshape(*f.shape[:-1], self.d_in).to(f.dtype)
 

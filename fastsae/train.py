@@ -4,7 +4,8 @@ One step is: next batch -> ``sae.training_forward`` -> ``loss.backward()`` -> Ad
 ``sae.apply_constraints()`` -> ``sae.observe``. Around it: a dataset-wide input scale (folded into the
 weights at the end), ``b_dec`` initialised from the data, learning-rate warm-up and decay, a linear
 sparsity-coefficient warm-up, dead-latent tracking for AuxK, metrics as JSON lines, a progress bar,
-and atomic checkpoints that a resumed run continues from exactly.
+atomic checkpoints (safetensors + JSON, no pickle) that a resumed run continues from exactly, and a sync-free
+per-step check that stops training on non-finite state (:class:`FiniteCheck`).
 
 The pieces are small functions on purpose (data iteration, the gradient step, metric reduction,
 checkpoint I/O), so a distributed trainer can wrap them: all-reduce the gradients after
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,9 +29,10 @@ from .data import ActivationSource, as_source, batches
 from .sae import SAE, TrainOutput
 
 __all__ = ["train", "TrainResult", "default_hyperparameters", "fold_input_scale", "estimate_input_scale",
-           "geometric_median", "CHECKPOINT"]
+           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted"]
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+OLD_CHECKPOINT = "checkpoint.pt"  # the pickle format before version 2: refused, never read
 #: rows of the data that set BatchTopK's inference threshold at the end of training
 CALIBRATION_ROWS = 16384
 METRICS = "metrics.jsonl"
@@ -67,6 +68,8 @@ def default_hyperparameters(sae: SAE) -> dict:
 def estimate_input_scale(sample: Tensor) -> float:
     """The scalar ``s`` with ``mean ‖s·x‖² = 1`` over ``sample [N, d_in]``."""
     sample = sample.double()
+    if sample.shape[0] == 0:
+        raise ValueError("data holds no rows: cannot estimate an input scale")
     if not bool(torch.isfinite(sample).all()):
         raise FloatingPointError("data contains NaN or inf values (found while estimating the input scale)")
     msq = float(sample.pow(2).sum(-1).mean())
@@ -136,6 +139,7 @@ class TrainResult:
     steps: int  # steps completed
     tokens: int
     seconds: float  # wall time of this call
+    run_tokens: int = 0  # tokens trained on by this call (after a resume: only the new ones)
 
     @property
     def final(self) -> dict:
@@ -153,36 +157,98 @@ class _State:
     metrics: list = field(default_factory=list)
 
 
-def _rng_state() -> dict:
-    out = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+# A checkpoint is one safetensors file: every tensor (module parameters and *all* buffers, persistent or not;
+# optimizer state; RNG states as bytes; the loop's counters) under a structured name, and everything else as
+# JSON in the header's metadata. One file, so one rename makes a new checkpoint visible all at once, and
+# nothing in it can execute code when read (the old pickle format is refused, never unpickled).
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "fastsae-checkpoint", 2
+_META_KEY = "fastsae.checkpoint"
+
+
+def _rng_state(tensors: dict) -> dict:
+    """The RNG states: generator bytes as uint8 tensors into ``tensors``, their small scalars returned as JSON."""
+    tensors["rng.torch"] = torch.get_rng_state()
+    n_cuda = 0
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+            n_cuda += 1
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype="<u4").view(np.uint8).copy())
+    version, internal, gauss_next = random.getstate()
+    tensors["rng.python"] = torch.from_numpy(np.asarray(internal, dtype="<u4").view(np.uint8).copy())
+    return dict(numpy=dict(name=name, pos=int(pos), has_gauss=int(has_gauss), cached_gaussian=float(cached)),
+                python=dict(version=version, gauss_next=gauss_next), cuda=n_cuda)
+
+
+def _set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    m = meta["numpy"]
+    np.random.set_state((m["name"], tensors["rng.numpy"].numpy().view("<u4").astype(np.uint32), m["pos"],
+                         m["has_gauss"], m["cached_gaussian"]))
+    py = meta["python"]
+    random.setstate((py["version"], tuple(int(v) for v in tensors["rng.python"].numpy().view("<u4")),
+                     py["gauss_next"]))
+    if meta.get("cuda") and torch.cuda.is_available():
+        n = min(meta["cuda"], torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(n)])
+
+
+def _module_tensors(module: torch.nn.Module) -> dict[str, Tensor]:
+    """Every parameter and every buffer, persistent or not (running statistics such as the adaptive bandwidth's,
+    controllers' state: whatever a module registers round-trips without the module doing anything)."""
+    out = {f"module.{n}": p for n, p in module.named_parameters()}
+    out.update((f"module.{n}", b) for n, b in module.named_buffers())
     return out
 
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def _module_counters(module: torch.nn.Module) -> dict:
+    """Private int/float/bool attributes of each submodule (e.g. ``_observed``, a step counter): state too."""
+    out = {}
+    for name, mod in module.named_modules():
+        found = {k: v for k, v in vars(mod).items()
+                 if k.startswith("_") and not k.startswith("__") and type(v) in (int, float, bool)}
+        if found:
+            out[name] = found
+    return out
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``: a crash leaves the old one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``payload`` (from :func:`_payload`) atomically: a crash or a full disk leaves the previous checkpoint."""
+    from .io import write_safetensors
+
+    write_safetensors(path, payload["tensors"], {_META_KEY: json.dumps(payload["meta"])})
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's JSON fields, with its tensors under ``"tensors"``. Refuses (ValueError naming the file) an
+    old pickle checkpoint without unpickling it, and any file that is not a fastsae checkpoint."""
+    from .io import read_safetensors
+
+    path = Path(path)
+    old = ValueError(f"{path} is a checkpoint in the old pickle format, which fastsae no longer reads (loading a "
+                     "pickle can execute code). Start the run afresh (fastsae train --overwrite), or finish it with "
+                     "the fastsae version that wrote it")
+    if path.suffix == ".pt":
+        raise old
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable fastsae checkpoint: {e}") from e
+        tensors, metadata = read_safetensors(path)
+    except ValueError as e:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+        if magic == b"PK" or magic[:1] == b"\x80":  # torch.save's zip container or a bare pickle
+            raise old from e
+        raise
+    try:
+        meta = json.loads(metadata[_META_KEY])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a fastsae checkpoint (no valid {_META_KEY!r} metadata)") from e
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fastsae checkpoint")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a fastsae checkpoint of version {meta.get('version')!r}; this fastsae reads "
+                         f"version {CHECKPOINT_VERSION}")
+    return dict(meta, tensors=tensors)
 
 
 def _accumulate(state: _State, out: TrainOutput) -> None:
@@ -224,17 +290,112 @@ def _project_decoder_grad(sae: SAE) -> None:
     g -= (g * W).sum(1, keepdim=True) * W
 
 
+class FiniteCheck:
+    """Training stops on non-finite state, without a device->host sync per step.
+
+    Each step :meth:`record` computes one fused on-device verdict over the input batch, the loss, every gradient
+    (also "finite but so large that its square, Adam's second moment, overflows its dtype": an outlier row that
+    would turn Adam's state to inf), every parameter and every floating-point buffer after the update, and keeps
+    on the device the first bad (step, what). Nothing is read back until :meth:`raise_if_bad`, which the loop calls
+    at each logging interval, before writing any checkpoint and at the end: then ``FloatingPointError`` names the
+    first bad step and the tensor, and no checkpoint ever holds state from that step on.
+
+    The input is checked first, so a NaN batch is reported as such rather than as the loss or gradients it
+    poisoned. Parameters and buffers are also checked once, on the host, when the check is created: a module that
+    starts (or resumes) non-finite is refused before its first step.
+    """
+
+    def __init__(self, sae: SAE, first_step: int):
+        self.first_step = first_step
+        self.params = [p for _, p in sae.named_parameters()]
+        self.buffers = [b for _, b in sae.named_buffers() if b.is_floating_point()]
+        names = [n for n, _ in sae.named_parameters()]
+        state = [f"parameter {n}" for n in names] + [f"buffer {n}" for n, b in sae.named_buffers()
+                                                      if b.is_floating_point()]
+        self.labels = (["the input batch contains NaN or inf values", "the loss is not finite"]
+                       + [f"the gradient of {n} is not finite (or so large that its square, Adam's second moment, "
+                          "overflows)" for n in names]
+                       + [f"{what} is not finite after the update" for what in state])
+        device = sae.device
+        self._none = torch.zeros(1, device=device)  # stands in for a parameter without a gradient
+        self._never = torch.iinfo(torch.int64).max
+        self.first_bad = torch.full((), self._never, dtype=torch.int64, device=device)  # step * L + label
+        self._base = torch.zeros((), dtype=torch.int64, device=device)
+        self._index = torch.arange(len(self.labels), device=device)
+        self._limits = None
+        with torch.no_grad():
+            norms = _norms(self.params + self.buffers)
+            finite = torch.stack(norms).isfinite() if norms else torch.ones(0, dtype=torch.bool, device=device)
+            everywhere = bool(_agree(finite.all().to(torch.int64)))
+        if not everywhere:
+            bad = [what for what, ok in zip(state, finite.tolist()) if not ok] + ["the SAE's state on another rank"]
+            raise FloatingPointError(f"training cannot start at step {first_step}: {bad[0]} holds NaN or inf values")
+
+    @torch.no_grad()
+    def record(self, x: Tensor, loss: Tensor) -> None:
+        grads = [self._none if p.grad is None else p.grad for p in self.params]
+        tensors = [x] + grads + self.params + self.buffers
+        norms = _norms(tensors)
+        vec = torch.stack(norms[:1] + [loss.detach()] + norms[1:])
+        if self._limits is None:
+            limits = [torch.finfo(norms[0].dtype).max, torch.finfo(loss.dtype).max]
+            limits += [math.sqrt(torch.finfo(g.dtype).max) for g in grads]
+            limits += [torch.finfo(n.dtype).max for n in norms[1 + len(grads):]]
+            self._limits = torch.tensor(limits, dtype=torch.float64, device=vec.device)
+        bad = ~(vec <= self._limits)  # NaN compares False: bad
+        first = torch.where(bad, self._base + self._index, self._never).min()
+        torch.minimum(self.first_bad, first, out=self.first_bad)
+        self._base += len(self.labels)
+
+    def raise_if_bad(self, last_checkpoint: Optional[int] = None, cause: Optional[BaseException] = None) -> None:
+        """Raise if a recorded step was bad. Collective under torch.distributed (every rank stops together), except
+        when ``cause`` is given: an exception on this rank alone must not wait for the others."""
+        if cause is None:
+            _agree(self.first_bad)
+        key = int(self.first_bad)  # the only device->host read
+        if key == self._never:
+            return
+        step = self.first_step + key // len(self.labels)
+        saved = (f"the checkpoint on disk, written after {last_checkpoint} steps, is intact"
+                 if last_checkpoint is not None else "no checkpoint was written")
+        err = FloatingPointError(f"training stopped at step {step}: {self.labels[key % len(self.labels)]}; "
+                                 f"nothing from this step on was saved ({saved})")
+        raise err from cause
+
+
+def _agree(t: Tensor) -> Tensor:
+    """``t`` replaced by its minimum over all ranks when torch.distributed runs (one verdict for all), in place."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t
+
+
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """2-norms of ``tensors`` (one fused ``_foreach_norm`` per dtype; 16-bit ones accumulated in float32)."""
+    out: list = [None] * len(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    for dtype, idx in groups.items():
+        kw = dict(dtype=torch.float32) if dtype in (torch.float16, torch.bfloat16) else {}
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, **kw)):
+            out[i] = n
+    return out
+
+
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: int, dead_mask: Optional[Tensor],
                sparsity_coefficient: Optional[float],
-               reduce_gradients: Optional[Callable[[Tensor], Tensor]] = None) -> TrainOutput:
-    """Forward, a finite-loss check, backward, optimizer step, constraints, ``observe``. ``x`` is scaled."""
+               reduce_gradients: Optional[Callable[[Tensor], Tensor]] = None,
+               check: Optional[FiniteCheck] = None) -> TrainOutput:
+    """Forward, backward, optimizer step, constraints, ``observe``, then ``check.record`` (``x`` is scaled).
+
+    Without ``check`` (a caller stepping by hand) the step is checked at once and raises ``FloatingPointError``
+    naming what is not finite; the training loop passes its :class:`FiniteCheck`, read only at intervals.
+    """
+    now = check is None
+    check = FiniteCheck(sae, step) if now else check
     optimizer.zero_grad(set_to_none=True)
     out = sae.training_forward(x, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
-    if reduce_gradients is None and not bool(torch.isfinite(out.loss)):
-        bad_input = not bool(torch.isfinite(x).all())
-        what = "the input batch contains NaN or inf values" if bad_input else "the loss is not finite"
-        raise FloatingPointError(f"training stopped at step {step}: {what} (loss={float(out.loss.detach())}); "
-                                 "no update was applied for this step and the last checkpoint is intact")
     out.loss.backward()
     if reduce_gradients is not None:  # data parallel: global-batch mean gradient; NaN on any rank raises on all
         reduce_gradients(out.loss)
@@ -243,6 +404,9 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: i
     optimizer.step()
     sae.apply_constraints()
     sae.observe(x, out)
+    check.record(x, out.loss)
+    if now:
+        check.raise_if_bad()
     return out
 
 
@@ -303,14 +467,23 @@ def train(
         log_every: steps between metric records (default ``min(100, max(1, steps // 50))``); each record has
             step, tokens, loss, mse, fvu, l0, sparsity, aux, dead (fraction), lr, sparsity_coefficient, tokens_per_s.
         metrics_path: JSON-lines file for the records (default ``checkpoint_dir/metrics.jsonl``).
-        checkpoint_dir: write ``checkpoint.pt`` there every ``checkpoint_every`` steps (default ``steps // 10``)
-            and at the end, atomically, with optimizer, step, RNG and data position.
-        resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists (else start fresh).
+        checkpoint_dir: write ``checkpoint.safetensors`` there every ``checkpoint_every`` steps (default
+            ``steps // 10``), at the end and on Ctrl-C, atomically: every parameter and buffer (persistent or
+            not), optimizer, step, RNG and data position (tensors as safetensors, the rest as JSON; no pickle).
+        resume: continue exactly from ``checkpoint_dir/checkpoint.safetensors`` when it exists (else start
+            fresh); a checkpoint of another architecture, shape or dtype is refused, an old ``checkpoint.pt``
+            too (never unpickled).
         callback: called with each metrics record (after that step's checkpoint, if any).
         latent_parallel: under torchrun, ranks that split the SAE's latents (default: env
             ``FASTSAE_LATENT_PARALLEL`` or 1); the rest is data parallel (``fastsae/distributed.py``).
     Raises:
-        FloatingPointError: a NaN/inf loss (e.g. NaN input), naming the step; nothing is updated for that step.
+        FloatingPointError: the input, the loss, a gradient (or its square), a parameter or a buffer became
+            non-finite; names the first bad step and the tensor (:class:`FiniteCheck`). It is raised at the next
+            logging interval or checkpoint at the latest, and no checkpoint ever holds state from that step on
+            (the module passed in does: it was trained in place).
+        TrainingInterrupted: Ctrl-C (with ``checkpoint_dir``, in one process): after the step in flight and a
+            checkpoint.
+        ValueError: no data (not one batch), or a checkpoint that does not fit.
     Returns:
         :class:`TrainResult` with the trained ``sae`` (modified in place), the metric records and the scale.
     """
@@ -359,9 +532,13 @@ def train(
                   sparsity_warmup_steps=lam_warmup, dead_after=dead_after, seed=seed, scale_inputs=scale_inputs)
 
     ckpt_path = dist_ctx.checkpoint_path(ckpt_dir / CHECKPOINT if ckpt_dir is not None else None)
-    if resume and ckpt_path.is_file():
-        state = _restore(ckpt_path, sae, optimizer, config, device)
+    old_format = ckpt_dir / OLD_CHECKPOINT if ckpt_dir is not None else None
+    resume_from = next((p for p in (ckpt_path, old_format) if resume and p.is_file()), None)
+    last_saved = None
+    if resume_from is not None:  # an old pickle checkpoint is refused there, never unpickled
+        state = _restore(resume_from, sae, optimizer, config, device)
         _truncate_metrics(metrics_path, state.step)
+        last_saved = state.step
     else:
         state = dist_ctx.reduce_init(_fresh_state(sae, source, seed, scale_inputs, input_scale, init_b_dec, device),
                                      sae)
@@ -371,13 +548,18 @@ def train(
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
+    check = FiniteCheck(sae, state.step)
+    interrupt = _Interrupt(ckpt_path is not None and dist_ctx.dp is None)
     bar = _progress(progress and dist_ctx.is_main, steps, state.step)
     it = batches(dist_ctx.shard_source(source, batch_size), batch_size, seed=seed, start_batch=state.step)
-    t_log, tokens_log = time.perf_counter(), state.tokens
+    t_log, tokens_log, tokens_start = time.perf_counter(), state.tokens, state.tokens
     try:
         while state.step < steps:
             x_raw = next(it, None)
             if x_raw is None:
+                if state.step == 0:
+                    raise ValueError(f"data yielded no batch of batch_size={batch_size} rows: it holds fewer rows "
+                                     "than one batch (or only empty batches)")
                 import warnings
 
                 warnings.warn(f"data ran out after {state.step} of {steps} steps", stacklevel=2)
@@ -387,8 +569,12 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"] * lr_factor(step, steps, warmup, decay)
             coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
-            out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
-                             sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook)
+            try:
+                out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
+                                 sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook, check=check)
+            except Exception as e:  # a kernel that choked on NaN state from an earlier step: report that step
+                check.raise_if_bad(last_saved, cause=e)
+                raise
             dist_ctx.after_step(out)
             _update_dead(state, out, dist_ctx.tokens(x.shape[0]))
             _accumulate(state, out)
@@ -397,6 +583,7 @@ def train(
             bar.update(1)
             record = None
             if state.step % log_every == 0 or state.step == steps:
+                check.raise_if_bad(last_saved)
                 now = time.perf_counter()
                 dist_ctx.mean_(state.sums)
                 record = dict(step=state.step, tokens=state.tokens, **reduce_metrics(state),
@@ -410,13 +597,20 @@ def train(
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}", fvu=f"{record['fvu']:.3f}")
-            if ckpt_path is not None and (state.step % ckpt_every == 0 or state.step == steps):
+            if ckpt_path is not None and (state.step % ckpt_every == 0 or state.step == steps
+                                          or interrupt.requested):
+                check.raise_if_bad(last_saved)
                 dist_ctx.save_checkpoint(save_checkpoint, ckpt_path,
                                          lambda: _payload(state, sae, optimizer, config, seed))
+                last_saved = state.step
+            if interrupt.requested:
+                raise TrainingInterrupted(state.step, ckpt_path)
             if record is not None and callback is not None:
                 callback(record)
     finally:
+        interrupt.close()
         bar.close()
+    check.raise_if_bad(last_saved)
 
     calibrate = getattr(sae, "calibrate", None)  # BatchTopK: its inference threshold, exactly k per row
     if calibrate is not None and state.step > 0:
@@ -426,7 +620,43 @@ def train(
         fold_input_scale(sae, state.scale)
     sae = dist_ctx.finish(sae)  # latent shards gathered back into the caller's SAE
     return TrainResult(sae=sae, metrics=state.metrics, input_scale=state.scale, steps=state.step,
-                       tokens=state.tokens, seconds=time.perf_counter() - t_start)
+                       tokens=state.tokens, seconds=time.perf_counter() - t_start,
+                       run_tokens=state.tokens - tokens_start)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: the step in flight finished and ``checkpoint`` (if any) holds ``step``."""
+
+    def __init__(self, step: int, checkpoint: Optional[Path]):
+        super().__init__(f"interrupted after step {step}" + (f"; checkpoint written to {checkpoint}" if checkpoint
+                                                              else ""))
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _Interrupt:
+    """While training with a checkpoint in one process, the first SIGINT asks the loop to finish its step, write a
+    checkpoint and stop (:class:`TrainingInterrupted`); a second one interrupts at once."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.requested, self._installed, self._previous = False, False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def close(self) -> None:
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
 
 def _progress(enabled: bool, steps: int, initial: int):
@@ -463,35 +693,76 @@ def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bo
 
 
 def _payload(state: _State, sae: SAE, optimizer, config: dict, seed: int) -> dict:
-    return dict(
-        format="fastsae-checkpoint", version=1, config=config, step=state.step, tokens=state.tokens,
-        scale=state.scale, since_fired=state.since_fired.cpu(), sums=state.sums.cpu(), n_summed=state.n_summed,
-        metrics=state.metrics, model=sae.state_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(),
-        data=dict(seed=seed, rows=state.tokens),
-    )
+    from .io import pack_optimizer
+
+    tensors = _module_tensors(sae)
+    opt_tensors, opt_meta = pack_optimizer(optimizer, prefix="optimizer.")
+    tensors.update(opt_tensors)
+    rng = _rng_state(tensors)
+    tensors.update({"train.since_fired": state.since_fired, "train.sums": state.sums})
+    meta = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=config, step=state.step,
+                tokens=state.tokens, scale=state.scale, n_summed=state.n_summed, metrics=state.metrics,
+                counters=_module_counters(sae), optimizer=opt_meta, rng=rng, data=dict(seed=seed, rows=state.tokens))
+    return dict(step=state.step, tensors=tensors, meta=meta)
 
 
 def _restore(path: Path, sae: SAE, optimizer, config: dict, device) -> _State:
-    ck = load_checkpoint(path)
-    if ck.get("format") != "fastsae-checkpoint":
-        raise ValueError(f"{path} is not a fastsae checkpoint")
-    saved = ck["config"]["sae"]
-    for key in ("architecture", "d_in", "d_sae"):
-        if saved.get(key) != sae.config().get(key):
-            raise ValueError(f"{path} was written for an SAE with {key}={saved.get(key)!r}, "
-                             f"not {sae.config().get(key)!r}")
-    for key in ("steps", "batch_size", "seed"):
-        if ck["config"].get(key) != config.get(key):
-            import warnings
+    """Load a checkpoint into ``sae``, ``optimizer`` and the RNGs, exactly; anything that does not fit this module
+    (architecture, shapes, dtypes, the set of tensors) or is malformed raises ValueError naming ``path``."""
+    import warnings
 
-            warnings.warn(f"resuming {path} with {key}={config.get(key)!r} (the checkpoint used "
-                          f"{ck['config'].get(key)!r}): the run will not match an uninterrupted one", stacklevel=3)
-    sae.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    _set_rng_state(ck["rng"])
-    return _State(step=ck["step"], tokens=ck["tokens"], scale=ck["scale"],
-                  since_fired=ck["since_fired"].to(device), sums=ck["sums"].to(device), n_summed=ck["n_summed"],
-                  metrics=list(ck["metrics"]))
+    from .io import unpack_optimizer
+
+    ck = load_checkpoint(path)
+    tensors = ck["tensors"]
+    try:
+        saved, mine = ck["config"]["sae"], sae.config()
+        for key in ("architecture", "d_in", "d_sae", "dtype"):
+            if saved.get(key) != mine.get(key):
+                raise ValueError(f"{path} was written for an SAE with {key}={saved.get(key)!r}, not {mine.get(key)!r}")
+        changed = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+        changed.update({k: (ck["config"].get(k), config.get(k)) for k in ("steps", "batch_size", "seed")
+                        if ck["config"].get(k) != config.get(k)})
+        for key, (old, new) in changed.items():
+            warnings.warn(f"resuming {path} with {key}={new!r} (the checkpoint used {old!r}): the run will not "
+                          "match an uninterrupted one", stacklevel=3)
+        own = _module_tensors(sae)
+        stored = {k for k in tensors if k.startswith("module.")}
+        if stored != set(own):
+            raise ValueError(f"{path} holds the state of another module: missing {sorted(set(own) - stored)}, "
+                             f"unexpected {sorted(stored - set(own))}")
+        for name, t in own.items():
+            if tensors[name].shape != t.shape or tensors[name].dtype != t.dtype:
+                raise ValueError(f"{path}: {name} has shape {list(tensors[name].shape)} and dtype "
+                                 f"{tensors[name].dtype}, the module's {list(t.shape)} and {t.dtype}")
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(tensors[name])
+        for mod_name, found in ck["counters"].items():
+            mod = sae.get_submodule(mod_name)
+            for key, value in found.items():
+                if type(vars(mod).get(key)) is not type(value):
+                    raise ValueError(f"{path}: counter {mod_name}.{key} does not exist on this module")
+                setattr(mod, key, value)
+        unpack_optimizer(optimizer, tensors, ck["optimizer"], path, prefix="optimizer.")
+        _set_rng_state(tensors, ck["rng"])
+        state = _State(step=ck["step"], tokens=ck["tokens"], scale=ck["scale"],
+                       since_fired=tensors["train.since_fired"].to(device), sums=tensors["train.sums"].to(device),
+                       n_summed=ck["n_summed"], metrics=list(ck["metrics"]))
+        for key in ("step", "tokens", "n_summed"):
+            if isinstance(getattr(state, key), bool) or not isinstance(getattr(state, key), int):
+                raise ValueError(f"{path}: field {key!r} must be an integer")
+        if not (isinstance(state.scale, (int, float)) and math.isfinite(state.scale) and state.scale > 0):
+            raise ValueError(f"{path}: field 'scale' must be a positive number, got {state.scale!r}")
+        if state.since_fired.shape != (sae.d_sae,) or state.sums.shape != (len(_SUMS),):
+            raise ValueError(f"{path}: the loop's counters have the wrong shapes")
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path} is not a valid fastsae checkpoint: {e}") from e
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a valid fastsae checkpoint: {type(e).__name__}: {e}") from e
+    return state
 
 
 def _truncate_metrics(path: Optional[Path], step: int) -> None:
@@ -538,12 +809,15 @@ def add_cli(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: per architecture)")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic', or a folder / file of .npy or .safetensors activation shards")
-    p.add_argument("--out", default="fastsae-run", help="output folder: checkpoint.pt, metrics.jsonl, sae/")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--out", default="fastsae-run", help=f"output folder: {CHECKPOINT}, metrics.jsonl, sae/ "
+                   "(default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT} (starts fresh if none)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run OUT holds instead of refusing")
     p.add_argument("--latent-parallel", type=int, default=None, help="under torchrun: ranks that split the SAE's "
                    "latents (default: env FASTSAE_LATENT_PARALLEL or 1); the others are data parallel")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: steps/10)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="steps between metric records (default: min(100, steps/50))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "eager"])
@@ -572,13 +846,85 @@ def build_sae(arch: str, d_in: int, width: int, *, k: Optional[int] = None, lam:
     return cls(d_in, width, **kw)
 
 
+def _check_train_args(args) -> None:
+    """Every argument checked before any data is generated or read (ValueError naming the option)."""
+    positive = ["steps", "batch_size", "width", "k", "checkpoint_every", "log_every", "threads", "latent_parallel"]
+    if args.data == "synthetic":
+        positive += ["d_in", "n_features", "n_samples"]
+    for name in positive:
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for name, v, low in (("lr", args.lr, "> 0"), ("l0-coefficient", args.lam, ">= 0")):
+        if v is not None and not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
+            raise ValueError(f"--{name} must be a finite number {low}, got {v}")
+    if args.data == "synthetic":
+        if not (math.isfinite(args.active) and 0 < args.active <= args.n_features):
+            raise ValueError(f"--active must lie in (0, --n-features={args.n_features}], got {args.active}")
+        width = args.width or DEFAULT_JOB["width"]
+        if args.k is not None and args.k > width:
+            raise ValueError(f"--k must lie in 1..--width={width}, got {args.k}")
+    elif not Path(args.data).exists():
+        raise ValueError(f"--data {args.data}: no such file or folder (or pass --data synthetic)")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"--device {args.device!r} is not a device: {e}") from e
+        if dev.type == "meta":
+            raise ValueError("--device meta holds no data: train on a real device (cpu, cuda)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+#: what a run writes into OUT (all of it, and nothing else, is removed by --overwrite)
+_RUN_FILES = (CHECKPOINT, OLD_CHECKPOINT, "checkpoint.json", METRICS, "summary.json")
+
+
+def _prepare_out(args, out: Path) -> None:
+    """Refuse to write into a folder holding a run unless --resume or --overwrite; --overwrite removes that run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        if args.resume:
+            print(f"fastsae: --resume: {out} holds no checkpoint; starting a fresh run")
+        return
+    held = [out / n for n in _RUN_FILES if (out / n).exists()] + sorted(out.glob("checkpoint-step*-latent*"))
+    held += [out / "sae"] if (out / "sae").is_dir() else []
+    has_ckpt = any(p.name.startswith("checkpoint") for p in held)
+    if args.resume:
+        if not has_ckpt:
+            print(f"fastsae: --resume: {out} holds no checkpoint; starting a fresh run")
+        return
+    if held and not args.overwrite:
+        finished = (out / "summary.json").is_file()
+        raise ValueError(f"--out {out} already holds {'a finished' if finished else 'an unfinished'} run "
+                         f"({', '.join(p.name for p in held)}); pass --resume to continue it"
+                         f"{' with more --steps' if finished else ''} or --overwrite to replace it")
+    import shutil
+
+    for p in held:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _resume_hint(args) -> str:
+    import shlex
+
+    argv = [a for a in (getattr(args, "argv", None) or []) if a not in ("--resume", "--overwrite")]
+    return shlex.join(["fastsae", *argv, "--resume"]) if argv else "the same command with --resume"
+
+
 def cmd_train(args) -> int:
     from .data import ShardSource, synthetic
     from .metrics import evaluate
 
+    _check_train_args(args)
+    _prepare_out(args, Path(args.out))
     torch.manual_seed(args.seed)
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     synth = None
@@ -602,9 +948,14 @@ def cmd_train(args) -> int:
     print(f"training {type(sae).__name__}(d_in={d_in}, d_sae={width}"
           + (f", k={sae.k}" if hasattr(sae, "k") else f", λ={getattr(sae, 'sparsity_coefficient', None)}")
           + f") for {args.steps} steps of {args.batch_size} on {device}, writing {out}/")
-    result = train(sae, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                   device=device, progress=not args.no_progress, log_every=args.log_every, checkpoint_dir=out,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, latent_parallel=args.latent_parallel)
+    try:
+        result = train(sae, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       device=device, progress=not args.no_progress, log_every=args.log_every, checkpoint_dir=out,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume,
+                       latent_parallel=args.latent_parallel)
+    except TrainingInterrupted as e:
+        raise KeyboardInterrupt(f"stopped after step {e.step}; checkpoint written to {e.checkpoint}. "
+                                f"Resume with: {_resume_hint(args)}") from None
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return 0  # under torchrun: rank 0 saves, evaluates and reports
     sae.save(out / "sae")
@@ -612,7 +963,8 @@ def cmd_train(args) -> int:
     rows = [
         ("steps", f"{result.steps}"),
         ("tokens", f"{result.tokens:,}"),
-        ("time", f"{result.seconds:.1f} s ({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s)"),
+        ("time", f"{result.seconds:.1f} s ({result.run_tokens / max(result.seconds, 1e-9):,.0f} tokens/s"
+                 + (", this run" if result.run_tokens != result.tokens else "") + ")"),
         ("train loss (last log)", f"{result.final.get('loss', float('nan')):.4g}"),
         ("train FVU (last log)", f"{result.final.get('fvu', float('nan')):.4f}"),
         ("held-out FVU", f"{ev['fvu']:.4f}"),

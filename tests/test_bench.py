@@ -106,3 +106,13 @@ def test_cli_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_unknown_groups_and_archs_are_refused_before_anything_runs(capsys):
+    from fastsae.cli import main
+
+    for args, says in ((["--only", "step,bogus"], "--only: unknown ['bogus']"), (["--archs", "topk,nope"], "--archs"),
+                       (["--threads", "0"], "--threads")):
+        assert main(["bench", "--quick", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fastsae: error:") and says in err and len(err.splitlines()) == 1, err

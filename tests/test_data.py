@@ -89,10 +89,20 @@ def test_manifest_listing_is_authoritative(tmp_path):
         ShardSource(tmp_path / "acts")
 
 
-def test_shard_folder_memory_maps(tmp_path):
-    _write_shards(tmp_path / "acts", [64], 8)
-    src = ShardSource(tmp_path / "acts")
-    assert isinstance(src.shards[0].arr, np.memmap)
+def test_shard_rows_are_read_lazily_and_exactly(tmp_path):
+    """Shards are read with positional reads of just the rows asked for (no memory map: see test_safety.py)."""
+    rows = _write_shards(tmp_path / "acts", [64], 8)
+    np.save(tmp_path / "acts" / "big_endian.npy", rows[:10].astype(">f4"))
+    src = ShardSource([tmp_path / "acts" / "shard_000.npy", tmp_path / "acts" / "big_endian.npy"])
+    shard, be = src.shards
+    assert shard.shape == (64, 8) and shard.offset == 128  # the .npy header, parsed without np.load
+    assert torch.equal(shard.rows(5, 9), torch.from_numpy(rows[5:9]))
+    idx = np.array([63, 2, 2, 40, 3, 0])  # any order, repeats, sparse and dense runs
+    assert torch.equal(shard.take(idx), torch.from_numpy(rows[idx]))
+    assert torch.equal(shard.take(np.array([1, 2, 3])), torch.from_numpy(rows[1:4]))
+    assert torch.equal(be.rows(0, 10), torch.from_numpy(rows[:10]))  # byte-swapped to native order
+    with pytest.raises(IndexError, match="shard_000.npy"):
+        shard.take(np.array([64]))
 
 
 def test_bad_shards_are_named(tmp_path):

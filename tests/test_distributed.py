@@ -416,7 +416,7 @@ def sc_train(rank, world, out_dir, env):
 
             manifest = json.load(open(os.path.join(ck, "checkpoint.json")))
             assert manifest["step"] == 4 and len(manifest["files"]) == lp
-            assert sorted(f for f in os.listdir(ck) if f.endswith(".pt")) == sorted(manifest["files"])
+            assert sorted(f for f in os.listdir(ck) if f.endswith(".safetensors")) == sorted(manifest["files"])
 
 
 SCENARIOS = {"hung": sc_hung, "train": sc_train, "dp": sc_dp, "latent": sc_latent, "grid2d": sc_grid2d,

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cases import FULL_CPU, QUICK_CPU, Case, SuiteConfig, build, plan
+from .cases import ARCHS, FULL_CPU, QUICK_CPU, Case, SuiteConfig, build, plan
 from .harness import Measurement, Skip, measure_providers, peak_memory_bytes, speedups
 
 __all__ = ["run_suite", "SuiteConfig", "FULL_CPU", "QUICK_CPU", "FULL_GPU", "QUICK_GPU", "Case", "Measurement", "Skip",
@@ -145,6 +145,10 @@ def _describe(args) -> list:
     return out
 
 
+#: the benchmark groups ``--only`` chooses from
+GROUPS = ("step", "op", "scale")
+
+
 def cmd_bench(args) -> int:
     command = "fastsae bench" + "".join(" " + shlex.quote(a) for a in _describe(args))
     want = args.device
@@ -155,7 +159,15 @@ def cmd_bench(args) -> int:
         print("[fastsae bench] CUDA is not available here: running the CPU suite only", flush=True)
     if want == "cuda" and "cuda" in devices:
         devices = ["cuda"]
-    groups = tuple(args.only.split(",")) if args.only else ("step", "op", "scale")
+    groups = tuple(args.only.split(",")) if args.only else GROUPS
+    for option, given, known in (("--only", groups, GROUPS), ("--archs", (args.archs or "").split(",") if args.archs
+                                                               else (), ARCHS)):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            raise ValueError(f"{option}: unknown {unknown}; choose from {','.join(known)}")
+    for option, v in (("--threads", args.threads), ("--repeats", args.repeats)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{option} must be a positive integer, got {v}")
     for dev in devices:
         if dev == "cpu":
             cfg = QUICK_CPU if args.quick else FULL_CPU

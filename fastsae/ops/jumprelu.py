@@ -10,7 +10,9 @@ Ops (namespace ``fastsae_triton``), on dense ``pre [..., d_sae]`` (inference, ``
   registers (no atomics, deterministic).
 
 ``threshold``/``bandwidth`` may be float32 while ``pre`` is bf16: the window is computed in
-float32-or-wider, exactly as ``reference._kernel_window`` does.
+float32-or-wider, exactly as ``reference._kernel_window`` does. Outputs multiply by the 0/1 step, as
+the reference does, so NaN stays NaN (and ``-inf`` gives NaN, ``inf·0``) on every backend, in both
+directions.
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import TritonKernel, cfg, kernel_op
+from .triton_common import TritonKernel, cfg, flat_grid, kernel_op, last_config_if
 
 
 @triton.jit
 def _jumprelu_fwd_kernel(pre_ptr, thr_ptr, out_ptr, R, N, STEP: tl.constexpr, WIDE64: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     WIDE: tl.constexpr = tl.float64 if WIDE64 else tl.float32
-    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_n = tl.cdiv(N, BLOCK_N)  # one flat grid axis: d_sae / BLOCK_N passes 65,535 at 2^24
+    pid = tl.program_id(0)
+    rr = (pid // n_n) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rn = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rr[:, None] < R) & (rn[None, :] < N)
     off = rr.to(tl.int64)[:, None] * N + rn[None, :]
     p = tl.load(pre_ptr + off, mask=mask, other=0.0)
@@ -36,14 +40,14 @@ def _jumprelu_fwd_kernel(pre_ptr, thr_ptr, out_ptr, R, N, STEP: tl.constexpr, WI
     if STEP:
         out = on.to(out_ptr.dtype.element_ty)
     else:
-        out = tl.where(on, p, 0.0).to(out_ptr.dtype.element_ty)
+        out = (p * on.to(p.dtype)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, out, mask=mask)
 
 
 _jumprelu_fwd = TritonKernel(
     _jumprelu_fwd_kernel,
     [cfg(BLOCK_R=16, BLOCK_N=256, num_warps=4), cfg(BLOCK_R=32, BLOCK_N=512, num_warps=8)],
-    key=["R", "N"], interp=dict(BLOCK_R=8, BLOCK_N=32),
+    key=["R", "N"], bucketed=["R"], interp=dict(BLOCK_R=8, BLOCK_N=32),
 )
 
 
@@ -69,10 +73,10 @@ def _jumprelu_bwd_kernel(grad_ptr, pre_ptr, thr_ptr, eps_ptr, gpre_ptr, gthr_ptr
         g = tl.load(grad_ptr + off, mask=mask, other=0.0)
         p = tl.load(pre_ptr + off, mask=mask, other=0.0).to(WIDE)
         u = (p - th[None, :]) / ep[None, :]
-        window = mask & (u > -0.5) & (u < 0.5)
-        acc += tl.where(window, g.to(WIDE), 0.0)
+        window = (u > -0.5) & (u < 0.5)
+        acc += tl.where(mask, window.to(WIDE) * g.to(WIDE), 0.0)
         if NEED_PRE:
-            tl.store(gpre_ptr + off, tl.where(p > th[None, :], g, 0.0).to(gpre_ptr.dtype.element_ty), mask=mask)
+            tl.store(gpre_ptr + off, (g * (p > th[None, :]).to(g.dtype)).to(gpre_ptr.dtype.element_ty), mask=mask)
     tl.store(gthr_ptr + rn, (scale * tl.sum(acc, axis=0)).to(gthr_ptr.dtype.element_ty), mask=mn)
 
 
@@ -80,7 +84,8 @@ _jumprelu_bwd = TritonKernel(
     _jumprelu_bwd_kernel,
     [cfg(BLOCK_R=32, BLOCK_N=128, num_warps=4), cfg(BLOCK_R=64, BLOCK_N=64, num_warps=4),
      cfg(BLOCK_R=16, BLOCK_N=256, num_warps=8)],
-    key=["R", "N"], interp=dict(BLOCK_R=8, BLOCK_N=32),
+    key=["R", "N"], bucketed=["R"], interp=dict(BLOCK_R=8, BLOCK_N=32),
+    prune=last_config_if("WIDE64"),  # float64 accumulators in the 32x128 / 64x64 tiles spill in the row loop
 )
 
 
@@ -97,7 +102,7 @@ def _forward(pre: Tensor, threshold: Tensor, step: bool) -> Tensor:
     R, N = p.shape
     out = torch.empty_like(p)
     if p.numel():
-        _jumprelu_fwd(lambda m: (triton.cdiv(R, m["BLOCK_R"]), triton.cdiv(N, m["BLOCK_N"])),
+        _jumprelu_fwd(flat_grid(lambda m: triton.cdiv(R, m["BLOCK_R"]), lambda m: triton.cdiv(N, m["BLOCK_N"])),
                       p, threshold.contiguous(), out, R, N, STEP=step, WIDE64=_wide64(pre, threshold))
     return out.reshape(pre.shape)
 
@@ -114,10 +119,7 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
     return _forward(pre, threshold, step=True)
 
 
-@kernel_op("jumprelu_backward")
-def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor,
-                      is_step: bool) -> tuple[Tensor, Tensor]:
-    """``(grad_pre, grad_threshold [d_sae])`` of :func:`jumprelu` (or :func:`step` with ``is_step``)."""
+def _backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor, is_step: bool) -> tuple[Tensor, Tensor]:
     g, p = _as_rows(grad), _as_rows(pre)
     R, N = p.shape
     grad_pre = torch.zeros_like(p) if is_step else torch.empty_like(p)
@@ -128,6 +130,13 @@ def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: T
                   g, p, threshold.contiguous(), bandwidth.contiguous(), grad_pre, grad_thr, R, N,
                   STEP=is_step, NEED_PRE=not is_step, WIDE64=_wide64(pre, threshold))
     return grad_pre.reshape(pre.shape), grad_thr
+
+
+@kernel_op("jumprelu_backward")
+def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: Tensor,
+                      is_step: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_pre, grad_threshold [d_sae])`` of :func:`jumprelu` (or :func:`step` with ``is_step``)."""
+    return _backward(grad, pre, threshold, bandwidth, is_step)
 
 
 def _setup(ctx, inputs, output):

@@ -7,7 +7,12 @@ JumpReLU training step::
     jumprelu_decode      x̂ = Σ f·W_dec rows, l0; backward: SDDMM + per-latent segments (decode.py)
 
 TopK / BatchTopK: ``encode_topk`` / ``encode_batchtopk`` (GEMM + per-tile top-k epilogue), then
-``sampled_encoder`` and ``sparse_decode``. Nothing of size ``[B, d_sae]`` is written in training.
+``sampled_encoder`` and ``sparse_decode``. Nothing of size ``[B, d_sae]`` is written in training
+(the cuBLAS-slab encoder holds one bounded slab of it at a time).
+
+Device→host reads: none in a TopK or BatchTopK step (BatchTopK's lists are CSR, whose sizes the host
+knows), one in a JumpReLU step (the longest list, which sizes the lists). ``tests/test_triton_syncs.py``
+counts them.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a correctness tool). Inputs
 whose dtype the kernels do not take on a device (bf16 in the interpreter), empty batches, and the
@@ -25,10 +30,15 @@ from ..backends import Backend
 def _triton_import_error():
     try:
         import triton  # noqa: F401  (the import is the check)
-
-        return None
     except Exception as e:  # pragma: no cover - depends on the install
         return f"triton is not importable ({type(e).__name__}: {e}); install it with `pip install triton`"
+    from .triton_common import MIN_TRITON, triton_version
+
+    if triton_version() < MIN_TRITON:
+        want = ".".join(map(str, MIN_TRITON))
+        return (f"triton {triton.__version__} is older than {want}, whose masked vector tl.atomic_add returns the "
+                f"old value to every thread (triton-lang/triton#7402); install triton>={want}")
+    return None
 
 
 class TritonBackend(Backend):
@@ -127,9 +137,10 @@ class TritonBackend(Backend):
             idx, pre, counts = encode_jumprelu(x_in.detach(), W_enc.detach(), b_enc.detach(), threshold.detach(),
                                                bandwidth)
             order, offsets = segments(idx, counts, d_sae)
+        # the lists come from our own encoder: no index checks (checked=False)
         pre = sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, idx, counts, pre,
-                              order, offsets)
-        x_hat, l0 = jumprelu_decode(pre, idx, counts, threshold, bandwidth, W_dec, b_dec, order, offsets)
+                              order, offsets, None, None, False)
+        x_hat, l0 = jumprelu_decode(pre, idx, counts, threshold, bandwidth, W_dec, b_dec, order, offsets, False)
         with torch.no_grad():
             K = idx.shape[1]
             valid = torch.arange(K, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
@@ -142,8 +153,8 @@ class TritonBackend(Backend):
             return super().topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
         from .encode import encode_topk
 
-        x_hat, values, indices, active, fired = self._kept_sae(
-            x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: (*encode_topk(*a, k), None))
+        x_hat, values, indices, active, fired, _ = self._kept_sae(
+            x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: encode_topk(*a, k))
         return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values, indices=indices)
 
     def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
@@ -151,18 +162,22 @@ class TritonBackend(Backend):
             return super().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
         from .encode import encode_batchtopk
 
-        x_hat, values, indices, active, fired = self._kept_sae(
+        x_hat, values, indices, active, fired, row_ptr = self._kept_sae(
             x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: encode_batchtopk(*a, k))
         with torch.no_grad():
-            positive = values[active]
-            min_kept = positive.min() if positive.numel() else None
-        return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, min_kept=min_kept)
+            # CSR lists: l0 per row from a prefix sum over the row segments, no host read
+            c = torch.nn.functional.pad(active.cumsum(0, dtype=torch.int64), (1, 0))
+            l0 = (c[row_ptr[1:]] - c[row_ptr[:-1]]).float()
+            # +inf when nothing positive was kept (the reference returns None there, which would need a read)
+            min_kept = torch.where(active, values.detach(), torch.full_like(values, float("inf"))).amin()
+        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, min_kept=min_kept)
 
     @staticmethod
     def _kept_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, select):
-        """The shared body of TopK and BatchTopK: ``select(x_in, W_enc, b_enc) -> (values, indices, counts)``
-        picks the kept entries without gradient (``counts`` None when every row keeps all of its entries); the
-        sampled encoder re-attaches the gradient at exactly those entries, then the sparse decode."""
+        """The shared body of TopK and BatchTopK: ``select(x_in, W_enc, b_enc)`` picks the kept entries
+        without gradient — ``(values [B, k], indices)`` for TopK, CSR ``(values, indices, rows, row_ptr)``
+        for BatchTopK; the sampled encoder re-attaches the gradient at exactly those entries, then the
+        sparse decode."""
         from .decode import sparse_decode
         from .encode import sampled_encoder
         from .triton_common import segments
@@ -171,15 +186,17 @@ class TritonBackend(Backend):
         x = x.contiguous()
         with torch.no_grad():
             x_in = ref.encoder_input(x, b_dec, apply_b_dec_to_input)
-            values, indices, counts = select(x_in.detach(), W_enc.detach(), b_enc.detach())
-            order, offsets = segments(indices, counts, d_sae)
-        values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, counts,
-                                        values, order, offsets))
-        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets)
+            values, indices, *csr = select(x_in.detach(), W_enc.detach(), b_enc.detach())
+            rows, row_ptr = csr if csr else (None, None)
+            order, offsets = segments(indices.reshape(-1, indices.shape[-1]), None, d_sae)
+        # the lists come from our own encoders: no index checks (checked=False)
+        values = F.relu(sampled_encoder(x, W_enc, b_enc, b_dec if apply_b_dec_to_input else None, indices, None,
+                                        values, order, offsets, rows, row_ptr, False))
+        x_hat = sparse_decode(values, indices, W_dec, b_dec, order, offsets, rows, row_ptr, False)
         with torch.no_grad():
             active = values > 0
             fired = _fired(indices, active, d_sae)
-        return x_hat, values, indices, active, fired
+        return x_hat, values, indices, active, fired, row_ptr
 
 
 def _fired(indices, active, d_sae):
