@@ -60,12 +60,17 @@ class SAE(nn.Module):
         *,
         backend: str = "auto",
         apply_b_dec_to_input: bool = False,
+        decoder_init_norm: float = 1.0,
         dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device, None] = None,
     ):
         super().__init__()
         self.d_in = check.positive_int("d_in", d_in)
         self.d_sae = check.positive_int("d_sae", d_sae)
+        if isinstance(decoder_init_norm, bool) or not isinstance(decoder_init_norm, (int, float)) or not (
+                0 < decoder_init_norm < math.inf):
+            raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
+        self.decoder_init_norm = float(decoder_init_norm)
         check_name(backend)
         self.backend = backend
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
@@ -73,9 +78,12 @@ class SAE(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         factory = dict(dtype=dtype, device=device)
-        # Decoder rows: random unit directions; encoder initialised to the decoder's transpose.
+        # Decoder rows: random directions of norm decoder_init_norm; encoder initialised to the decoder's transpose.
+        # An architecture whose fresh code is dense (JumpReLU, ReLU) starts with small rows: with unit rows and
+        # W_enc = W_decᵀ, half of d_sae latents firing reconstruct ~d_sae / (2 d_in) times the input, and the
+        # first steps' gradients wreck the random dictionary (measured: 0% of the true features ever recovered).
         W_dec = torch.randn(d_sae, d_in, dtype=torch.float32, device=device)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec *= self.decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(dtype))
         self.W_enc = nn.Parameter(W_dec.t().contiguous().to(dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
@@ -188,6 +196,31 @@ class SAE(nn.Module):
         controller of λ (``target_l0``), JumpReLU's adaptive bandwidth."""
         if self.controls_sparsity:
             sparsity_control.update_log_lambda(self.log_sparsity_coefficient, out.l0, self.target_l0)
+
+    # -- resampling (fastsae/resample.py) --------------------------------------------------------
+    def latent_axes(self) -> dict[str, int]:
+        """Parameter name -> the axis that indexes latents (for resampling and its optimizer-state reset)."""
+        axes = dict(W_enc=1, W_dec=0)
+        axes.update({n: 0 for n in ("b_enc", "b_gate", "r_mag", "b_mag") if n in self._parameters})
+        return axes
+
+    #: a resampled latent's encoder column, as a fraction of the live latents' median norm (fastsae/resample.py)
+    resample_encoder_scale = 0.2
+
+    @torch.no_grad()
+    def reinit_latents(self, idx: Tensor, directions: Tensor, live: Tensor, probe: Tensor, fire_rate: float) -> None:
+        """Re-initialise latents ``idx`` along unit ``directions [len(idx), d_in]``: decoder rows at the median
+        norm of the ``live [d_sae]`` latents' rows, encoder columns at ``resample_encoder_scale`` × their median
+        norm, biases 0. ``probe`` (scaled inputs) and the live latents' mean ``fire_rate`` on it let an architecture
+        calibrate what else it needs."""
+        live_idx = live.nonzero().squeeze(1)
+        dec_norm = self.W_dec[live_idx].norm(dim=1).median()
+        enc_norm = self.W_enc[:, live_idx].norm(dim=0).median()
+        self.W_dec[idx] = directions * dec_norm
+        self.W_enc[:, idx] = directions.t() * (enc_norm * self.resample_encoder_scale)
+        for name in ("b_enc", "b_gate", "b_mag"):
+            if name in self._parameters:
+                getattr(self, name)[idx] = 0
 
     def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """``(parameters, learning-rate multiplier)`` groups for the optimizer; every parameter once."""
@@ -351,28 +384,40 @@ class JumpReLUSAE(SAE):
         d_sae: int,
         *,
         bandwidth: Union[float, Tensor, str, "AdaptiveBandwidth"] = 1e-3,
-        sparsity_coefficient: float = 1e-3,
+        sparsity_coefficient: float = 2e-2,
         threshold_init: float = 1e-3,
         threshold_parameterization: str = "direct",
         adaptive: Optional[dict] = None,
-        sparsity_loss: str = "step",
+        sparsity_loss: Optional[str] = None,
         target_l0: Optional[float] = None,
         tanh_scale: float = 4.0,
         pre_act_coefficient: float = 0.0,
         ste_to_input: bool = False,
-        init_l0: Optional[float] = None,
-        threshold_lr_scale: float = 1.0,
-        apply_b_dec_to_input: bool = False,
+        init_l0: Union[float, str, None] = "auto",
+        threshold_lr_scale: float = 2.0,
+        decoder_init_norm: float = 0.1,
+        apply_b_dec_to_input: bool = True,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
-        super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
-                         device=device)
+        super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input,
+                         decoder_init_norm=decoder_init_norm, dtype=dtype, device=device)
+        if sparsity_loss is None:
+            sparsity_loss = "step" if target_l0 is None else "quadratic"
         if sparsity_loss not in self.SPARSITY_LOSSES:
             raise ValueError(f"sparsity_loss must be one of {list(self.SPARSITY_LOSSES)}, got {sparsity_loss!r}")
         if sparsity_loss == "quadratic" and target_l0 is None:
             raise ValueError("sparsity_loss='quadratic' needs target_l0 (the L0 the penalty aims at)")
+        if sparsity_loss == "step" and target_l0 is not None:
+            # λ·L0 with λ driven by a controller cannot pull L0 *up*: at λ = 0 thresholds sitting in a gap of the
+            # pre-activation density get no gradient (measured: L0 stuck at half the target with λ → 1e-4)
+            raise ValueError("target_l0 goes with sparsity_loss='quadratic' (the default when target_l0 is given) "
+                             "or 'tanh', not 'step'")
+        if init_l0 == "auto":
+            init_l0 = None if target_l0 is None else min(2.0 * float(target_l0), float(d_sae))
+        elif isinstance(init_l0, str):
+            raise ValueError(f"init_l0 must be a number, None or 'auto', got {init_l0!r}")
         for name, v in (("tanh_scale", tanh_scale), ("pre_act_coefficient", pre_act_coefficient)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -381,6 +426,9 @@ class JumpReLUSAE(SAE):
         self.pre_act_coefficient = float(pre_act_coefficient)
         self.ste_to_input = bool(ste_to_input)
         self.init_l0 = sparsity_control.check_target_l0(init_l0, d_sae) if init_l0 is not None else None
+        if isinstance(threshold_lr_scale, bool) or not isinstance(threshold_lr_scale, (int, float)) or not (
+                0 < threshold_lr_scale < math.inf):
+            raise ValueError(f"threshold_lr_scale must be a positive number, got {threshold_lr_scale!r}")
         self.threshold_lr_scale = float(threshold_lr_scale)
         if threshold_parameterization not in self.PARAMETERIZATIONS:
             raise ValueError(f"threshold_parameterization must be one of {list(self.PARAMETERIZATIONS)}, "
@@ -456,6 +504,23 @@ class JumpReLUSAE(SAE):
                                           dead_mask)
         lam = self.sparsity_coefficient if coefficient is None else coefficient
         return self._output(x, out, sparsity, aux, lam, self.pre_act_coefficient)
+
+    def latent_axes(self):
+        name = "log_threshold" if self.threshold_parameterization == "log" else "threshold"
+        return dict(super().latent_axes(), **{name: 0})
+
+    @torch.no_grad()
+    def reinit_latents(self, idx, directions, live, probe, fire_rate):
+        """θ of each new latent at the quantile of its pre-activations on ``probe`` that gives it the live latents'
+        mean firing rate, so it neither starts dead nor dense."""
+        super().reinit_latents(idx, directions, live, probe, fire_rate)
+        pre = self._encoder_input(probe.to(self.dtype)) @ self.W_enc[:, idx] + self.b_enc[idx]
+        q = min(max(1.0 - fire_rate, 0.0), 1.0 - 1.0 / max(probe.shape[0], 1))
+        theta = pre.float().quantile(q, dim=0).clamp_min(0).to(self.threshold.dtype)
+        if self.threshold_parameterization == "log":
+            self.log_threshold[idx] = theta.clamp_min(torch.finfo(theta.dtype).tiny).log()
+        else:
+            self.threshold[idx] = theta
 
     def parameter_groups(self):
         th = self.log_threshold if self.threshold_parameterization == "log" else self.threshold
@@ -551,6 +616,7 @@ class TopKSAE(SAE):
 
     architecture = "topk"
     unit_norm_decoder = True
+    resample_encoder_scale = 1.0  # a resampled latent must win a row's top k to get any gradient
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ them; SAELens's SynthSAEBench is the model):
 
 - ``mean_offset``: a shared offset ``μ`` (a random direction) whose norm is this multiple of the RMS norm of
   the centred signal. A residual stream's mean is often larger than its variation; after the dataset-wide
-  scaling to ``E‖x‖² = 1`` the features become small next to it, and an encoder that does not remove the
+  scaling to ``E‖x‖² = 1`` (the JumpReLU paper's; fastsae centres first) the features become small next to it, and an encoder that does not remove the
   mean sees it in every pre-activation.
 - ``frequency_decay``: feature ``j`` fires with probability ``∝ (j + 1) ** -frequency_decay`` (Zipf-like).
 - ``magnitude_tail``: magnitudes are log-normal with this σ around each feature's own typical size (drawn
