@@ -18,14 +18,15 @@ training sees them), with the reference math:
 - which true feature each decoder row tracks: recovery (features matched at cos > 0.9), the number of
   latents whose best match is above 0.9, and how many of those changed feature since the last record.
 
-Settings: ``old`` = the defaults before the fix (unit-norm decoder, W_enc = W_decᵀ, θ₀ = 0.001, ε = 0.001,
-λ = 0.02, no b_dec subtraction); ``fixed`` = the library's defaults now; more with ``--settings`` (see
-SETTINGS). Writes ``experiments/results/jumprelu_diagnosis.json`` (all records) and
+Settings (SETTINGS): ``old`` = the library before the fix (unit-norm decoder rows with W_enc = W_decᵀ,
+θ₀ = ε = 0.001, λ = 0.02, no b_dec subtraction, one learning rate, E‖s·x‖² = 1, no resampling); ``fixed`` = the
+defaults now (on the realistic data with ``target_l0`` = the true L0); ``fixed-no-resample`` and
+``fixed-unit-init`` take one fix back out each. Writes ``experiments/results/jumprelu_diagnosis.json`` (all records) and
 ``experiments/results/jumprelu_diagnosis.png``; the prose is ``experiments/results/jumprelu_diagnosis.md``.
 
 Run (2 CPU cores; each setting takes 2-5 minutes):
-    python experiments/jumprelu_diagnosis.py                       # old and fixed on the clean job
-    python experiments/jumprelu_diagnosis.py --data realistic --settings old fixed
+    python experiments/jumprelu_diagnosis.py                       # the four settings on the clean job
+    python experiments/jumprelu_diagnosis.py --data realistic
 """
 from __future__ import annotations
 
@@ -47,23 +48,23 @@ from fastsae.train import train  # noqa: E402
 
 #: constructor arguments and train() arguments per setting; "init" is applied to the fresh module
 SETTINGS = {
-    "old": dict(sae=dict(sparsity_coefficient=0.02, threshold_init=1e-3, bandwidth=1e-3, init="unit"), train={}),
-    "fixed": dict(sae={}, train={}),
+    # the library before issue 18: unit-norm decoder rows, W_enc = W_decᵀ, θ₀ = ε = 0.001, no b_dec subtraction,
+    # one lr for every parameter, E‖s·x‖² = 1, no resampling
+    "old": dict(sae=dict(sparsity_coefficient=0.02, threshold_init=1e-3, bandwidth=1e-3, decoder_init_norm=1.0,
+                         apply_b_dec_to_input=False, threshold_lr_scale=1.0, init_l0=None),
+                train=dict(resample_every=0), uncentred=True),
+    "fixed": dict(sae={}, train={}),  # the defaults now (with target_l0 = the true L0 on the realistic data)
+    "fixed-no-resample": dict(sae={}, train=dict(resample_every=0)),
+    "fixed-unit-init": dict(sae=dict(decoder_init_norm=1.0), train={}),
 }
 
 
-def build(setting: str, d_in: int, d_sae: int, true_l0: float):
+def build(setting: str, d_in: int, d_sae: int, target_l0):
     spec = SETTINGS[setting]
     kw = dict(spec["sae"])
-    init = kw.pop("init", None)
-    if setting == "fixed":
-        kw.setdefault("target_l0", true_l0)
-    sae = fastsae.JumpReLUSAE(d_in, d_sae, **kw)
-    if init == "unit":  # the pre-fix initialisation: unit-norm decoder rows, W_enc = W_decᵀ
-        with torch.no_grad():
-            sae.W_dec.copy_(torch.nn.functional.normalize(sae.W_dec, dim=1))
-            sae.W_enc.copy_(sae.W_dec.t())
-    return sae, dict(spec["train"])
+    if setting.startswith("fixed") and target_l0 is not None:
+        kw.setdefault("target_l0", target_l0)
+    return fastsae.JumpReLUSAE(d_in, d_sae, **kw), dict(spec["train"])
 
 
 @torch.no_grad()
@@ -106,7 +107,8 @@ def run(setting: str, args) -> dict:
     torch.manual_seed(args.seed)
     make = realistic if args.data == "realistic" else synthetic
     data = make(args.n_samples, args.d_in, args.n_features, active=args.active, seed=args.data_seed)
-    sae, train_kw = build(setting, args.d_in, args.d_sae, data.true_l0)
+    # the clean job trains with λ (the CLI's default); the realistic data asks for its true L0
+    sae, train_kw = build(setting, args.d_in, args.d_sae, data.true_l0 if args.data == "realistic" else None)
     probe_raw = data.sample(1024, seed=99)
     watch = torch.linspace(0, args.d_sae - 1, 12).long()
     records, state = [], dict(last=None, xs=None)
@@ -128,7 +130,10 @@ def run(setting: str, args) -> dict:
 
     from fastsae.train import estimate_input_scale
 
-    res_scale = [estimate_input_scale(data.x[:16384])]
+    sample = data.x[:16384].double()
+    if SETTINGS[setting].get("uncentred"):  # the old convention, E‖s·x‖² = 1
+        train_kw["input_scale"] = float(1 / sample.pow(2).sum(1).mean().sqrt())
+    res_scale = [train_kw.get("input_scale", estimate_input_scale(sample))]
     t0 = time.time()
     train(sae, data, steps=args.steps, batch_size=args.batch_size, progress=False, callback=callback,
           log_every=args.every, **train_kw)
@@ -165,7 +170,8 @@ def plot(results: list, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--settings", nargs="+", default=["old", "fixed"], choices=sorted(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["old", "fixed", "fixed-no-resample", "fixed-unit-init"],
+                   choices=sorted(SETTINGS))
     p.add_argument("--data", default="clean", choices=["clean", "realistic"])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--every", type=int, default=100)
