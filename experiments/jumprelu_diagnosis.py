@@ -150,7 +150,7 @@ def plot(results: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("l0", "L0 (probe)", "log"), ("recovery", "features recovered (cos > 0.9)", "linear"),
-            ("hits_median", "median kernel hits per latent per batch", "log"),
+            ("no_hit_fraction", "latents with no kernel hit in a batch of 1,024", "linear"),
             ("grad_ratio_median", "|reconstruction / sparsity| θ-gradient (median)", "log"),
             ("theta_median", "median θ", "linear"), ("dec_norm_median", "median decoder row norm", "linear")]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
@@ -185,7 +185,12 @@ def main(argv=None) -> int:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="jumprelu_diagnosis")
+    p.add_argument("--from-json", default=None, help="only redraw the plot from a results JSON")
     args = p.parse_args(argv)
+    if args.from_json:
+        path = Path(args.from_json)
+        plot(json.loads(path.read_text())["results"], path.with_suffix(".png"))
+        return 0
     torch.set_num_threads(args.threads)
     results = [run(s, args) for s in args.settings]
     out = HERE / "results"
