@@ -15,15 +15,20 @@ template <typename scalar_t>
 struct TopK {
   using key_t = at::opmath_type<scalar_t>;
   struct Entry {
-    key_t v;
+    key_t v;  // NaN stored as +inf, with `nan` set: comparisons stay a strict weak order
     int64_t i;
+    bool nan;
   };
-  // `a` ranks before `b`: larger value first, ties by lower index. NaN is given key +inf (torch
-  // ranks NaN largest), so this stays a strict weak order and the std:: heap/sort never misbehave.
-  static bool better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
-  static key_t key(scalar_t x) {
+  // `a` ranks before `b`: NaN above everything (as torch.topk ranks it), then larger value first,
+  // ties by lower index.
+  static bool better(const Entry& a, const Entry& b) {
+    if (a.nan != b.nan) return a.nan;
+    return a.v > b.v || (a.v == b.v && a.i < b.i);
+  }
+  static Entry entry(scalar_t x, int64_t i) {
     const key_t v = static_cast<key_t>(x);
-    return std::isnan(v) ? std::numeric_limits<key_t>::infinity() : v;
+    const bool nan = std::isnan(v);
+    return {nan ? std::numeric_limits<key_t>::infinity() : v, i, nan};
   }
 
   explicit TopK(int64_t k) : k(k) { heap.reserve(k); }
@@ -69,12 +74,12 @@ struct TopK {
       if (!(m[b] >= tau)) continue;
       for (int64_t t = 0; t < T; ++t) {
         const key_t x = static_cast<key_t>(row[t * S + b]);
-        if (x >= tau) heap.push_back({x, t * S + b});
+        if (x >= tau) heap.push_back({x, t * S + b, false});
       }
     }
     for (int64_t i = T * S; i < n; ++i) {
       const key_t x = static_cast<key_t>(row[i]);
-      if (x >= tau) heap.push_back({x, i});
+      if (x >= tau) heap.push_back({x, i, false});
     }
     std::partial_sort(heap.begin(), heap.begin() + k, heap.end(), better);
     for (int64_t j = 0; j < k; ++j) {
@@ -87,9 +92,9 @@ struct TopK {
   // One pass with a k-entry heap (any row, NaN included).
   void run_heap(const scalar_t* row, int64_t n, scalar_t* out_v, int64_t* out_i) {
     heap.clear();
-    for (int64_t i = 0; i < k; ++i) heap.push_back({key(row[i]), i});
+    for (int64_t i = 0; i < k; ++i) heap.push_back(entry(row[i], i));
     std::make_heap(heap.begin(), heap.end(), better);  // front() = the worst kept entry
-    key_t worst = heap.front().v;
+    key_t worst = heap.front().v;  // the skip test below; consider() decides exactly
     int64_t i = k;
     constexpr int64_t BLK = 16;
     for (; i + BLK <= n; i += BLK) {
@@ -112,10 +117,11 @@ struct TopK {
 
  private:
   void consider(const scalar_t* row, int64_t i, key_t& worst) {
-    const key_t v = key(row[i]);
-    if (!(v > worst)) return;  // equal values keep the earlier (lower) index
+    const Entry e = entry(row[i], i);
+    // i is past every kept index, so an equal value keeps the earlier entry
+    if (!better(e, heap.front())) return;
     std::pop_heap(heap.begin(), heap.end(), better);
-    heap.back() = {v, i};
+    heap.back() = e;
     std::push_heap(heap.begin(), heap.end(), better);
     worst = heap.front().v;
   }

@@ -302,12 +302,7 @@ def _check_topk_like_torch(v, i, x, k, **tol):
     torch.testing.assert_close(x.gather(1, i), v, equal_nan=True, **tol)  # each index holds its value
 
 
-# The C++ top-k ranks NaN level with +inf (csrc/topk.h gives NaN the key +inf), so a row holding both
-# may return +inf where torch.topk returns NaN. Strict: this fails once csrc is fixed, to drop the mark.
-_CPP_NAN = pytest.mark.xfail(strict=True, reason="cpp topk ranks NaN equal to +inf (csrc/topk.h), torch ranks it above")
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_CPP_NAN) if b == "cpp" else b for b in fastsae.backends()])
+@pytest.mark.parametrize("backend", fastsae.backends())
 @pytest.mark.parametrize("k", [1, 5, 12])
 def test_topk_nan_inf_and_short_rows_match_torch_on_every_backend(backend, k):
     x = special_rows(torch.float32)
