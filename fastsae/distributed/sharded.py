@@ -66,7 +66,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference as ref
+from .. import reference as ref
 
 MANIFEST = "shards.json"
 DEFAULT_TIMEOUT_S = 600.0
@@ -597,7 +597,7 @@ def _pad(t: Tensor, width: int, value) -> Tensor:
 def _build(config: dict, d_sae: int, *, backend: str = "auto", device=None, where="the SAE config", weights=None):
     """An SAE module from a saved config with ``d_sae`` replaced (``k`` clipped to it); every field checked, and
     ``weights`` (name -> shape) matched before anything is allocated."""
-    from .io import sae_from_config
+    from ..io import sae_from_config
 
     return sae_from_config(config, where, backend=backend, d_sae=d_sae, device=device, weights=weights)
 
@@ -662,7 +662,7 @@ class ShardedSAE(nn.Module):
                **kwargs) -> "ShardedSAE":
         """Build the shard directly (never materialising the full SAE): the same initialisation distribution
         as the full module, from the RNG seeded with ``seed`` and the latent rank (data replicas agree)."""
-        from .sae import ARCHITECTURES
+        from ..sae import ARCHITECTURES
 
         g = g or grid()
         if architecture not in ARCHITECTURES:
@@ -908,7 +908,7 @@ def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optim
     ``shards.json`` (temp + rename). An existing manifest is removed first, so a crash midway leaves a
     directory without manifest (incomplete) rather than a manifest pointing at mixed files.
     """
-    from .io import atomic_write_bytes, pack_optimizer, write_safetensors
+    from ..io import atomic_write_bytes, pack_optimizer, write_safetensors
 
     g = module.grid
     path = Path(path)
@@ -943,8 +943,8 @@ def save_sharded(module: ShardedSAE, path, optimizer: Optional[torch.optim.Optim
 def read_manifest(path) -> dict:
     """``shards.json``, checked: its fields have the right types, its files exist with the recorded sizes and lie
     inside ``path`` (ValueError naming the manifest otherwise)."""
-    from ._checks import file_in_folder
-    from .io import read_json
+    from .._checks import file_in_folder
+    from ..io import read_json
 
     path = Path(path)
     mpath = path / MANIFEST
@@ -975,7 +975,7 @@ def read_manifest(path) -> dict:
 
 
 def _full_state(path: Path, manifest: dict) -> dict[str, Tensor]:
-    from .io import read_safetensors
+    from ..io import read_safetensors
 
     shards = [read_safetensors(path / s["file"])[0] for s in manifest["shards"]]
     out = {}
@@ -996,7 +996,7 @@ def load_optimizer_shard(path, optimizer: torch.optim.Optimizer, g: Optional[Gri
     if len(files) != g.latent_size:
         raise ValueError(f"{path}: optimizer state was saved for latent size {len(files)}, "
                          f"this grid has {g.latent_size}")
-    from .io import read_safetensors, unpack_optimizer
+    from ..io import read_safetensors, unpack_optimizer
 
     file = Path(path) / files[g.latent_rank]
     tensors, metadata = read_safetensors(file)
@@ -1009,7 +1009,7 @@ def load_optimizer_shard(path, optimizer: torch.optim.Optimizer, g: Optional[Gri
 
 def load_sharded(path, *, device=None, backend: str = "auto"):
     """Reassemble a sharded checkpoint into one single-process SAE (for inference or further training)."""
-    from .io import _check_device
+    from ..io import _check_device
 
     _check_device(device)
     path = Path(path)
@@ -1028,7 +1028,7 @@ def load_sharded(path, *, device=None, backend: str = "auto"):
 def load_shard(path, g: Optional[Grid] = None, *, backend: str = "auto", device=None) -> ShardedSAE:
     """Resume: this rank's :class:`ShardedSAE` from a sharded checkpoint, on any latent size (the same size
     reads only this rank's file; another size reassembles the SAE on the host and re-slices it)."""
-    from .io import read_safetensors
+    from ..io import read_safetensors
 
     g = g or grid()
     path = Path(path)
@@ -1168,7 +1168,7 @@ class RankSlicedSource:
         return self.source.sample(n, seed)
 
     def chunks(self, seed: int, start_row: int = 0):
-        from .data import ShardSource
+        from ..data import ShardSource
 
         B, D, r = self.batch_size, self.grid.data_size, self.grid.data_rank
         first, skip = divmod(start_row, B)
@@ -1243,7 +1243,7 @@ def _shard_rank_rows(src, seed: int, start_row: int, B: int, D: int, r: int):
     scheme (tests/test_distributed.py checks it against slicing the full stream)."""
     import numpy as np
 
-    from .data import _generator
+    from ..data import _generator
 
     n, period = src.n, B * D
     epoch, offset = divmod(start_row, n)
@@ -1328,7 +1328,7 @@ class TrainingContext:
     def shard_source(self, source, batch_size: int):
         """Each data rank's disjoint slice of tensors / shard folders / synthetic data. A plain iterable is
         taken to be this rank's own stream already (e.g. a harvest over this rank's prompts)."""
-        from .data import IterableSource
+        from ..data import IterableSource
 
         if isinstance(source, IterableSource):
             return _CheckedStream(source, self.grid) if self.grid.distributed else source
@@ -1389,8 +1389,8 @@ class TrainingContext:
             return path
         manifest = path.with_suffix(".json")
         if manifest.is_file():
-            from ._checks import file_in_folder
-            from .io import read_json
+            from .._checks import file_in_folder
+            from ..io import read_json
 
             files = read_json(manifest).get("files")
             if not isinstance(files, list):
@@ -1418,7 +1418,7 @@ class TrainingContext:
                 save(path, payload())
             barrier()
             return
-        from .io import atomic_write_bytes
+        from ..io import atomic_write_bytes
 
         base = path.with_name(path.name.split("-step")[0] + path.suffix) if "-step" in path.name else path
         data = payload()
