@@ -6,6 +6,7 @@ from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Tra
 from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
 # The function shadows the submodule on the package; `from fastsae.train import ...` still reaches the module.
 from .train import TrainResult, train
+from . import distributed  # noqa: E402,F401  (registers the sharded checkpoint format with fastsae.io)
 
 __version__ = "0.1.0"
 

@@ -486,9 +486,9 @@ def load(path, *, device=None, backend: str = "auto"):
     naming the file and the field, before the module is allocated."""
     _check_device(device)
     path = Path(path)
-    if (path / "shards.json").is_file():  # latent-sharded checkpoint: fastsae.distributed.save_sharded
-        from .distributed import load_sharded
-        return load_sharded(path, device=device, backend=backend).eval()
+    for detect, read in _FORMATS.values():  # registered from above (fastsae.distributed: sharded checkpoints)
+        if detect(path):
+            return read(path, device=device, backend=backend).eval()
     fmt = detect_format(path)
     if fmt == "fastsae":
         sae = _load_own(path, backend)
@@ -500,6 +500,21 @@ def load(path, *, device=None, backend: str = "auto"):
         sae = _load_gemma_scope(path if path.is_file() else path / GEMMA_SCOPE, backend)
     sae.eval()
     return sae.to(device) if device is not None else sae
+
+
+#: Formats that modules above this one register (:func:`register_format`): name -> (detect, load). :func:`load`
+#: tries them before the built-in layouts, so io imports none of the modules that read them.
+_FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[..., object]]] = {}
+
+
+def register_format(name: str, detect: Callable[[Path], bool], load: Callable[..., object]) -> None:
+    """Teach :func:`load` another layout: ``detect(path)`` is true for a ``Path`` holding it, and
+    ``load(path, *, device, backend)`` returns the module. Registering a name again replaces it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not callable(detect) or not callable(load):
+        raise TypeError(f"detect and load must be callables, got {detect!r} and {load!r}")
+    _FORMATS[name] = (detect, load)
 
 
 # ----------------------------------------------------------------------------------------------
