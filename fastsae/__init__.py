@@ -1,7 +1,7 @@
 """fastsae: fast sparse autoencoders — fused Triton (GPU) and C++ (CPU) kernels behind drop-in modules."""
 from .backends import backends
 from .functional import jumprelu, sparse_decode, step, topk
-from .io import load
+from .io import from_saelens, load, to_saelens
 from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, TrainOutput
 from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
 # The function shadows the submodule on the package; `from fastsae.train import ...` still reaches the module.
@@ -23,6 +23,8 @@ __all__ = [
     "ReLUSAE",
     "TrainOutput",
     "load",
+    "from_saelens",
+    "to_saelens",
     "train",
     "TrainResult",
     "data",

@@ -195,11 +195,13 @@ class SAE(nn.Module):
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
-    def save(self, path) -> None:
-        """Write ``path/`` as ``config.json`` + ``sae.safetensors`` (atomically); ``fastsae.load`` reads it back."""
+    def save(self, path, format: str = "fastsae", metadata: Optional[dict] = None) -> None:
+        """Write the folder ``path/`` (atomically): ``format="fastsae"`` (``config.json`` + ``sae.safetensors``,
+        exact), ``"saelens"`` (a SAELens 6.x folder) or ``"sparsify"`` (TopK); ``fastsae.load`` reads all three.
+        ``metadata``: SAELens ``cfg.json`` metadata such as ``hook_name``. See :func:`fastsae.io.save`."""
         from .io import save
 
-        save(self, path)
+        save(self, path, format=format, metadata=metadata)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"
