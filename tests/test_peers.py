@@ -295,3 +295,25 @@ def test_export_files_load_in_fastsae_without_peers(tmp_path):
             back = fastsae.load(tmp_path / arch / fmt)
             torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-5, msg=f"{arch} {fmt}")
             assert back.architecture in ARCHITECTURES
+
+
+def test_cli_export(tmp_path, capsys):
+    from fastsae.cli import main
+
+    src = peers.FIXTURES / "trainer_jumprelu"
+    assert main(["export", "--sae", str(src), "--format", "saelens", "--out", str(tmp_path / "sl"),
+                 "--hook-name", "blocks.3.hook_mlp_out", "--model-name", "gpt2"]) == 0
+    assert "max |difference| 0" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["hook_name"] == "blocks.3.hook_mlp_out"
+    exp = _expected("jumprelu")
+    torch.testing.assert_close(fastsae.load(tmp_path / "sl")(exp["x"]), exp["x_hat"], rtol=1e-5, atol=1e-5)
+    # a non-empty --out is refused unless --overwrite
+    assert main(["export", "--sae", str(src), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--sae", str(tmp_path / "sl"), "--format", "fastsae", "--out", str(tmp_path / "sl"),
+                 "--overwrite"]) == 0
+    assert detect_format(tmp_path / "sl") == "fastsae"
+    # sparsify is TopK only: named, exit status 2
+    assert main(["export", "--sae", str(src), "--format", "sparsify", "--out", str(tmp_path / "sp")]) == 2
+    assert "TopK SAEs only" in capsys.readouterr().err
