@@ -2,7 +2,7 @@
 from .backends import backends
 from .functional import jumprelu, sparse_decode, step, topk
 from .io import from_saelens, load, to_saelens
-from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, TrainOutput
+from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE, TrainOutput
 from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
 # The function shadows the submodule on the package; `from fastsae.train import ...` still reaches the module.
 from .train import TrainResult, train
@@ -19,6 +19,7 @@ __all__ = [
     "JumpReLUSAE",
     "TopKSAE",
     "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
     "GatedSAE",
     "ReLUSAE",
     "TrainOutput",

@@ -451,13 +451,18 @@ class TopKSAE(SAE):
     def _training_forward(self, x, dead_mask, coefficient):
         ops = self.ops(x.device)
         out = self._sae_forward(ops, x)
+        aux = self._auxk(ops, x, out, dead_mask)
+        return self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
+
+    def _auxk(self, ops, x, out, dead_mask, target=None) -> Tensor:
+        """AuxK of the residual ``target - x̂`` (``target`` defaults to ``x``); 0 without dead latents."""
         aux = x.new_zeros(())
         if dead_mask is not None and x.shape[0]:
             e_hat = ref.auxk_reconstruction(self._encoder_input(x), self.W_enc, self.b_enc, self.W_dec, dead_mask,
                                             self.k_aux, topk=ops.topk, decode=ops.sparse_decode)
             if e_hat is not None:
-                aux = ref.auxk_loss((x - out.x_hat).detach(), e_hat)
-        return self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
+                aux = ref.auxk_loss(((x if target is None else target) - out.x_hat).detach(), e_hat)
+        return aux
 
     def config(self):
         return dict(super().config(), k=self.k, k_aux=self.k_aux, aux_coefficient=self.aux_coefficient,
@@ -500,6 +505,10 @@ class BatchTopKSAE(TopKSAE):
     def _sae_forward(self, ops, x):
         out = ops.batchtopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
                                 self.apply_b_dec_to_input)
+        self._update_threshold(out)
+        return out
+
+    def _update_threshold(self, out) -> None:
         if self.training and out.min_kept is not None:
             with torch.no_grad():
                 m = out.min_kept.float()
@@ -507,7 +516,6 @@ class BatchTopKSAE(TopKSAE):
                     self.threshold.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * m)
                 else:
                     self.threshold.copy_(m)
-        return out
 
     def config(self):
         return dict(super().config(), threshold_decay=self.threshold_decay)
@@ -593,3 +601,51 @@ class GatedSAE(SAE):
 
 
 ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, BatchTopKSAE, ReLUSAE, GatedSAE)}
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE (Bussmann et al. 2025; SAELens ``matryoshka_batchtopk``, dictionary_learning's
+    ``MatryoshkaBatchTopKTrainer``): a BatchTopK SAE whose latents below each width in ``widths`` must also
+    reconstruct the input on their own, so early latents learn general features and later ones refinements.
+
+    loss = ``Σ_g mean_b ‖x̂_g - x‖²`` over every width (the full width's term is ``mse``) + α·AuxK, with
+    ``x̂_g = b_dec + Σ_{kept j < widths[g]} f_j W_dec[j]``: every prefix is a running sum over each row's kept
+    entries sorted by latent (``reference.prefix_reconstructions``), never a dense ``[B, d_sae]`` product.
+    Inference is BatchTopK's (the calibrated global threshold). ``widths``: strictly increasing, ending at
+    ``d_sae`` (appended when missing, as SAELens does).
+    """
+
+    architecture = "matryoshka_batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, widths: list, **kwargs):
+        super().__init__(d_in, d_sae, k, **kwargs)
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+            raise TypeError(f"widths must be a list of increasing latent counts, got {widths!r}")
+        widths = list(widths)
+        if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= d_sae for w in widths):
+            raise ValueError(f"widths must be integers in 1..d_sae={d_sae}, got {widths!r}")
+        if any(b <= a for a, b in zip(widths, widths[1:])):
+            raise ValueError(f"widths must be strictly increasing, got {widths}")
+        if widths[-1] != d_sae:
+            widths.append(d_sae)
+        self.widths = widths
+
+    def _sae_forward(self, ops, x):
+        out = ops.matryoshka_batchtopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.widths,
+                                           self.apply_b_dec_to_input)
+        self._update_threshold(out)
+        return out
+
+    def _training_forward(self, x, dead_mask, coefficient):
+        ops = self.ops(x.device)
+        out = self._sae_forward(ops, x)
+        aux = self._auxk(ops, x, out, dead_mask)
+        result = self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
+        result.loss = result.loss + ref.matryoshka_loss(out.prefixes, x)
+        return result
+
+    def config(self):
+        return dict(super().config(), widths=list(self.widths))
+
+
+ARCHITECTURES[MatryoshkaBatchTopKSAE.architecture] = MatryoshkaBatchTopKSAE

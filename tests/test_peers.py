@@ -38,6 +38,7 @@ ARCHS = {
     "jumprelu_centred": lambda: fastsae.JumpReLUSAE(10, 24, apply_b_dec_to_input=True),
     "relu": lambda: fastsae.ReLUSAE(10, 24),
     "gated": lambda: fastsae.GatedSAE(10, 24),
+    "matryoshka_batchtopk": lambda: fastsae.MatryoshkaBatchTopKSAE(10, 24, 4, widths=[6, 12]),
 }
 
 
@@ -231,7 +232,7 @@ def test_to_and_from_saelens_in_memory(arch):
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), sae(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-5)
-    if arch not in ("batchtopk",):  # BatchTopK comes back as the JumpReLU SAE it is at inference
+    if arch not in ("batchtopk", "matryoshka_batchtopk"):  # BatchTopK comes back as the JumpReLU SAE it is at inference
         assert back.architecture == sae.architecture
 
 
