@@ -2,7 +2,9 @@
 from .backends import backends
 from .functional import jumprelu, sparse_decode, step, topk
 from .io import from_saelens, load, to_saelens
-from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE, TrainOutput
+from .sae import (SAE, BatchTopKSAE, BatchTopKTranscoder, GatedSAE, GatedTranscoder, JumpReLUSAE, JumpReLUTranscoder,
+                  MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTranscoder, ReLUSAE, ReLUTranscoder, TopKSAE,
+                  TopKTranscoder, Transcoder, TrainOutput)
 from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
 # The function shadows the submodule on the package; `from fastsae.train import ...` still reaches the module.
 from .train import TrainResult, train
@@ -20,6 +22,13 @@ __all__ = [
     "TopKSAE",
     "BatchTopKSAE",
     "MatryoshkaBatchTopKSAE",
+    "Transcoder",
+    "ReLUTranscoder",
+    "JumpReLUTranscoder",
+    "TopKTranscoder",
+    "BatchTopKTranscoder",
+    "MatryoshkaBatchTopKTranscoder",
+    "GatedTranscoder",
     "GatedSAE",
     "ReLUSAE",
     "TrainOutput",

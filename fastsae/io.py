@@ -676,6 +676,8 @@ def saelens_to_fastsae(cfg: dict, state: dict[str, Tensor], cfg_path, weights_pa
         raise ValueError(f"{cfg_path}: activation_fn={act!r} is not supported (relu or topk)")
     b_dec_in = _cfg_typed(cfg, "apply_b_dec_to_input", cfg_path, (bool,), True)
     dtype = _dtype_of(state)
+    if arch in SAELENS_TRANSCODERS:
+        return _saelens_transcoder(cfg, state, arch, d_in, d_sae, cfg_path, weights_path, dtype, backend)
     W_enc = _need(state, "W_enc", weights_path, (d_in, d_sae))
     W_dec = _need(state, "W_dec", weights_path, (d_sae, d_in)).clone()
     b_dec = _need(state, "b_dec", weights_path, (d_in,))
@@ -716,6 +718,30 @@ def saelens_to_fastsae(cfg: dict, state: dict[str, Tensor], cfg_path, weights_pa
     return _fill_partial(sae, out, weights_path)
 
 
+#: SAELens transcoder architectures -> (fastsae base architecture, skip connection)
+SAELENS_TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
+                       "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+
+
+def _saelens_transcoder(cfg, state, arch, d_in, d_sae, cfg_path, weights_path, dtype, backend):
+    """SAELens ``Transcoder``: ``ŷ = act(x @ W_enc + b_enc) @ W_dec + b_dec (+ x @ W_skipᵀ)``, never centred."""
+    from .sae import Transcoder
+
+    base, skip = SAELENS_TRANSCODERS[arch]
+    d_out = _cfg_int(cfg, "d_out", cfg_path)
+    if _cfg_typed(cfg, "apply_b_dec_to_input", cfg_path, (bool,), False):
+        raise ValueError(f"{cfg_path}: apply_b_dec_to_input=True is not valid for a SAELens transcoder")
+    need = lambda key, shape: _need(state, key, weights_path, shape)  # noqa: E731
+    out = dict(W_enc=need("W_enc", (d_in, d_sae)), b_enc=need("b_enc", (d_sae,)), W_dec=need("W_dec", (d_sae, d_out)),
+               b_dec=need("b_dec", (d_out,)))
+    if skip:
+        out["W_skip"] = need("W_skip", (d_out, d_in)).t().contiguous()
+    if base == "jumprelu":
+        out["threshold"] = need("threshold", (d_sae,)).clamp_min(0)
+    sae = Transcoder(base, d_in, d_sae, d_out=d_out, skip_connection=skip, dtype=dtype, backend=backend)
+    return _fill_partial(sae, out, weights_path)
+
+
 def _fill_partial(sae, tensors: dict[str, Tensor], path: Path):
     """Load the tensors a foreign format provides; the module's other state (e.g. bandwidth) keeps its defaults."""
     state = sae.state_dict()
@@ -734,9 +760,8 @@ def _load_sparsify(path: Path, backend: str):
     cfg_path, weights_path = path / SPARSIFY_CONFIG, path / SPARSIFY_WEIGHTS
     cfg = _read_json(cfg_path)
     state = _read_safetensors(weights_path)
-    for flag in ("transcode", "skip_connection"):
-        if _cfg_typed(cfg, flag, cfg_path, (bool, type(None)), False):
-            raise ValueError(f"{cfg_path}: {flag}=True is not supported (fastsae loads autoencoders only)")
+    transcode = bool(_cfg_typed(cfg, "transcode", cfg_path, (bool, type(None)), False))
+    skip = bool(_cfg_typed(cfg, "skip_connection", cfg_path, (bool, type(None)), False))
     if _cfg_typed(cfg, "activation", cfg_path, (str,), "topk") != "topk":
         raise ValueError(f"{cfg_path}: activation={cfg.get('activation')!r} is not supported (topk only)")
     W = _need(state, "encoder.weight", weights_path)
@@ -751,13 +776,22 @@ def _load_sparsify(path: Path, backend: str):
     k = cfg.get("k")
     if not _is_int(k) or not 1 <= k <= d_sae:
         raise ValueError(f"{cfg_path}: field 'k' must lie in 1..num_latents={d_sae}, got {k!r}")
-    sae = TopKSAE(d_in, d_sae, k, apply_b_dec_to_input=True, dtype=_dtype_of(state), backend=backend)
+    if transcode or skip:  # sparsify transcoders never centre their input; W_skip [d_in, d_in] acts as x @ W_skipᵀ
+        from .sae import Transcoder
+
+        sae = Transcoder("topk", d_in, d_sae, k=k, skip_connection=skip, dtype=_dtype_of(state), backend=backend)
+        if not transcode:
+            raise ValueError(f"{cfg_path}: skip_connection=True without transcode=True is not supported")
+    else:
+        sae = TopKSAE(d_in, d_sae, k, apply_b_dec_to_input=True, dtype=_dtype_of(state), backend=backend)
     out = dict(
         W_enc=W.t().contiguous(),
         b_enc=_need(state, "encoder.bias", weights_path, (d_sae,)),
         W_dec=_need(state, "W_dec", weights_path, (d_sae, d_in)),
         b_dec=_need(state, "b_dec", weights_path, (d_in,)),
     )
+    if skip:
+        out["W_skip"] = _need(state, "W_skip", weights_path, (d_in, d_in)).t().contiguous()
     return _fill_partial(sae, out, weights_path)
 
 

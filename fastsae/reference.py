@@ -244,11 +244,12 @@ def gated_sae_forward(
     W_dec: Tensor,
     b_dec: Tensor,
     apply_b_dec_to_input: bool = True,
+    target: Optional[Tensor] = None,
 ) -> SAEForward:
     """Gated SAE (Rajamanoharan et al. 2024). ``W_enc`` is ``W_gate``; ``W_mag = exp(r_mag) ⊙ W_gate``.
 
     ``sparsity`` is ``‖relu(π_gate)‖₁`` per row; ``aux`` is ``mean_b ‖x - x̂_frozen(relu(π_gate))‖²``
-    with *detached* decoder weights and bias, as in the paper.
+    with *detached* decoder weights and bias, as in the paper (``target`` in place of ``x``: a transcoder).
     """
     x_in = encoder_input(x, b_dec, apply_b_dec_to_input)
     pi_gate = x_in @ W_enc + b_gate
@@ -258,7 +259,7 @@ def gated_sae_forward(
     x_hat = f @ W_dec + b_dec
     relu_gate = F.relu(pi_gate)
     x_hat_frozen = relu_gate @ W_dec.detach() + b_dec.detach()
-    aux = (x_hat_frozen - x).pow(2).sum(-1).mean()
+    aux = (x_hat_frozen - (x if target is None else target)).pow(2).sum(-1).mean()
     active = f > 0
     return SAEForward(
         x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), sparsity=relu_gate.sum(-1), aux=aux

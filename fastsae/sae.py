@@ -143,10 +143,13 @@ class SAE(nn.Module):
         return x_hat.reshape(*lead, self.d_in).to(x.dtype)
 
     def training_forward(
-        self, x: Tensor, *, dead_mask: Optional[Tensor] = None, sparsity_coefficient: Optional[float] = None
+        self, x: Tensor, target: Optional[Tensor] = None, *, dead_mask: Optional[Tensor] = None,
+        sparsity_coefficient: Optional[float] = None
     ) -> TrainOutput:
         """Loss and metrics of one training batch ``x [..., d_in]``.
 
+        ``target [..., d_out]``: reconstruct it instead of ``x`` (a transcoder; ``d_out`` is ``d_in`` for an SAE
+        module); every loss term (MSE, AuxK's residual, Matryoshka's prefixes) is then measured against it.
         ``dead_mask [d_sae]`` bool marks latents that have not fired recently (AuxK for TopK/BatchTopK);
         ``sparsity_coefficient`` overrides the module's (the training loop uses it for the warm-up).
         """
@@ -155,12 +158,31 @@ class SAE(nn.Module):
             if not isinstance(dead_mask, Tensor) or dead_mask.shape != (self.d_sae,):
                 raise ValueError(f"dead_mask must be a [d_sae]=[{self.d_sae}] bool tensor")
             dead_mask = dead_mask.to(device=x2.device, dtype=torch.bool)
-        return self._training_forward(x2, dead_mask, sparsity_coefficient)
+        if target is None:
+            return self._training_forward(x2, dead_mask, sparsity_coefficient)
+        check.float_tensor("target", target)
+        d_out = getattr(self, "d_out", self.d_in)
+        check.last_dim("target", target, d_out, "d_out")
+        check.module_device(self, target=target)
+        if target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"target must have the leading shape of x {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+        # The architectures' forwards read the target through _target_of (until they take it as an argument).
+        self._target = target.reshape(-1, d_out).to(self.dtype)
+        try:
+            return self._training_forward(x2, dead_mask, sparsity_coefficient)
+        finally:
+            self._target = None
+
+    def _target_of(self, x: Tensor) -> Tensor:
+        """What the loss reconstructs: the ``target`` passed to ``training_forward``, else ``x``."""
+        t = self.__dict__.get("_target")
+        return x if t is None else t
 
     def _training_forward(self, x, dead_mask, coefficient) -> TrainOutput:
         raise NotImplementedError
 
     def _output(self, x, out: ref.SAEForward, sparsity, aux, coefficient, aux_coefficient) -> TrainOutput:
+        x = self._target_of(x)
         m = ref.mse(out.x_hat, x)
         loss = m + coefficient * sparsity + aux_coefficient * aux
         with torch.no_grad():
@@ -454,14 +476,14 @@ class TopKSAE(SAE):
         aux = self._auxk(ops, x, out, dead_mask)
         return self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
 
-    def _auxk(self, ops, x, out, dead_mask, target=None) -> Tensor:
-        """AuxK of the residual ``target - x̂`` (``target`` defaults to ``x``); 0 without dead latents."""
+    def _auxk(self, ops, x, out, dead_mask) -> Tensor:
+        """AuxK of the residual ``target - x̂`` (the training target; ``x`` for an SAE); 0 without dead latents."""
         aux = x.new_zeros(())
         if dead_mask is not None and x.shape[0]:
             e_hat = ref.auxk_reconstruction(self._encoder_input(x), self.W_enc, self.b_enc, self.W_dec, dead_mask,
                                             self.k_aux, topk=ops.topk, decode=ops.sparse_decode)
             if e_hat is not None:
-                aux = ref.auxk_loss(((x if target is None else target) - out.x_hat).detach(), e_hat)
+                aux = ref.auxk_loss((self._target_of(x) - out.x_hat).detach(), e_hat)
         return aux
 
     def config(self):
@@ -591,8 +613,11 @@ class GatedSAE(SAE):
         return gate.to(mag.dtype) * mag
 
     def _training_forward(self, x, dead_mask, coefficient):
-        out = self.ops(x.device).gated_sae(x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec,
-                                           self.b_dec, self.apply_b_dec_to_input)
+        args = (x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec, self.apply_b_dec_to_input)
+        if self.__dict__.get("_target") is None:
+            out = self.ops(x.device).gated_sae(*args)
+        else:  # the frozen-decoder term reconstructs the target too (no fused kernel has a gated transcoder)
+            out = ref.gated_sae_forward(*args, target=self._target_of(x))
         lam = self.sparsity_coefficient if coefficient is None else coefficient
         return self._output(x, out, out.sparsity.mean(), out.aux, lam, 1.0)
 
@@ -641,7 +666,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         out = self._sae_forward(ops, x)
         aux = self._auxk(ops, x, out, dead_mask)
         result = self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
-        result.loss = result.loss + ref.matryoshka_loss(out.prefixes, x)
+        result.loss = result.loss + ref.matryoshka_loss(out.prefixes, self._target_of(x))
         return result
 
     def config(self):
@@ -649,3 +674,139 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
 
 ARCHITECTURES[MatryoshkaBatchTopKSAE.architecture] = MatryoshkaBatchTopKSAE
+
+
+# ----------------------------------------------------------------------------------------------
+# Transcoders (Dunefsky et al. 2024) and skip transcoders (Paulo et al. 2025): every architecture
+# ----------------------------------------------------------------------------------------------
+
+
+class _EagerSAEForwards(Backend):
+    """``inner``'s elementwise and selection kernels, with the whole-SAE forwards of the eager reference: the
+    fused SAE kernels assume ``W_dec [d_sae, d_in]``, a transcoder's is ``[d_sae, d_out]``."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name = inner, inner.name
+
+    def jumprelu(self, pre, threshold, bandwidth):
+        return self.inner.jumprelu(pre, threshold, bandwidth)
+
+    def step(self, pre, threshold, bandwidth):
+        return self.inner.step(pre, threshold, bandwidth)
+
+    def topk(self, pre, k):
+        return self.inner.topk(pre, k)
+
+    def sparse_decode(self, values, indices, W_dec, b_dec):
+        return self.inner.sparse_decode(values, indices, W_dec, b_dec)
+
+
+class _Transcoder:
+    """Mixed in before an SAE class: the same encoder, a decoder to ``d_out`` dimensions, and with
+    ``skip_connection=True`` an affine skip ``x @ W_skip`` (``W_skip [d_in, d_out]``, zero-initialised).
+
+    ``ŷ = decode(encode(x)) + x @ W_skip``; ``training_forward(x, target)`` reconstructs ``target [..., d_out]``.
+    The input is never centred (``b_dec`` lives in the output space; as SAELens and sparsify). A skip transcoder
+    trains the inner model on ``target - x @ W_skip`` (the same loss and gradients, W_skip's included), so every
+    architecture's loss, AuxK and Matryoshka prefixes carry over unchanged.
+    """
+
+    is_transcoder = True
+
+    def __init__(self, d_in: int, d_sae: int, *args, d_out: Optional[int] = None, skip_connection: bool = False,
+                 apply_b_dec_to_input: bool = False, **kwargs):
+        if apply_b_dec_to_input:
+            raise ValueError("apply_b_dec_to_input must be False for a transcoder (b_dec is the output bias)")
+        super().__init__(d_in, d_sae, *args, apply_b_dec_to_input=False, **kwargs)
+        self.d_out = check.positive_int("d_out", d_out if d_out is not None else d_in)
+        self.skip_connection = bool(skip_connection)
+        device = self.W_enc.device
+        W_dec = torch.randn(d_sae, self.d_out, dtype=torch.float32, device=device)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(self.dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, dtype=self.dtype, device=device))
+        if self.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out, dtype=self.dtype, device=device))
+
+    @property
+    def base_architecture(self) -> str:
+        return self.architecture.removesuffix("_transcoder")
+
+    def ops(self, device=None):
+        inner = super().ops(device)
+        return inner if self.d_out == self.d_in else _EagerSAEForwards(inner)
+
+    def _skip(self, x2: Tensor) -> Optional[Tensor]:
+        return x2 @ self.W_skip if self.skip_connection else None
+
+    def decode(self, f: Tensor) -> Tensor:
+        """``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_out]`` (without the skip term, which needs ``x``)."""
+        check.float_tensor("f", f)
+        check.last_dim("f", f, self.d_sae, "d_sae")
+        check.module_device(self, f=f)
+        f2 = f.reshape(-1, self.d_sae).to(self.dtype)
+        return (f2 @ self.W_dec + self.b_dec).reshape(*f.shape[:-1], self.d_out).to(f.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The transcoder's output ``ŷ [..., d_out]`` for ``x [..., d_in]``."""
+        x2, lead = self._flatten(x)
+        values, indices = self._sparse_code(x2)
+        y = self.ops(x2.device).sparse_decode(values, indices, self.W_dec, self.b_dec)
+        skip = self._skip(x2)
+        y = y if skip is None else y + skip
+        return y.reshape(*lead, self.d_out).to(x.dtype)
+
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None, **kwargs) -> TrainOutput:
+        if target is None:
+            if self.d_out != self.d_in:
+                raise ValueError(f"a transcoder to d_out={self.d_out} needs target= (what it predicts from x)")
+            target = x
+        if not self.skip_connection:
+            return super().training_forward(x, target, **kwargs)
+        check.float_tensor("x", x)
+        check.last_dim("x", x, self.d_in, "d_in")
+        check.float_tensor("target", target)
+        check.last_dim("target", target, self.d_out, "d_out")
+        if target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"target must have the leading shape of x {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+        x2 = x.reshape(-1, self.d_in)
+        skip = x2.to(self.dtype) @ self.W_skip
+        t2 = target.reshape(-1, self.d_out).to(self.dtype)
+        out = super().training_forward(x2, t2 - skip, **kwargs)
+        out.x_hat = out.x_hat + skip
+        with torch.no_grad():
+            out.fvu = ref.fvu(out.x_hat, t2)
+        return out
+
+    def config(self) -> dict:
+        cfg = dict(super().config(), d_out=self.d_out, skip_connection=self.skip_connection)
+        cfg.pop("apply_b_dec_to_input", None)
+        return cfg
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_out={self.d_out}, skip_connection={self.skip_connection}"
+
+
+def _transcoder_class(base: type) -> type:
+    name = base.__name__.removesuffix("SAE") + "Transcoder"
+    doc = f"{base.__name__} as a transcoder: ``x [..., d_in] -> ŷ [..., d_out]``; see :class:`_Transcoder`."
+    return type(name, (_Transcoder, base), dict(architecture=f"{base.architecture}_transcoder", __doc__=doc,
+                                               __module__=__name__))
+
+
+ReLUTranscoder, JumpReLUTranscoder, TopKTranscoder, BatchTopKTranscoder, MatryoshkaBatchTopKTranscoder, \
+    GatedTranscoder = TRANSCODERS = tuple(_transcoder_class(c) for c in (ReLUSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE,
+                                                                          MatryoshkaBatchTopKSAE, GatedSAE))
+ARCHITECTURES.update((cls.architecture, cls) for cls in TRANSCODERS)
+
+
+def Transcoder(architecture: str, d_in: int, d_sae: int, *args, d_out: Optional[int] = None,
+               skip_connection: bool = False, **kwargs) -> SAE:
+    """A transcoder of any architecture (``"relu"``, ``"jumprelu"``, ``"topk"``, ``"batchtopk"``,
+    ``"matryoshka_batchtopk"``, ``"gated"``) mapping ``d_in`` to ``d_out`` (default ``d_in``); the architecture's
+    own arguments pass through (``k=``, ``widths=``, ``sparsity_coefficient=``, ...)."""
+    cls = ARCHITECTURES.get(f"{architecture}_transcoder")
+    if cls is None:
+        names = sorted(c.architecture.removesuffix("_transcoder") for c in TRANSCODERS)
+        raise ValueError(f"architecture must be one of {names}, got {architecture!r}")
+    return cls(d_in, d_sae, *args, d_out=d_out, skip_connection=skip_connection, **kwargs)

@@ -29,7 +29,7 @@ from .data import ActivationSource, as_source, batches
 from .sae import SAE, TrainOutput
 
 __all__ = ["train", "TrainResult", "default_hyperparameters", "fold_input_scale", "estimate_input_scale",
-           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted"]
+           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted", "paired_rows"]
 
 CHECKPOINT = "checkpoint.safetensors"
 OLD_CHECKPOINT = "checkpoint.pt"  # the pickle format before version 2: refused, never read
@@ -384,7 +384,7 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: int, dead_mask: Optional[Tensor],
                sparsity_coefficient: Optional[float],
                reduce_gradients: Optional[Callable[[Tensor], Tensor]] = None,
-               check: Optional[FiniteCheck] = None) -> TrainOutput:
+               check: Optional[FiniteCheck] = None, target: Optional[Tensor] = None) -> TrainOutput:
     """Forward, backward, optimizer step, constraints, ``observe``, then ``check.record`` (``x`` is scaled).
 
     Without ``check`` (a caller stepping by hand) the step is checked at once and raises ``FloatingPointError``
@@ -393,7 +393,7 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: i
     now = check is None
     check = FiniteCheck(sae, step) if now else check
     optimizer.zero_grad(set_to_none=True)
-    out = sae.training_forward(x, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
+    out = sae.training_forward(x, target, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
     out.loss.backward()
     if reduce_gradients is not None:  # data parallel: global-batch mean gradient; NaN on any rank raises on all
         reduce_gradients(out.loss)
@@ -406,6 +406,28 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: i
     if now:
         check.raise_if_bad()
     return out
+
+
+def paired_rows(x, y) -> Tensor:
+    """Training data for a transcoder: ``x [..., d_in]`` (e.g. an MLP's input) and ``y [..., d_out]`` (its output)
+    side by side as ``[N, d_in + d_out]`` rows, so every shuffle keeps each pair together. ``fastsae.train(sae,
+    (x, y))`` does this; harvested pairs (``fastsae harvest --transcode``) are stored this way already."""
+    x, y = (torch.as_tensor(t) for t in (x, y))
+    if x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(f"the inputs {tuple(x.shape)} and targets {tuple(y.shape)} of a transcoder must pair up "
+                         "row for row")
+    return torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]).to(x.dtype)], dim=1)
+
+
+def _row_width(sae: SAE) -> int:
+    return sae.d_in + sae.d_out if getattr(sae, "is_transcoder", False) else sae.d_in
+
+
+def _split(rows: Tensor, sae: SAE) -> tuple[Tensor, Optional[Tensor]]:
+    """``(input, target)`` of a batch: a transcoder's rows hold both, an SAE's are its own target (``None``)."""
+    if not getattr(sae, "is_transcoder", False):
+        return rows, None
+    return rows[:, :sae.d_in], rows[:, sae.d_in:]
 
 
 def _to_batch(x: Tensor, sae: SAE, device: torch.device, scale: float) -> Tensor:
@@ -498,9 +520,12 @@ def train(
     # Under torchrun: process group, data-parallel reductions, latent shards; a no-op in one process.
     dist_ctx = TrainingContext(sae, device, latent_parallel)
     device, sae = dist_ctx.device, dist_ctx.module
-    source = as_source(data)
-    if source.d_in is not None and source.d_in != sae.d_in:
-        raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}")
+    source = as_source(paired_rows(*data) if isinstance(data, tuple) else data)
+    width = _row_width(sae)
+    if source.d_in is not None and source.d_in != width:
+        raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}" if width == sae.d_in else
+                         f"data rows have {source.d_in} columns but the transcoder needs d_in + d_out = {sae.d_in} + "
+                         f"{sae.d_out} = {width} (input and target side by side; see fastsae.train.paired_rows)")
 
     hp = default_hyperparameters(sae)
     lr = hp["lr"] if lr is None else float(lr)
@@ -556,14 +581,15 @@ def train(
 
                 warnings.warn(f"data ran out after {state.step} of {steps} steps", stacklevel=2)
                 break
-            x = _to_batch(x_raw, sae, device, state.scale)
+            x, target = _split(_to_batch(x_raw, sae, device, state.scale), sae)
             step = state.step
             for g in optimizer.param_groups:
                 g["lr"] = lr * lr_factor(step, steps, warmup, decay)
             coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
             try:
                 out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
-                                 sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook, check=check)
+                                 sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook, check=check,
+                                 target=target)
             except Exception as e:  # a kernel that choked on NaN state from an earlier step: report that step
                 check.raise_if_bad(last_saved, cause=e)
                 raise
@@ -656,11 +682,13 @@ def _progress(enabled: bool, steps: int, initial: int):
 
 def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bool, input_scale, init_b_dec,
                  device) -> _State:
-    sample = None
+    sample = target_sample = None
     if scale_inputs and input_scale is None or init_b_dec:
         sample = source.sample(16384, seed).to(torch.float64)
-        if sample.shape[-1] != sae.d_in:
+        if sample.shape[-1] != _row_width(sae):
             raise ValueError(f"data has d_in={sample.shape[-1]} but the SAE has d_in={sae.d_in}")
+        # a transcoder: the scale comes from the input side, b_dec (the output bias) from the target side
+        sample, target_sample = _split(sample, sae)
     if not scale_inputs:
         scale = 1.0
     elif input_scale is not None:
@@ -670,6 +698,8 @@ def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bo
     else:
         scale = estimate_input_scale(sample)
     if init_b_dec:
+        if target_sample is not None:
+            sample = target_sample
         if not bool(torch.isfinite(sample).all()):
             raise FloatingPointError("data contains NaN or inf values (found while initialising b_dec)")
         with torch.no_grad():
