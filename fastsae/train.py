@@ -90,15 +90,19 @@ def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-8) -> Tens
 
 
 @torch.no_grad()
-def fold_input_scale(sae: SAE, scale: float) -> None:
+def fold_input_scale(sae: SAE, scale: float, target_scale: Optional[float] = None) -> None:
     """Make an SAE trained on ``scale · x`` work on raw ``x``, exactly.
 
     ``(s·x - b_dec) W_enc = (x - b_dec/s)(s·W_enc)``: pre-activations (hence ``b_enc``, ``threshold``, the
-    gates) are unchanged; the reconstruction ``f W_dec + b_dec`` is divided by ``s``.
+    gates) are unchanged; the reconstruction ``f W_dec + b_dec`` is divided by ``s``. A transcoder trained on
+    ``(s·x, t·y)`` (``target_scale`` t): the output is divided by ``t`` and the skip ``W_skip`` scaled by ``s/t``.
     """
+    t = scale if target_scale is None else target_scale
     sae.W_enc.mul_(scale)
-    sae.W_dec.div_(scale)
-    sae.b_dec.div_(scale)
+    sae.W_dec.div_(t)
+    sae.b_dec.div_(t)
+    if getattr(sae, "W_skip", None) is not None:
+        sae.W_skip.mul_(scale / t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +157,7 @@ class _State:
     sums: Tensor  # [len(_SUMS)] float64 metric sums since the last log
     n_summed: int
     metrics: list = field(default_factory=list)
+    target_scale: Optional[float] = None  # a transcoder's targets' own scale (None: the input scale)
 
 
 # A checkpoint is one safetensors file: every tensor (module parameters and *all* buffers, persistent or not;
@@ -581,7 +586,10 @@ def train(
 
                 warnings.warn(f"data ran out after {state.step} of {steps} steps", stacklevel=2)
                 break
-            x, target = _split(_to_batch(x_raw, sae, device, state.scale), sae)
+            x, target = _split(_to_batch(x_raw, sae, device, 1.0), sae)
+            x = x * state.scale if state.scale != 1.0 else x
+            if target is not None and state.target_scale is not None:
+                target = target * state.target_scale
             step = state.step
             for g in optimizer.param_groups:
                 g["lr"] = lr * lr_factor(step, steps, warmup, decay)
@@ -630,8 +638,8 @@ def train(
     check.raise_if_bad(last_saved)
 
     sae.eval()
-    if state.scale != 1.0:
-        fold_input_scale(sae, state.scale)
+    if state.scale != 1.0 or state.target_scale is not None:
+        fold_input_scale(sae, state.scale, state.target_scale)
     sae = dist_ctx.finish(sae)  # latent shards gathered back into the caller's SAE
     return TrainResult(sae=sae, metrics=state.metrics, input_scale=state.scale, steps=state.step,
                        tokens=state.tokens, seconds=time.perf_counter() - t_start,
@@ -697,15 +705,19 @@ def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bo
             raise ValueError(f"input_scale must be a positive finite number, got {input_scale}")
     else:
         scale = estimate_input_scale(sample)
+    # a transcoder's targets get their own scale (an MLP's output can be far smaller than its input)
+    target_scale = estimate_input_scale(target_sample) if target_sample is not None and scale_inputs else None
     if init_b_dec:
         if target_sample is not None:
-            sample = target_sample
+            sample, scale_b = target_sample, (1.0 if target_scale is None else target_scale)
+        else:
+            scale_b = scale
         if not bool(torch.isfinite(sample).all()):
             raise FloatingPointError("data contains NaN or inf values (found while initialising b_dec)")
         with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample * scale).to(sae.b_dec))
-    return _State(step=0, tokens=0, scale=scale, since_fired=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
-                  sums=torch.zeros(len(_SUMS), dtype=torch.float64, device=device), n_summed=0)
+            sae.b_dec.copy_(geometric_median(sample * scale_b).to(sae.b_dec))
+    return _State(step=0, tokens=0, scale=scale, target_scale=target_scale,
+                  since_fired=torch.zeros(sae.d_sae, dtype=torch.int64, device=device), sums=torch.zeros(len(_SUMS), dtype=torch.float64, device=device), n_summed=0)
 
 
 def _payload(state: _State, sae: SAE, optimizer, config: dict, seed: int) -> dict:
@@ -717,7 +729,8 @@ def _payload(state: _State, sae: SAE, optimizer, config: dict, seed: int) -> dic
     rng = _rng_state(tensors)
     tensors.update({"train.since_fired": state.since_fired, "train.sums": state.sums})
     meta = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=config, step=state.step,
-                tokens=state.tokens, scale=state.scale, n_summed=state.n_summed, metrics=state.metrics,
+                tokens=state.tokens, scale=state.scale, target_scale=state.target_scale, n_summed=state.n_summed,
+                metrics=state.metrics,
                 counters=_module_counters(sae), optimizer=opt_meta, rng=rng, data=dict(seed=seed, rows=state.tokens))
     return dict(step=state.step, tensors=tensors, meta=meta)
 
@@ -764,7 +777,7 @@ def _restore(path: Path, sae: SAE, optimizer, config: dict, device) -> _State:
         _set_rng_state(tensors, ck["rng"])
         state = _State(step=ck["step"], tokens=ck["tokens"], scale=ck["scale"],
                        since_fired=tensors["train.since_fired"].to(device), sums=tensors["train.sums"].to(device),
-                       n_summed=ck["n_summed"], metrics=list(ck["metrics"]))
+                       n_summed=ck["n_summed"], metrics=list(ck["metrics"]), target_scale=ck.get("target_scale"))
         for key in ("step", "tokens", "n_summed"):
             if isinstance(getattr(state, key), bool) or not isinstance(getattr(state, key), int):
                 raise ValueError(f"{path}: field {key!r} must be an integer")

@@ -187,3 +187,35 @@ def test_paired_rows_and_train_checks_width():
         fastsae.train(sae, torch.randn(64, 6), steps=1, batch_size=32, progress=False)
     res = fastsae.train(sae, (x, y), steps=3, batch_size=32, progress=False)
     assert res.steps == 3 and sae.b_dec.shape == (4,)
+
+
+def test_harvest_pairs_train_and_splice_into_gpt2(tmp_path):
+    """End to end on a tiny GPT-2: harvest the MLP's input and output of block 1 as paired shards, train a
+    transcoder on them with fastsae.train, then evaluate it spliced in place of the MLP."""
+    pytest.importorskip("transformers")
+    from test_activations import make_texts, tiny_gpt2
+
+    from fastsae.activations import Capture, harvest, iter_batches, tokenizer_template
+    from fastsae.data import ShardSource
+    from fastsae.evaluate import evaluate
+
+    model, tok = tiny_gpt2()
+    texts = make_texts(40)
+    m = harvest(model, "transformer.h.1.mlp", texts, tmp_path / "acts", tokenizer=tok, context_length=16,
+                batch_size=4, shard_tokens=256, input_hook="transformer.h.1.mlp", progress=False)
+    assert m["pair"] == dict(d_in=32, d_out=32, input_hook="transformer.h.1.mlp", output_hook="transformer.h.1.mlp")
+    assert m["d_in"] == 64
+    # the rows are exactly the MLP's input and output
+    batch = next(iter_batches(tok, texts, context_length=16, batch_size=4, template=tokenizer_template(tok)))
+    rows = ShardSource(tmp_path / "acts").shards[0].rows(0, 5)
+    mlp_in = Capture(model, "transformer.h.1.ln_2")(batch)[batch.keep][:5]
+    torch.testing.assert_close(rows[:, :32], mlp_in)
+    with torch.no_grad():
+        torch.testing.assert_close(rows[:, 32:], model.transformer.h[1].mlp(mlp_in), rtol=1e-4, atol=1e-5)
+
+    sae = fastsae.Transcoder("relu", 32, 64, sparsity_coefficient=1e-3)
+    fastsae.train(sae, str(tmp_path / "acts"), steps=60, batch_size=64, progress=False)
+    metrics = evaluate(sae, model, "transformer.h.1.mlp", texts, tokenizer=tok, context_length=16,
+                       max_tokens=256, progress=False)
+    assert metrics["input_hook"] == "transformer.h.1.mlp" and metrics["kind"] == "causal_lm"
+    assert metrics["fvu"] < 1.0 and metrics["ce_spliced"] > 0 and metrics["kl_spliced"] >= 0
