@@ -29,18 +29,6 @@ import peers  # noqa: E402  (tests/peers.py: the dictionary_learning helpers)
 TOL = 1e-5
 
 
-def randomized(sae):
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.05 if name in ("threshold", "r_mag") else 0.4))
-            if name == "threshold":
-                p.abs_()
-    if hasattr(sae, "calibrated"):
-        sae.train()
-        sae.training_forward(torch.randn(64, sae.d_in))
-    return sae.eval()
-
-
 def modules() -> dict:
     d, n, k = 16, 48, 5
     out = {
@@ -55,7 +43,7 @@ def modules() -> dict:
         out["relu transcoder"] = fastsae.Transcoder("relu", d, n, d_out=12)
         out["jumprelu skip transcoder"] = fastsae.Transcoder("jumprelu", d, n, d_out=12, skip_connection=True)
         out["topk skip transcoder"] = fastsae.Transcoder("topk", d, n, d_out=d, k=k, skip_connection=True)
-    return {name: randomized(m) for name, m in out.items()}
+    return {name: peers.randomized(m) for name, m in out.items()}
 
 
 def main() -> int:

@@ -82,6 +82,19 @@ def make_checkpoint(name: str, folder: Path, seed: int = 0):
     return ae
 
 
+def randomized(sae):
+    """``sae`` with random weights (thresholds small and positive), a BatchTopK threshold calibrated, in eval mode."""
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if name in ("threshold", "r_mag") else 0.4))
+            if name == "threshold":
+                p.abs_()
+    if hasattr(sae, "calibrated"):
+        sae.train()
+        sae.training_forward(torch.randn(64, sae.d_in), torch.randn(64, getattr(sae, "d_out", sae.d_in)))
+    return sae.eval()
+
+
 def write_fixtures() -> None:
     from safetensors.torch import save_file
 

@@ -49,16 +49,7 @@ def _expected(name):
 
 
 def _randomized(make):
-    sae = make()
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.05 if name in ("threshold", "r_mag") else 0.4))
-            if name == "threshold":
-                p.abs_()
-    if hasattr(sae, "calibrated"):
-        sae.train()
-        sae.training_forward(torch.randn(32, sae.d_in))
-    return sae.eval()
+    return peers.randomized(make())
 
 
 def test_every_dictionary_class_has_a_fixture():
