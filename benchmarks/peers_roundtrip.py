@@ -35,6 +35,7 @@ def modules() -> dict:
         "relu": fastsae.ReLUSAE(d, n), "topk": fastsae.TopKSAE(d, n, k),
         "topk (no b_dec on input)": fastsae.TopKSAE(d, n, k, apply_b_dec_to_input=False),
         "batchtopk": fastsae.BatchTopKSAE(d, n, k), "jumprelu": fastsae.JumpReLUSAE(d, n),
+        "jumprelu (no b_dec on input)": fastsae.JumpReLUSAE(d, n, apply_b_dec_to_input=False),
         "gated": fastsae.GatedSAE(d, n),
     }
     if hasattr(fastsae, "MatryoshkaBatchTopKSAE"):

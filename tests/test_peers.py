@@ -34,8 +34,9 @@ ARCHS = {
     "topk": lambda: fastsae.TopKSAE(10, 24, 4),
     "topk_uncentred": lambda: fastsae.TopKSAE(10, 24, 4, apply_b_dec_to_input=False),
     "batchtopk": lambda: fastsae.BatchTopKSAE(10, 24, 4),
-    "jumprelu": lambda: fastsae.JumpReLUSAE(10, 24),
-    "jumprelu_centred": lambda: fastsae.JumpReLUSAE(10, 24, apply_b_dec_to_input=True),
+    "jumprelu": lambda: fastsae.JumpReLUSAE(10, 24),  # the defaults: b_dec subtracted from the input
+    "jumprelu_uncentred": lambda: fastsae.JumpReLUSAE(10, 24, apply_b_dec_to_input=False),
+    "jumprelu_target_l0": lambda: fastsae.JumpReLUSAE(10, 24, target_l0=4.0),
     "relu": lambda: fastsae.ReLUSAE(10, 24),
     "gated": lambda: fastsae.GatedSAE(10, 24),
     "matryoshka_batchtopk": lambda: fastsae.MatryoshkaBatchTopKSAE(10, 24, 4, widths=[6, 12]),

@@ -219,3 +219,58 @@ def test_harvest_pairs_train_and_splice_into_gpt2(tmp_path):
                        max_tokens=256, progress=False)
     assert metrics["input_hook"] == "transformer.h.1.mlp" and metrics["kind"] == "causal_lm"
     assert metrics["fvu"] < 1.0 and metrics["ce_spliced"] > 0 and metrics["kl_spliced"] >= 0
+
+
+def test_resampling_a_transcoder_reads_inputs_and_writes_output_directions():
+    """Dead latents of a (skip) transcoder come back with an encoder column along a badly predicted row's
+    centred input and a decoder row along its residual in the output space; W_skip is no latent's and stays."""
+    from fastsae.resample import Resampler
+
+    draw, _, _ = synthetic_pairs(0, seed=1)
+    x, y = draw(4096, 3)
+    torch.manual_seed(0)
+    sae = fastsae.Transcoder("topk", 24, 64, d_out=20, k=3, skip_connection=True)
+    with torch.no_grad():
+        sae.W_skip.normal_(0, 0.05)
+        sae.W_enc[:, :10] = 0
+        sae.b_enc[:10] = -10  # latents 0..9 never fire: dead
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.training_forward(x[:256], y[:256]).loss.backward()
+    opt.step()
+    skip_before = sae.W_skip.detach().clone()
+    with torch.no_grad():
+        err = y - sae(x)  # the residuals the resampler draws from
+    n = Resampler(every=1, until=10, probe=x, target=y, seed=0)(sae, opt, step=1)
+    assert n >= 10
+    _, idx = sae.encode_sparse(x)
+    assert torch.isin(torch.arange(10), idx.unique()).all()
+    assert torch.equal(sae.W_skip, skip_before)
+    centred = x - x.mean(0)
+    # each new decoder row is some probe row's residual direction, its encoder column that row's centred input
+    dec_cos = F.normalize(sae.W_dec[:10], dim=1) @ F.normalize(err, dim=1).t()
+    enc_cos = F.normalize(sae.W_enc[:, :10].t(), dim=1) @ F.normalize(centred, dim=1).t()
+    row = enc_cos.argmax(1)
+    assert bool((enc_cos.max(1).values > 0.999).all())
+    assert bool((dec_cos.gather(1, row[:, None]).squeeze(1) > 0.999).all())
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka_batchtopk"])
+def test_training_a_transcoder_resamples_and_calibrates_on_the_input_side(arch):
+    draw, _, _ = synthetic_pairs(0, seed=2)
+    x, y = draw(20_000, 4)
+    torch.manual_seed(0)
+    kw = {"jumprelu": dict(target_l0=3.0), "batchtopk": dict(k=3),
+          "matryoshka_batchtopk": dict(k=3, widths=[16, 48])}[arch]
+    sae = fastsae.Transcoder(arch, 24, 96, d_out=20, skip_connection=True, **kw)
+    with torch.no_grad():
+        sae.W_enc[:, :8] = 0
+        sae.b_enc[:8] = -10  # dead from the start: the resampler must revive them from paired probe rows
+    res = fastsae.train(sae, (x, y), steps=200, batch_size=128, lr=3e-3, resample_every=40, progress=False)
+    assert res.final["resampled"] > 0
+    hx, hy = draw(4096, 5)
+    with torch.no_grad():
+        fvu = float((sae(hx) - hy).pow(2).sum() / (hy - hy.mean(0)).pow(2).sum())
+        l0 = float((sae.encode(hx) != 0).sum(-1).float().mean())
+    assert fvu < 0.9 and 1.0 < l0 < 8.0, (fvu, l0)
+    if arch != "jumprelu":
+        assert sae.calibrated
