@@ -180,7 +180,7 @@ def _assignment(cos: Tensor) -> tuple[Tensor, Tensor]:
     """The one-to-one matching of rows to columns that maximises the summed cosine."""
     try:
         from scipy.optimize import linear_sum_assignment
-    except ImportError as e:  # pragma: no cover - scipy is in the dev and bench extras
+    except ImportError as e:  # pragma: no cover - scipy is a dependency
         raise ImportError("the matching metrics (mcc, precision/recall/f1) need scipy: pip install scipy") from e
     r, c = linear_sum_assignment(cos.double().numpy(), maximize=True)
     return torch.as_tensor(r, dtype=torch.long), torch.as_tensor(c, dtype=torch.long)
