@@ -2,7 +2,7 @@
 from .backends import backends
 from .functional import jumprelu, sparse_decode, step, topk
 from .io import from_saelens, load, to_saelens
-from .sae import (SAE, BatchTopKSAE, BatchTopKTranscoder, GatedSAE, GatedTranscoder, JumpReLUSAE, JumpReLUTranscoder,
+from .sae import (SAE, AbsTopKSAE, AbsTopKTranscoder, BatchTopKSAE, BatchTopKTranscoder, GatedSAE, GatedTranscoder, JumpReLUSAE, JumpReLUTranscoder,
                   MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTranscoder, ReLUSAE, ReLUTranscoder, TopKSAE,
                   TopKTranscoder, Transcoder, TrainOutput)
 from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
@@ -20,12 +20,14 @@ __all__ = [
     "SAE",
     "JumpReLUSAE",
     "TopKSAE",
+    "AbsTopKSAE",
     "BatchTopKSAE",
     "MatryoshkaBatchTopKSAE",
     "Transcoder",
     "ReLUTranscoder",
     "JumpReLUTranscoder",
     "TopKTranscoder",
+    "AbsTopKTranscoder",
     "BatchTopKTranscoder",
     "MatryoshkaBatchTopKTranscoder",
     "GatedTranscoder",

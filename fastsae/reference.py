@@ -209,6 +209,30 @@ def topk_sae_forward(
     )
 
 
+def abstopk_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    apply_b_dec_to_input: bool = True,
+    topk=topk,
+    decode=sparse_decode,
+) -> SAEForward:
+    """AbsTopK: each row keeps the ``k`` pre-activations of largest ``|pre|`` with their sign,
+    ``f = pre · 1[|pre| among the row's k largest]`` (no ReLU). TopK's selection on an elementwise key: ``topk``
+    and ``decode`` are a backend's own kernels (selection on ``|pre|``, then the sparse decoder); gradients reach
+    ``pre`` at the kept entries only, as TopK's."""
+    pre = encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc
+    _, indices = topk(pre.detach().abs(), k)
+    values = pre.gather(1, indices)
+    x_hat = decode(values, indices, W_dec, b_dec)
+    active = values != 0
+    fired = torch.zeros(W_enc.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, indices[active], True)
+    return SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values, indices=indices)
+
+
 def batchtopk_sae_forward(
     x: Tensor,
     W_enc: Tensor,

@@ -699,6 +699,25 @@ class TopKSAE(SAE):
                     dead_after=self.dead_after)
 
 
+class AbsTopKSAE(TopKSAE):
+    """AbsTopK SAE: ``f`` keeps, per row, the ``k`` pre-activations ``(x - b_dec) W_enc + b_enc`` of largest
+    magnitude with their sign (no ReLU), so one latent can write its direction either way. TopK's selection on
+    ``|pre|`` (``reference.abstopk_sae_forward``): every backend runs it with its own top-k and sparse-decode
+    kernels. AuxK, the unit-norm decoder and resampling are TopK's. Saved and loaded in fastsae's format; SAELens
+    and sparsify have no such architecture.
+    """
+
+    architecture = "abstopk"
+
+    def _sparse_code(self, x):
+        pre = self._pre(x)
+        _, indices = self.ops(x.device).topk(pre.abs(), self.k)
+        return pre.gather(1, indices), indices
+
+    def _sae_forward(self, ops, x):
+        return ops.abstopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.apply_b_dec_to_input)
+
+
 class BatchTopKSAE(TopKSAE):
     """BatchTopK SAE (Bussmann et al. 2024): keep the ``B·k`` largest activations of the whole batch.
 
@@ -868,7 +887,8 @@ class GatedSAE(SAE):
         return dict(super().config(), **self._sparsity_config())
 
 
-ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, BatchTopKSAE, ReLUSAE, GatedSAE)}
+ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, AbsTopKSAE, BatchTopKSAE, ReLUSAE,
+                                                   GatedSAE)}
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
@@ -1039,15 +1059,16 @@ def _transcoder_class(base: type) -> type:
                                                __module__=__name__))
 
 
-ReLUTranscoder, JumpReLUTranscoder, TopKTranscoder, BatchTopKTranscoder, MatryoshkaBatchTopKTranscoder, \
-    GatedTranscoder = TRANSCODERS = tuple(_transcoder_class(c) for c in (ReLUSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE,
-                                                                          MatryoshkaBatchTopKSAE, GatedSAE))
+ReLUTranscoder, JumpReLUTranscoder, TopKTranscoder, AbsTopKTranscoder, BatchTopKTranscoder, \
+    MatryoshkaBatchTopKTranscoder, GatedTranscoder = TRANSCODERS = tuple(
+        _transcoder_class(c) for c in (ReLUSAE, JumpReLUSAE, TopKSAE, AbsTopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE,
+                                       GatedSAE))
 ARCHITECTURES.update((cls.architecture, cls) for cls in TRANSCODERS)
 
 
 def Transcoder(architecture: str, d_in: int, d_sae: int, *args, d_out: Optional[int] = None,
                skip_connection: bool = False, **kwargs) -> SAE:
-    """A transcoder of any architecture (``"relu"``, ``"jumprelu"``, ``"topk"``, ``"batchtopk"``,
+    """A transcoder of any architecture (``"relu"``, ``"jumprelu"``, ``"topk"``, ``"abstopk"``, ``"batchtopk"``,
     ``"matryoshka_batchtopk"``, ``"gated"``) mapping ``d_in`` to ``d_out`` (default ``d_in``); the architecture's
     own arguments pass through (``k=``, ``widths=``, ``sparsity_coefficient=``, ...)."""
     cls = ARCHITECTURES.get(f"{architecture}_transcoder")
