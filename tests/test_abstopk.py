@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastsae
 from fastsae.data import synthetic
 
-from conftest import BACKENDS
+from conftest import BACKENDS, assert_matches_oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,14 +46,8 @@ def test_forward_and_backward_match_dense_float64_oracle(backend, centred):
     dead_mask = torch.zeros(37, dtype=torch.bool)
     dead_mask[[1, 5, 8, 20, 33]] = True
     out = sae.training_forward(x, dead_mask=dead_mask)
-    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
     loss, x_hat = _oracle(sae, x, dead_mask.nonzero().squeeze(1))
-    expected = torch.autograd.grad(loss, list(sae.parameters()))
-    torch.testing.assert_close(out.loss, loss)
-    torch.testing.assert_close(out.x_hat, x_hat)
-    for (name, _), g, e in zip(sae.named_parameters(), grads, expected):
-        torch.testing.assert_close(g, e, msg=name)
-    assert out.l0 == pytest.approx(4.0)
+    assert_matches_oracle(sae, out, loss, x_hat, l0=4.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,12 +96,7 @@ def test_transcoder_matches_formula(backend):
     f = pre * torch.zeros_like(pre, dtype=torch.bool).scatter(1, keep, True)
     y_hat = f @ tc.W_dec + tc.b_dec + x @ tc.W_skip
     loss = (y_hat - y).pow(2).sum(-1).mean()
-    out = tc.training_forward(x, y)
-    torch.testing.assert_close(out.loss, loss)
-    torch.testing.assert_close(out.x_hat, y_hat)
-    for (name, p), g, e in zip(tc.named_parameters(), torch.autograd.grad(out.loss, list(tc.parameters())),
-                               torch.autograd.grad(loss, list(tc.parameters()))):
-        torch.testing.assert_close(g, e, msg=name)
+    assert_matches_oracle(tc, tc.training_forward(x, y), loss, y_hat)
     with torch.no_grad():
         torch.testing.assert_close(tc(x), y_hat)
 

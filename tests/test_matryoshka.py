@@ -9,7 +9,7 @@ import fastsae
 from fastsae import reference as ref
 from fastsae.metrics import evaluate
 
-from conftest import BACKENDS
+from conftest import BACKENDS, assert_matches_oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,14 +42,8 @@ def test_forward_and_backward_match_dense_float64_oracle(backend, centred):
     sae.apply_b_dec_to_input = centred
     x = torch.randn(13, 11, dtype=torch.float64) * 1.7
     out = sae.training_forward(x)
-    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
     loss, x_hat = _dense_oracle(sae, x)
-    expected = torch.autograd.grad(loss, list(sae.parameters()))
-    torch.testing.assert_close(out.loss, loss)
-    torch.testing.assert_close(out.x_hat, x_hat)
-    for (name, _), g, e in zip(sae.named_parameters(), grads, expected):
-        torch.testing.assert_close(g, e, msg=name)
-    assert out.l0 == pytest.approx(3.0)
+    assert_matches_oracle(sae, out, loss, x_hat, l0=3.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
