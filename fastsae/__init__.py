@@ -1,8 +1,10 @@
 """fastsae: fast sparse autoencoders — fused Triton (GPU) and C++ (CPU) kernels behind drop-in modules."""
 from .backends import backends
 from .functional import jumprelu, sparse_decode, step, topk
-from .io import load
-from .sae import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, TrainOutput
+from .io import from_saelens, load, to_saelens
+from .sae import (SAE, AbsTopKSAE, AbsTopKTranscoder, BatchTopKSAE, BatchTopKTranscoder, GatedSAE, GatedTranscoder, JumpReLUSAE, JumpReLUTranscoder,
+                  MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTranscoder, ReLUSAE, ReLUTranscoder, TopKSAE,
+                  TopKTranscoder, Transcoder, TrainOutput)
 from . import data, metrics  # noqa: E402  (fastsae.data.synthetic, fastsae.metrics.evaluate)
 # The function shadows the submodule on the package; `from fastsae.train import ...` still reaches the module.
 from .train import TrainResult, train
@@ -19,11 +21,23 @@ __all__ = [
     "SAE",
     "JumpReLUSAE",
     "TopKSAE",
+    "AbsTopKSAE",
     "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+    "Transcoder",
+    "ReLUTranscoder",
+    "JumpReLUTranscoder",
+    "TopKTranscoder",
+    "AbsTopKTranscoder",
+    "BatchTopKTranscoder",
+    "MatryoshkaBatchTopKTranscoder",
+    "GatedTranscoder",
     "GatedSAE",
     "ReLUSAE",
     "TrainOutput",
     "load",
+    "from_saelens",
+    "to_saelens",
     "train",
     "TrainResult",
     "data",

@@ -50,7 +50,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PIECE_CHARS = 1 << 20
 # Settings that must match for a harvest to resume (anything else changes what the shards contain).
 RESUME_KEYS = ("model", "hook", "d_in", "dtype", "text_source", "context_length", "batch_size", "pack",
-               "drop_special", "skip_tokens", "shard_tokens", "tokenizer")
+               "drop_special", "skip_tokens", "shard_tokens", "tokenizer", "input_hook")
 
 TextSource = Union[str, os.PathLike, Iterable[str]]
 
@@ -405,24 +405,35 @@ def model_device(model: nn.Module) -> torch.device:
 class Capture:
     """Runs ``model`` on batches and returns the hooked module's output ``[B, L, d]``.
 
-    ``stop_early`` aborts the forward pass right after the hooked module, so the layers above it
-    (and the LM head) cost nothing.
+    With ``input_hook`` (transcoder pairs): the *input* of the module ``input_hook`` and the output of ``hook``
+    (often the same module, e.g. an MLP), side by side as ``[B, L, d_in + d_out]``; ``pair_dims`` is then
+    ``(d_in, d_out)``. ``stop_early`` aborts the forward pass once what is needed was captured, so the layers
+    above it (and the LM head) cost nothing.
     """
 
-    def __init__(self, model: nn.Module, hook: str, *, stop_early: bool = True):
-        self.model, self.hook, self.stop_early = model, hook, stop_early
+    def __init__(self, model: nn.Module, hook: str, *, stop_early: bool = True, input_hook: Optional[str] = None):
+        self.model, self.hook, self.stop_early, self.input_hook = model, hook, stop_early, input_hook
         self.module = resolve_hook(model, hook)
+        self.input_module = resolve_hook(model, input_hook) if input_hook is not None else None
         self.device = model_device(model)
+        self.pair_dims: Optional[tuple[int, int]] = None
 
     def __call__(self, batch: Batch) -> Tensor:
-        captured = []
+        captured, inputs = [], []
 
         def fn(module, args, out):
             captured.append(hooked_tensor(out, self.hook))
-            if self.stop_early:
+            if self.stop_early and (self.input_module is None or inputs):
                 raise _StopForward
 
-        handle = self.module.register_forward_hook(fn)
+        def fn_in(module, args):
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"input hook {self.input_hook!r}: the module's first argument is not a tensor")
+            inputs.append(args[0])
+
+        handles = [self.module.register_forward_hook(fn)]
+        if self.input_module is not None:
+            handles.append(self.input_module.register_forward_pre_hook(fn_in))
         try:
             with torch.inference_mode():
                 self.model(input_ids=batch.input_ids.to(self.device),
@@ -430,15 +441,21 @@ class Capture:
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        if not captured:
+            for h in handles:
+                h.remove()
+        if not captured or (self.input_module is not None and not inputs):
             raise RuntimeError(f"hook {self.hook!r}: the module never ran in the forward pass")
-        x = captured[0]
         B, L = batch.input_ids.shape
-        if x.dim() != 3 or x.shape[:2] != (B, L):
-            raise ValueError(f"hook {self.hook!r} outputs shape {tuple(x.shape)}; expected [batch={B}, "
-                             f"length={L}, d] (hook a layer, e.g. encoder.layer.3 or model.layers.12)")
-        return x
+        parts = [(self.hook, captured[0])] if self.input_module is None else [(self.input_hook, inputs[0]),
+                                                                            (self.hook, captured[0])]
+        for name, x in parts:
+            if x.dim() != 3 or x.shape[:2] != (B, L):
+                raise ValueError(f"hook {name!r} has shape {tuple(x.shape)}; expected [batch={B}, "
+                                 f"length={L}, d] (hook a layer, e.g. encoder.layer.3 or model.layers.12)")
+        if self.input_module is None:
+            return captured[0]
+        self.pair_dims = (inputs[0].shape[-1], captured[0].shape[-1])
+        return torch.cat([inputs[0], captured[0].to(inputs[0].dtype)], dim=-1)
 
     def data(self, batch: Batch) -> Tensor:
         """The kept positions only: ``[n_kept, d]`` (row-major over batch then position)."""
@@ -528,6 +545,7 @@ def harvest(
     overwrite: bool = False,
     device=None,
     progress: bool = True,
+    input_hook: Optional[str] = None,
 ) -> dict:
     """Write the activations of ``model``'s submodule ``hook`` over ``text`` to ``out`` as shards; return the manifest.
 
@@ -542,6 +560,9 @@ def harvest(
         resume: continue an unfinished harvest found in ``out`` (same settings) instead of starting over.
         overwrite: discard whatever ``out`` holds.
         stop_early: stop the forward pass at the hooked module (False runs the whole model).
+        input_hook: harvest transcoder pairs: each row is the input of the module ``input_hook`` followed by the
+            output of ``hook`` (the same module for an MLP: ``input_hook=hook``); the manifest's ``pair`` says
+            ``{"d_in", "d_out"}`` and ``fastsae.train`` splits the rows for a transcoder.
     """
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
@@ -555,7 +576,7 @@ def harvest(
         raise ValueError("out must be a folder path")
     given = model
     model, tokenizer = _prepare(model, tokenizer, device)
-    capture = Capture(model, hook, stop_early=stop_early)
+    capture = Capture(model, hook, stop_early=stop_early, input_hook=input_hook)
     template = tokenizer_template(tokenizer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -566,7 +587,7 @@ def harvest(
         model=_model_name(model, given), hook=hook, d_in=None, dtype=dtype,
         text_source=describe_text_source(text), context_length=context_length, batch_size=batch_size,
         pack=pack, drop_special=drop_special, skip_tokens=skip_tokens, shard_tokens=shard_tokens,
-        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, input_hook=input_hook,
     )
     manifest = None
     if (out / MANIFEST).exists() and not overwrite:
@@ -620,7 +641,10 @@ def harvest(
             manifest["shards"].append(dict(file=name, n_tokens=int(arr.shape[0]), sum_sq_norm=sq))
             manifest["n_tokens"] += int(arr.shape[0])
             manifest["sum_sq_norm"] += sq
-            manifest["d_in"] = int(arr.shape[1])
+            manifest["d_in"] = int(arr.shape[1])  # the width of a row (input and output of a pair)
+            if capture.pair_dims is not None:
+                manifest["pair"] = dict(d_in=capture.pair_dims[0], d_out=capture.pair_dims[1],
+                                        input_hook=input_hook, output_hook=hook)
         manifest["contexts_done"] += contexts_in_pending
         manifest["complete"] = final
         manifest["mean_sq_norm"] = manifest["sum_sq_norm"] / max(manifest["n_tokens"], 1)
@@ -784,7 +808,8 @@ def cmd_harvest(args) -> int:
                 context_length=args.context_length, batch_size=args.batch_size, dtype=args.dtype,
                 shard_tokens=args.shard_tokens, pack=args.pack, drop_special=args.drop_special,
                 skip_tokens=args.skip_tokens, text_field=args.text_field, stop_early=not args.full_forward,
-                resume=True, overwrite=args.overwrite, progress=not args.quiet)
+                resume=True, overwrite=args.overwrite, progress=not args.quiet,
+                input_hook=(args.input_hook or args.hook) if args.transcode or args.input_hook else None)
     run = m.get("last_run", {})
     print(f"{m['n_tokens']} tokens x d_in={m['d_in']} ({m['dtype']}) in {len(m['shards'])} shard(s) -> {args.out}"
           + (f"; this run {run['tokens']} tokens at {run['tokens_per_s']:.0f} tok/s" if run else ""))
@@ -800,5 +825,10 @@ def add_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds instead of resuming")
     p.add_argument("--full-forward", action="store_true",
                    help="run the whole model instead of stopping after the hooked module")
+    p.add_argument("--transcode", action="store_true",
+                   help="harvest transcoder pairs: the hooked module's input and output side by side")
+    p.add_argument("--input-hook", default=None,
+                   help="with --transcode: take the input of this module instead (e.g. the MLP's first layer "
+                        "when --hook is its last)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_harvest)

@@ -67,6 +67,11 @@ class Backend:
     def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
         return ref.topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
 
+    def abstopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
+        """Composed from this backend's ``topk`` (on ``|pre|``) and ``sparse_decode`` kernels."""
+        return ref.abstopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, topk=self.topk,
+                                       decode=self.sparse_decode)
+
     def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
         return ref.batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
 
@@ -75,6 +80,11 @@ class Backend:
 
     def gated_sae(self, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, apply_b_dec_to_input) -> ref.SAEForward:
         return ref.gated_sae_forward(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, apply_b_dec_to_input)
+
+    def matryoshka_batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, widths,
+                                 apply_b_dec_to_input) -> ref.MatryoshkaForward:
+        # No fused kernel yet: the eager path is already sparse after the encoder GEMM (prefix running sums).
+        return ref.matryoshka_batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, widths, apply_b_dec_to_input)
 
     def __repr__(self) -> str:
         return f"<fastsae backend {self.name!r}>"

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": "fastsae.train:add_cli",
     "harvest": "fastsae.activations:add_cli",
     "eval": "fastsae.evaluate:add_cli",
+    "export": "fastsae.io:add_cli",
     "bench": "fastsae.bench:add_cli",
 }
 

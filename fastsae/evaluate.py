@@ -46,15 +46,23 @@ class Splice:
     """A forward hook on ``module`` that overwrites its output at ``keep`` positions with ``values``.
 
     Set ``keep [B, L]`` (bool) and ``values [n_keep, d]`` before each forward pass; with ``values=None``
-    the hook only records the output (``captured``) and leaves it unchanged.
+    the hook only records the output (``captured``) and leaves it unchanged. With ``input_module`` it also
+    records that module's input (``captured_input``): what a transcoder reads.
     """
 
-    def __init__(self, module: nn.Module, hook: str):
+    def __init__(self, module: nn.Module, hook: str, input_module: Optional[nn.Module] = None):
         self.hook = hook
         self.keep: Optional[Tensor] = None
         self.values: Optional[Tensor] = None
         self.captured: Optional[Tensor] = None
+        self.captured_input: Optional[Tensor] = None
         self.handle = module.register_forward_hook(self._fn)
+        self.input_handle = (input_module.register_forward_pre_hook(self._fn_in) if input_module is not None
+                             else None)
+
+    def _fn_in(self, module, args):
+        if self.values is None:
+            self.captured_input = args[0]
 
     def _fn(self, module, args, out):
         x = hooked_tensor(out, self.hook)
@@ -67,6 +75,8 @@ class Splice:
 
     def remove(self) -> None:
         self.handle.remove()
+        if self.input_handle is not None:
+            self.input_handle.remove()
 
 
 def _final(out) -> Tensor:
@@ -216,6 +226,7 @@ def evaluate(
     seed: int = 0,
     device=None,
     progress: bool = True,
+    input_hook: Optional[str] = None,
 ) -> dict:
     """Metrics of ``sae`` spliced into ``model`` at ``hook`` over ``text`` (see the module docstring).
 
@@ -223,6 +234,10 @@ def evaluate(
     (with ``tokenizer``). Use the tokenisation settings of the harvest, and ``skip_tokens`` = the number of
     tokens harvested to evaluate on held-out text. With ``out``, writes ``metrics.json``, ``density.png``
     and ``report.html`` there. Returns the metrics dict (plus ``"latents"``: the sampled latents' contexts).
+
+    A transcoder (``sae.is_transcoder``) reads the input of ``input_hook`` (default: ``hook`` itself, e.g. an MLP)
+    and its prediction replaces ``hook``'s output: the reconstruction metrics compare it with that output, and the
+    downstream ones (CE loss recovered, KL) measure the model with the MLP replaced by the transcoder.
     """
     _check_positive("max_tokens", max_tokens, allow_none=True)
     _check_positive("context_length", context_length)
@@ -234,6 +249,10 @@ def evaluate(
     sae = _load_sae(sae, device)
     model, tokenizer = _prepare(model, tokenizer, device)
     module = resolve_hook(model, hook)
+    transcoder = bool(getattr(sae, "is_transcoder", False))
+    if input_hook is not None and not transcoder:
+        raise ValueError("input_hook is for transcoders: this SAE reconstructs the hooked output itself")
+    input_module = resolve_hook(model, input_hook or hook) if transcoder else None
     dev = model_device(model)
     template = tokenizer_template(tokenizer)
     has_code = all(hasattr(sae, a) for a in ("encode", "decode"))
@@ -241,7 +260,7 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
-    splice = Splice(module, hook)
+    splice = Splice(module, hook, input_module)
     stats = dict(n=0, sq_err=0.0, sum_sq=0.0, cos=0.0, l0=0.0)
     sum_x = None
     fire = torch.zeros(d_sae, dtype=torch.long) if d_sae else None
@@ -273,7 +292,11 @@ def evaluate(
                 splice.values = None
                 clean = model(input_ids=ids, attention_mask=mask)
                 x = splice.captured[keep.to(dev)].float()
-                if has_code:
+                if transcoder:  # x is the output to predict; the transcoder reads the module's input
+                    src = splice.captured_input[keep.to(dev)].float()
+                    f = sae.encode(src)
+                    x_hat = sae(src)
+                elif has_code:
                     f = sae.encode(x)
                     x_hat = sae.decode(f)
                 else:
@@ -344,7 +367,8 @@ def evaluate(
     fvu = stats["sq_err"] / total_var if total_var > 0 else float("nan")
     metrics = dict(
         model=getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
-        hook=hook, text_source=describe_text_source(text), skip_tokens=skip_tokens, n_tokens=n,
+        hook=hook, **({"input_hook": input_hook or hook} if transcoder else {}),
+        text_source=describe_text_source(text), skip_tokens=skip_tokens, n_tokens=n,
         n_contexts=len(contexts), fvu=fvu, explained_variance=1 - fvu, mse=stats["sq_err"] / n,
         cosine_x_xhat=stats["cos"] / n,
     )
@@ -403,7 +427,7 @@ def cmd_eval(args) -> int:
                  max_tokens=args.max_tokens, context_length=args.context_length, batch_size=args.batch_size,
                  pack=args.pack, drop_special=args.drop_special, skip_tokens=args.skip_tokens,
                  text_field=args.text_field, n_latents=args.latents, top_n=args.top, seed=args.seed,
-                 device=args.device, progress=not args.quiet)
+                 device=args.device, progress=not args.quiet, input_hook=args.input_hook)
     for k in SUMMARY_KEYS:
         if k in m:
             v = m[k]
@@ -421,5 +445,7 @@ def add_cli(sub) -> None:
     p.add_argument("--latents", type=int, default=16, help="latents sampled for the report (default 16)")
     p.add_argument("--top", type=int, default=8, help="top contexts per latent (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent sample")
+    p.add_argument("--input-hook", default=None,
+                   help="a transcoder reads this module's input (default: --hook's own input, e.g. an MLP)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

@@ -12,13 +12,21 @@ outputs equal those libraries' own forward passes:
 - EleutherAI sparsify folders: ``cfg.json`` + ``sae.safetensors`` (``encoder.weight [num_latents, d_in]``,
   ``encoder.bias``, ``W_dec [num_latents, d_in]``, ``b_dec``) -> TopKSAE with ``b_dec`` subtracted from the input.
 - Gemma Scope ``params.npz`` (``W_enc [d_in, d_sae]``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``) -> JumpReLUSAE.
+- dictionary_learning trainer folders (``ae.pt`` + ``config.json``): every dictionary class as the architecture
+  it trained (standard/April-update ReLU, gated, JumpReLU, TopK, BatchTopK, Matryoshka BatchTopK). ``ae.pt`` is a
+  ``torch.save`` zip, read by :mod:`fastsae.torchfile` without unpickling.
+
+``save(sae, path, format=...)`` writes the own format, or SAELens 6.x / sparsify folders whose own loaders give
+this module's outputs (:func:`saelens_parts`, :func:`sparsify_parts`); :func:`to_saelens` / :func:`from_saelens`
+convert in memory when sae-lens is importable.
 
 A corrupt or truncated file raises ``ValueError`` naming the file; a folder in none of these layouts
 raises ``FileNotFoundError`` saying what was expected.
 
 Nothing here can execute code from a file: tensors are read by one validating safetensors reader
 (:func:`read_safetensors`: every offset checked against the file, read with ordinary reads, never
-memory-mapped), ``.npz``/``.npy`` with ``allow_pickle=False``, everything else is JSON whose every field is
+memory-mapped), ``.npz``/``.npy`` with ``allow_pickle=False``, ``torch.save`` files by an opcode interpreter
+that builds only dicts and tensors (:mod:`fastsae.torchfile`), everything else is JSON whose every field is
 type-checked (:func:`sae_from_config`). The same module holds the one atomic writer (:func:`atomic_write`)
 and the tensors + JSON form of optimizer state used by training checkpoints.
 """
@@ -445,28 +453,57 @@ def _check_device(device) -> None:
         raise ValueError("device='meta' holds no data: load an SAE onto a real device (cpu, cuda, ...)")
 
 
-def save(sae, path) -> Path:
+#: what ``sae.save(path, format=...)`` writes
+SAVE_FORMATS = ("fastsae", "saelens", "sparsify")
+
+
+def save(sae, path, format: str = "fastsae", metadata: Optional[dict] = None) -> Path:
+    """Write ``sae`` to the folder ``path`` in ``format`` (:data:`SAVE_FORMATS`); every file atomically.
+
+    ``"fastsae"``: ``config.json`` + ``sae.safetensors`` (exact round trip). ``"saelens"``: a SAELens 6.x folder
+    (``cfg.json`` + ``sae_weights.safetensors``) that ``sae_lens.SAE.load_from_disk`` reads with outputs equal to
+    this module's (:func:`saelens_parts`). ``"sparsify"``: an EleutherAI sparsify folder (``cfg.json`` +
+    ``sae.safetensors``), TopK only (:func:`sparsify_parts`). ``metadata`` (JSON values) goes into SAELens'
+    ``cfg.json`` ``metadata`` (e.g. ``model_name``, ``hook_name``, which SAELens uses to attach the SAE).
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {list(SAVE_FORMATS)}, got {format!r}")
+    if metadata is not None and format != "saelens":
+        raise ValueError(f"metadata is written only with format='saelens', not {format!r}")
     path = Path(path)
+    if format == "saelens":
+        cfg, tensors = saelens_parts(sae, metadata)
+        cfg_name, weights_name = SAELENS_CONFIG, SAELENS_WEIGHTS
+    elif format == "sparsify":
+        cfg, tensors = sparsify_parts(sae)
+        cfg_name, weights_name = SPARSIFY_CONFIG, SPARSIFY_WEIGHTS
+    else:
+        cfg, tensors = dict(fastsae=FORMAT_VERSION, **sae.config()), sae.state_dict()
+        cfg_name, weights_name = CONFIG, WEIGHTS
     path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / WEIGHTS, sae.state_dict())
-    cfg = dict(fastsae=FORMAT_VERSION, **sae.config())
-    atomic_write_bytes(path / CONFIG, json.dumps(cfg, indent=2).encode())
+    write_safetensors(path / weights_name, {k: v.detach().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(path / cfg_name, json.dumps(cfg, indent=2).encode())
     return path
 
 
 def detect_format(path) -> str:
-    """``"fastsae"``, ``"saelens"``, ``"sparsify"`` or ``"gemma_scope"`` for a file or folder."""
+    """``"fastsae"``, ``"saelens"``, ``"sparsify"``, ``"dictionary_learning"`` or ``"gemma_scope"`` for a file
+    or folder."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".npz":
             return "gemma_scope"
-        raise ValueError(f"{path} is a file fastsae cannot load as an SAE: pass its folder, or a Gemma Scope "
-                         f"params.npz")
+        if path.suffix == ".pt":
+            return "dictionary_learning"
+        raise ValueError(f"{path} is a file fastsae cannot load as an SAE: pass its folder, a Gemma Scope "
+                         f"params.npz or a dictionary_learning ae.pt")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     has = lambda name: (path / name).is_file()  # noqa: E731
     if has(CONFIG) and has(WEIGHTS):
         return "fastsae"
+    if has(DL_CONFIG) and has(DL_WEIGHTS):
+        return "dictionary_learning"
     if has(SAELENS_CONFIG) and has(SAELENS_WEIGHTS):
         return "saelens"
     if has(SPARSIFY_CONFIG) and has(SPARSIFY_WEIGHTS):
@@ -475,12 +512,14 @@ def detect_format(path) -> str:
         return "gemma_scope"
     raise FileNotFoundError(
         f"{path} is not a saved SAE: expected {CONFIG} + {WEIGHTS} (fastsae), {SAELENS_CONFIG} + "
-        f"{SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS} (sparsify) or {GEMMA_SCOPE} (Gemma Scope)")
+        f"{SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS} (sparsify), {DL_CONFIG} + {DL_WEIGHTS} "
+        f"(dictionary_learning) or {GEMMA_SCOPE} (Gemma Scope)")
 
 
 def load(path, *, device=None, backend: str = "auto"):
-    """Load an SAE: a folder written by ``sae.save``, a SAELens or sparsify folder, or a Gemma Scope
-    ``params.npz`` (or a folder holding one). Returns the matching fastsae module in eval mode.
+    """Load an SAE: a folder written by ``sae.save``, a SAELens or sparsify folder, a dictionary_learning trainer
+    folder (``ae.pt`` + ``config.json``, or one ``.pt`` checkpoint), or a Gemma Scope ``params.npz`` (or a folder
+    holding one). Returns the matching fastsae module in eval mode.
 
     Nothing read can execute code (no pickle anywhere); a malformed config or weights file raises ValueError
     naming the file and the field, before the module is allocated."""
@@ -496,6 +535,8 @@ def load(path, *, device=None, backend: str = "auto"):
         sae = _load_saelens(path, backend)
     elif fmt == "sparsify":
         sae = _load_sparsify(path, backend)
+    elif fmt == "dictionary_learning":
+        sae = _load_dictionary_learning(path, backend)
     else:
         sae = _load_gemma_scope(path if path.is_file() else path / GEMMA_SCOPE, backend)
     sae.eval()
@@ -621,14 +662,19 @@ def _dtype_of(state: dict[str, Tensor]) -> torch.dtype:
 
 
 def _load_saelens(path: Path, backend: str):
-    """SAELens (``sae_lens.SAE.save_model``): ``process_sae_in`` subtracts ``b_dec`` when
-    ``apply_b_dec_to_input``; standard: ``relu(pre)``; topk: ``relu`` of the top-k of ``pre``;
-    jumprelu: ``relu(pre) · 1[pre > θ]``; gated: as in the paper; decode ``f @ W_dec + b_dec``."""
+    cfg_path, weights_path = path / SAELENS_CONFIG, path / SAELENS_WEIGHTS
+    return saelens_to_fastsae(_read_json(cfg_path), _read_safetensors(weights_path), cfg_path, weights_path, backend)
+
+
+def saelens_to_fastsae(cfg: dict, state: dict[str, Tensor], cfg_path, weights_path, backend: str = "auto"):
+    """The fastsae module of a SAELens config + state dict (``cfg_path``/``weights_path`` name them in errors).
+
+    SAELens (``sae_lens.SAE``): ``process_sae_in`` subtracts ``b_dec`` when ``apply_b_dec_to_input``; standard:
+    ``relu(pre)``; topk: ``relu`` of the top-k of ``pre``; jumprelu: ``relu(pre) · 1[pre > θ]``; gated: as in the
+    paper; decode ``f @ W_dec + b_dec``."""
     from .sae import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
-    cfg_path, weights_path = path / SAELENS_CONFIG, path / SAELENS_WEIGHTS
-    cfg = _read_json(cfg_path)
-    state = _read_safetensors(weights_path)
+    cfg_path, weights_path = Path(cfg_path), Path(weights_path)
     d_in, d_sae = _cfg_int(cfg, "d_in", cfg_path), _cfg_int(cfg, "d_sae", cfg_path)
     norm = _cfg_typed(cfg, "normalize_activations", cfg_path, (str, type(None), bool), "none")
     # "expected_average_only_in" is folded into the weights by SAELens before saving; at inference it is
@@ -645,6 +691,8 @@ def _load_saelens(path: Path, backend: str):
         raise ValueError(f"{cfg_path}: activation_fn={act!r} is not supported (relu or topk)")
     b_dec_in = _cfg_typed(cfg, "apply_b_dec_to_input", cfg_path, (bool,), True)
     dtype = _dtype_of(state)
+    if arch in SAELENS_TRANSCODERS:
+        return _saelens_transcoder(cfg, state, arch, d_in, d_sae, cfg_path, weights_path, dtype, backend)
     W_enc = _need(state, "W_enc", weights_path, (d_in, d_sae))
     W_dec = _need(state, "W_dec", weights_path, (d_sae, d_in)).clone()
     b_dec = _need(state, "b_dec", weights_path, (d_in,))
@@ -685,6 +733,30 @@ def _load_saelens(path: Path, backend: str):
     return _fill_partial(sae, out, weights_path)
 
 
+#: SAELens transcoder architectures -> (fastsae base architecture, skip connection)
+SAELENS_TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
+                       "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+
+
+def _saelens_transcoder(cfg, state, arch, d_in, d_sae, cfg_path, weights_path, dtype, backend):
+    """SAELens ``Transcoder``: ``ŷ = act(x @ W_enc + b_enc) @ W_dec + b_dec (+ x @ W_skipᵀ)``, never centred."""
+    from .sae import Transcoder
+
+    base, skip = SAELENS_TRANSCODERS[arch]
+    d_out = _cfg_int(cfg, "d_out", cfg_path)
+    if _cfg_typed(cfg, "apply_b_dec_to_input", cfg_path, (bool,), False):
+        raise ValueError(f"{cfg_path}: apply_b_dec_to_input=True is not valid for a SAELens transcoder")
+    need = lambda key, shape: _need(state, key, weights_path, shape)  # noqa: E731
+    out = dict(W_enc=need("W_enc", (d_in, d_sae)), b_enc=need("b_enc", (d_sae,)), W_dec=need("W_dec", (d_sae, d_out)),
+               b_dec=need("b_dec", (d_out,)))
+    if skip:
+        out["W_skip"] = need("W_skip", (d_out, d_in)).t().contiguous()
+    if base == "jumprelu":
+        out["threshold"] = need("threshold", (d_sae,)).clamp_min(0)
+    sae = Transcoder(base, d_in, d_sae, d_out=d_out, skip_connection=skip, dtype=dtype, backend=backend)
+    return _fill_partial(sae, out, weights_path)
+
+
 def _fill_partial(sae, tensors: dict[str, Tensor], path: Path):
     """Load the tensors a foreign format provides; the module's other state (e.g. bandwidth) keeps its defaults."""
     state = sae.state_dict()
@@ -703,9 +775,8 @@ def _load_sparsify(path: Path, backend: str):
     cfg_path, weights_path = path / SPARSIFY_CONFIG, path / SPARSIFY_WEIGHTS
     cfg = _read_json(cfg_path)
     state = _read_safetensors(weights_path)
-    for flag in ("transcode", "skip_connection"):
-        if _cfg_typed(cfg, flag, cfg_path, (bool, type(None)), False):
-            raise ValueError(f"{cfg_path}: {flag}=True is not supported (fastsae loads autoencoders only)")
+    transcode = bool(_cfg_typed(cfg, "transcode", cfg_path, (bool, type(None)), False))
+    skip = bool(_cfg_typed(cfg, "skip_connection", cfg_path, (bool, type(None)), False))
     if _cfg_typed(cfg, "activation", cfg_path, (str,), "topk") != "topk":
         raise ValueError(f"{cfg_path}: activation={cfg.get('activation')!r} is not supported (topk only)")
     W = _need(state, "encoder.weight", weights_path)
@@ -720,13 +791,22 @@ def _load_sparsify(path: Path, backend: str):
     k = cfg.get("k")
     if not _is_int(k) or not 1 <= k <= d_sae:
         raise ValueError(f"{cfg_path}: field 'k' must lie in 1..num_latents={d_sae}, got {k!r}")
-    sae = TopKSAE(d_in, d_sae, k, apply_b_dec_to_input=True, dtype=_dtype_of(state), backend=backend)
+    if transcode or skip:  # sparsify transcoders never centre their input; W_skip [d_in, d_in] acts as x @ W_skipᵀ
+        from .sae import Transcoder
+
+        sae = Transcoder("topk", d_in, d_sae, k=k, skip_connection=skip, dtype=_dtype_of(state), backend=backend)
+        if not transcode:
+            raise ValueError(f"{cfg_path}: skip_connection=True without transcode=True is not supported")
+    else:
+        sae = TopKSAE(d_in, d_sae, k, apply_b_dec_to_input=True, dtype=_dtype_of(state), backend=backend)
     out = dict(
         W_enc=W.t().contiguous(),
         b_enc=_need(state, "encoder.bias", weights_path, (d_sae,)),
         W_dec=_need(state, "W_dec", weights_path, (d_sae, d_in)),
         b_dec=_need(state, "b_dec", weights_path, (d_in,)),
     )
+    if skip:
+        out["W_skip"] = _need(state, "W_skip", weights_path, (d_in, d_in)).t().contiguous()
     return _fill_partial(sae, out, weights_path)
 
 
@@ -749,3 +829,301 @@ def _load_gemma_scope(path: Path, backend: str):
         threshold=_need(state, "threshold", path, (d_sae,)).clamp_min(0),
     )
     return _fill_partial(sae, out, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# dictionary_learning (saprmarks/dictionary_learning): trainer_*/ae.pt + config.json
+# ----------------------------------------------------------------------------------------------
+
+DL_WEIGHTS, DL_CONFIG = "ae.pt", "config.json"
+#: dictionary_learning's ``config["trainer"]["dict_class"]`` -> the fastsae architecture it loads as
+DICTIONARY_LEARNING_CLASSES = {
+    "AutoEncoder": "relu", "AutoEncoderNew": "relu", "GatedAutoEncoder": "gated", "JumpReluAutoEncoder": "jumprelu",
+    "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk", "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk",
+}
+
+
+def _dictionary_learning_files(path: Path) -> tuple[Path, Path]:
+    """``(ae.pt, config.json)`` for a trainer folder, its ``ae.pt``, or a ``checkpoints/ae_<step>.pt``."""
+    if path.is_dir():
+        return path / DL_WEIGHTS, path / DL_CONFIG
+    for folder in (path.parent, path.parent.parent):
+        if (folder / DL_CONFIG).is_file():
+            return path, folder / DL_CONFIG
+    raise FileNotFoundError(f"{path}: no {DL_CONFIG} next to it or in the folder above (a dictionary_learning "
+                            f"checkpoint is read with its trainer's {DL_CONFIG})")
+
+
+def _load_dictionary_learning(path: Path, backend: str):
+    """A dictionary_learning dictionary as the fastsae module whose forward equals the class's own ``forward``:
+
+    - ``AutoEncoder``: ``relu(encoder(x - bias))``, ``decoder(f) + bias`` -> ReLUSAE(apply_b_dec_to_input=True);
+      ``AutoEncoderNew`` (April update): no input centring, ``decoder.bias`` -> ReLUSAE(False).
+    - ``GatedAutoEncoder``: ``π = encoder(x - decoder_bias)``, ``1[π + gate_bias > 0] · relu(exp(r_mag)·π +
+      mag_bias)`` -> GatedSAE (W_mag = exp(r_mag) ⊙ W_gate is the same product).
+    - ``JumpReluAutoEncoder``: ``relu(pre · 1[pre > θ])``, ``pre = x @ W_enc + b_enc`` -> JumpReLUSAE (θ clamped
+      at 0, which is exact).
+    - ``AutoEncoderTopK``: per-row top-k of ``relu(encoder(x - b_dec))`` -> TopKSAE.
+    - ``BatchTopKSAE`` / ``MatryoshkaBatchTopKSAE``: ``relu(pre) · 1[relu(pre) > threshold]`` with the learned
+      global threshold -> BatchTopKSAE / MatryoshkaBatchTopKSAE with that threshold (SAELens #608: these once
+      loaded as ReLU SAEs). A threshold still at its initial -1 (saved before ``threshold_start_step``) makes
+      dictionary_learning's own forward a dense ReLU; fastsae then applies the batch top-k and warns.
+
+    ``ae.pt`` is read by :mod:`fastsae.torchfile` (never unpickled); ``k`` must agree between the file and
+    ``config["trainer"]["k"]`` (dictionary_learning's ``load_dictionary`` checks the same).
+    """
+    from .sae import ARCHITECTURES
+    from .torchfile import read_state_dict
+
+    weights_path, cfg_path = _dictionary_learning_files(path)
+    cfg = _read_json(cfg_path)
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, dict):
+        raise ValueError(f"{cfg_path}: field 'trainer' (the trainer's config) is missing: not a dictionary_learning "
+                         "config.json")
+    dict_class = _cfg_typed(trainer, "dict_class", cfg_path, (str,))
+    arch = DICTIONARY_LEARNING_CLASSES.get(dict_class)
+    if arch is None or arch not in ARCHITECTURES:
+        raise ValueError(f"{cfg_path}: trainer.dict_class={dict_class!r} is not supported (supported: "
+                         f"{sorted(k for k, v in DICTIONARY_LEARNING_CLASSES.items() if v in ARCHITECTURES)})")
+    state = read_state_dict(weights_path)
+    dtype = _dtype_of(state)
+    need = lambda key, shape=None: _need(state, key, weights_path, shape)  # noqa: E731
+
+    def linear(key):  # nn.Linear stores [out, in]
+        w = need(key)
+        if w.dim() != 2:
+            raise ValueError(f"{weights_path}: {key} must be 2-D, got shape {list(w.shape)}")
+        return w
+
+    if arch in ("relu", "gated", "topk", "batchtopk"):
+        enc = linear("encoder.weight")
+        d_sae, d_in = enc.shape
+        out = dict(W_enc=enc.t().contiguous(), W_dec=need("decoder.weight", (d_in, d_sae)).t().contiguous())
+    else:
+        enc = need("W_enc")
+        if enc.dim() != 2:
+            raise ValueError(f"{weights_path}: W_enc must be 2-D, got shape {list(enc.shape)}")
+        d_in, d_sae = enc.shape
+        out = dict(W_enc=enc, W_dec=need("W_dec", (d_sae, d_in)), b_enc=need("b_enc", (d_sae,)),
+                   b_dec=need("b_dec", (d_in,)))
+    for key in ("activation_dim", "dict_size"):
+        if key in trainer and trainer[key] != (d_in if key == "activation_dim" else d_sae):
+            raise ValueError(f"{cfg_path}: trainer.{key}={trainer[key]!r} does not match {weights_path} "
+                             f"(d_in={d_in}, d_sae={d_sae})")
+    kwargs: dict = dict(dtype=dtype, backend=backend)
+    if arch == "relu":
+        # by its keys, not dict_class: StandardTrainerAprilUpdate writes "AutoEncoder" whatever class it trained
+        centred = "bias" in state
+        kwargs["apply_b_dec_to_input"] = centred
+        out.update(b_enc=need("encoder.bias", (d_sae,)), b_dec=need("bias" if centred else "decoder.bias", (d_in,)))
+    elif arch == "gated":
+        out.update(b_gate=need("gate_bias", (d_sae,)), r_mag=need("r_mag", (d_sae,)), b_mag=need("mag_bias", (d_sae,)),
+                   b_dec=need("decoder_bias", (d_in,)))
+    elif arch == "jumprelu":
+        kwargs["apply_b_dec_to_input"] = False
+        out["threshold"] = need("threshold", (d_sae,)).clamp_min(0)
+    else:  # the TopK family
+        if arch in ("topk", "batchtopk"):
+            out.update(b_enc=need("encoder.bias", (d_sae,)), b_dec=need("b_dec", (d_in,)))
+        k_file = int(need("k", ()).item())
+        k_cfg = trainer.get("k", k_file)
+        if not _is_int(k_cfg) or k_cfg != k_file:
+            raise ValueError(f"{cfg_path}: trainer.k={k_cfg!r} but {weights_path} holds k={k_file}")
+        kwargs.update(k=k_file, apply_b_dec_to_input=True)
+        if arch != "topk":
+            th = float(need("threshold", ()).item())
+            if th < 0:
+                import warnings
+
+                warnings.warn(f"{weights_path}: the BatchTopK threshold was never calibrated (saved before "
+                              "threshold_start_step); dictionary_learning's forward would be a dense ReLU here, "
+                              "fastsae applies the batch top-k instead", stacklevel=3)
+            out["threshold"] = torch.tensor(th if th >= 0 else -1.0)
+        if arch == "matryoshka_batchtopk":
+            sizes = need("group_sizes")
+            if sizes.dim() != 1 or sizes.is_floating_point() or bool((sizes <= 0).any()) or int(sizes.sum()) != d_sae:
+                raise ValueError(f"{weights_path}: group_sizes must be positive integers summing to d_sae={d_sae}, "
+                                 f"got {sizes.tolist()}")
+            kwargs["widths"] = torch.cumsum(sizes, 0).tolist()
+    try:
+        sae = ARCHITECTURES[arch](d_in, d_sae, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path} does not describe a valid {dict_class}: {e}") from e
+    return _fill_partial(sae, out, weights_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: the layouts SAELens and sparsify read, and in-memory conversion to and from SAELens
+# ----------------------------------------------------------------------------------------------
+
+#: the SAELens config version written (6.0 is the layout ``SAE.load_from_disk`` reads without conversion)
+SAELENS_VERSION = "6.0.0"
+
+
+def _batch_threshold(sae) -> Tensor:
+    """A BatchTopK-family module's global inference threshold as SAELens' per-latent JumpReLU threshold."""
+    if not sae.calibrated:
+        raise ValueError(f"this {sae.architecture} SAE has no calibrated inference threshold yet (it is set while "
+                         "training); only a calibrated BatchTopK SAE has a batch-independent forward to export")
+    return torch.full((sae.d_sae,), float(sae.threshold), dtype=sae.dtype, device=sae.device)
+
+
+def saelens_parts(sae, metadata: Optional[dict] = None) -> tuple[dict, dict[str, Tensor]]:
+    """``(cfg.json dict, tensors)`` of the SAELens 6.x inference SAE that computes what ``sae`` computes.
+
+    relu -> ``standard``; topk -> ``topk`` (``rescale_acts_by_decoder_norm=False``); jumprelu -> ``jumprelu``;
+    gated -> ``gated``; batchtopk / matryoshka_batchtopk -> ``jumprelu`` with the calibrated global threshold on
+    every latent (SAELens saves its own BatchTopK SAEs the same way: ``relu(pre)·1[pre > θ]`` is their forward).
+    Transcoders map to ``transcoder`` / ``jumprelu_transcoder`` (``skip_`` variants with ``W_skip [d_out, d_in]``);
+    SAELens has no TopK or Gated transcoder.
+    """
+    arch = sae.architecture
+    transcoder = bool(getattr(sae, "is_transcoder", False))
+    base = getattr(sae, "base_architecture", arch)
+    W_skip = getattr(sae, "W_skip", None)
+    tensors = dict(W_enc=sae.W_enc, W_dec=sae.W_dec, b_dec=sae.b_dec)
+    extra: dict = {}
+    if base == "relu":
+        kind = "standard"
+        tensors["b_enc"] = sae.b_enc
+    elif base == "topk":
+        kind = "topk"
+        tensors["b_enc"] = sae.b_enc
+        extra = dict(k=sae.k, rescale_acts_by_decoder_norm=False)
+    elif base == "jumprelu":
+        kind = "jumprelu"
+        tensors.update(b_enc=sae.b_enc, threshold=sae.threshold.detach().clamp_min(0).to(sae.dtype))
+    elif base in ("batchtopk", "matryoshka_batchtopk"):
+        kind = "jumprelu"
+        tensors.update(b_enc=sae.b_enc, threshold=_batch_threshold(sae))
+    elif base == "gated":
+        kind = "gated"
+        tensors.update(b_gate=sae.b_gate, r_mag=sae.r_mag, b_mag=sae.b_mag)
+    else:
+        raise ValueError(f"a {arch} SAE has no SAELens equivalent")
+    if transcoder:
+        if kind not in ("standard", "jumprelu"):
+            raise ValueError(f"SAELens has no {base} transcoder (only ReLU and JumpReLU ones); "
+                             + ("export it with format='sparsify'" if base == "topk" else "keep format='fastsae'"))
+        kind = ("jumprelu_" if kind == "jumprelu" else "") + ("skip_transcoder" if W_skip is not None else "transcoder")
+        extra["d_out"] = sae.d_out
+        if W_skip is not None:
+            tensors["W_skip"] = W_skip.t()
+    meta = dict(sae_lens_version=SAELENS_VERSION, sae_lens_training_version=None,
+                fastsae_architecture=arch)
+    if metadata:
+        json.dumps(metadata)  # a TypeError now rather than a half-written folder
+        meta.update(metadata)
+    cfg = dict(architecture=kind, d_in=sae.d_in, d_sae=sae.d_sae, dtype=str(sae.dtype).removeprefix("torch."),
+               device="cpu", apply_b_dec_to_input=sae.apply_b_dec_to_input, normalize_activations="none",
+               reshape_activations="none", **extra, metadata=meta)
+    return cfg, {k: v.detach().to("cpu") for k, v in tensors.items()}
+
+
+def sparsify_parts(sae) -> tuple[dict, dict[str, Tensor]]:
+    """``(cfg.json dict, tensors)`` of the sparsify ``SparseCoder`` that computes what a TopK ``sae`` computes.
+
+    sparsify always centres an autoencoder's input (``x - b_dec``): an SAE trained without it is exported with
+    ``b_enc + b_dec @ W_enc`` as the encoder bias (the same pre-activations). Transcoders (sparsify's
+    ``transcode``; ``d_out == d_in``, optional skip ``W_skip [d_in, d_in]``) never centre.
+    """
+    base = getattr(sae, "base_architecture", sae.architecture)
+    if base != "topk":
+        raise ValueError(f"sparsify stores TopK SAEs only; this is a {sae.architecture} SAE (use format='saelens')")
+    transcoder = bool(getattr(sae, "is_transcoder", False))
+    W_skip = getattr(sae, "W_skip", None)
+    d_out = getattr(sae, "d_out", sae.d_in)
+    if d_out != sae.d_in:
+        raise ValueError(f"sparsify needs d_out == d_in; this transcoder maps {sae.d_in} -> {d_out}")
+    b_enc = sae.b_enc.detach()
+    if not transcoder and not sae.apply_b_dec_to_input:
+        b_enc = b_enc + (sae.b_dec.detach().double() @ sae.W_enc.detach().double()).to(b_enc.dtype)
+    tensors = {"encoder.weight": sae.W_enc.detach().t(), "encoder.bias": b_enc, "W_dec": sae.W_dec.detach(),
+               "b_dec": sae.b_dec.detach()}
+    if W_skip is not None:
+        tensors["W_skip"] = W_skip.detach().t()
+    cfg = dict(activation="topk", expansion_factor=max(1, sae.d_sae // sae.d_in), normalize_decoder=True,
+               num_latents=sae.d_sae, k=sae.k, multi_topk=False, skip_connection=W_skip is not None,
+               transcode=transcoder, d_in=sae.d_in)
+    return cfg, {k: v.to("cpu") for k, v in tensors.items()}
+
+
+def _sae_lens():
+    try:
+        import sae_lens  # noqa: F401
+    except ImportError as e:
+        raise ImportError("this needs sae-lens (pip install sae-lens); fastsae reads and writes SAELens folders "
+                          "without it: fastsae.load(folder), sae.save(folder, format='saelens')") from e
+    return sae_lens
+
+
+def to_saelens(sae):
+    """A ``sae_lens.SAE`` (inference class) with the same outputs as the fastsae module ``sae`` (see
+    :func:`saelens_parts`), on ``sae``'s device. Needs sae-lens importable."""
+    sae_lens = _sae_lens()
+    cfg, tensors = saelens_parts(sae)
+    cfg["device"] = str(sae.device)
+    out = sae_lens.SAE.from_dict(cfg)
+    out.load_state_dict({k: v.to(sae.device) for k, v in tensors.items()})
+    return out.eval()
+
+
+def from_saelens(sae, *, backend: str = "auto"):
+    """The fastsae module equal to a ``sae_lens.SAE`` (an inference SAE, or a training SAE: converted to its
+    inference form first, as SAELens' own ``save_inference_model`` does), in eval mode, on the SAE's device."""
+    try:
+        cfg_obj, state = sae.cfg, sae.state_dict()
+    except AttributeError:
+        raise TypeError(f"from_saelens expects a sae_lens.SAE, got {type(sae).__name__}") from None
+    state = dict(state)
+    if hasattr(sae, "process_state_dict_for_saving_inference"):
+        sae.process_state_dict_for_saving_inference(state)
+        cfg = cfg_obj.get_inference_sae_cfg_dict()
+    else:
+        sae.process_state_dict_for_saving(state)
+        cfg = cfg_obj.to_dict()
+    device = next((v.device for v in state.values() if isinstance(v, Tensor)), torch.device("cpu"))
+    state = {k: v.detach().to("cpu") for k, v in state.items() if isinstance(v, Tensor)}
+    where = f"<{type(sae).__name__} config>"
+    out = saelens_to_fastsae(json.loads(json.dumps(cfg, default=str)), state, where, f"<{type(sae).__name__} weights>",
+                             backend)
+    return out.eval().to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# `fastsae export`
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} is not empty; pass --overwrite to replace the SAE files in it")
+    sae = load(args.sae)
+    if args.overwrite and out.is_dir():  # a stale file of another layout would change what detect_format sees
+        for name in {CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, DL_WEIGHTS}:
+            (out / name).unlink(missing_ok=True)
+    metadata = {k: v for k, v in (("model_name", args.model_name), ("hook_name", args.hook_name)) if v}
+    save(sae, out, format=args.format, metadata=metadata or None if args.format == "saelens" else None)
+    back = load(out)
+    x = torch.randn(64, sae.d_in, generator=torch.Generator().manual_seed(0), dtype=sae.dtype)
+    with torch.no_grad():
+        err = float((back(x) - sae(x)).abs().max())
+    print(f"{type(sae).__name__}(d_in={sae.d_in}, d_sae={sae.d_sae}) from {args.sae} -> {out} ({args.format}); "
+          f"reloaded by fastsae: max |difference| {err:.3g} on 64 random inputs")
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("export", help="write a saved SAE (any format fastsae reads) as a SAELens or sparsify folder")
+    p.add_argument("--sae", required=True, help="SAE folder or file: fastsae, SAELens, sparsify, dictionary_learning, "
+                   "Gemma Scope")
+    p.add_argument("--format", required=True, choices=list(SAVE_FORMATS), help="layout to write")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--hook-name", default=None, help="SAELens metadata.hook_name (e.g. blocks.6.hook_resid_post)")
+    p.add_argument("--model-name", default=None, help="SAELens metadata.model_name")
+    p.add_argument("--overwrite", action="store_true", help="replace the SAE files in a non-empty --out")
+    p.set_defaults(func=cmd_export)

@@ -209,6 +209,30 @@ def topk_sae_forward(
     )
 
 
+def abstopk_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    apply_b_dec_to_input: bool = True,
+    topk=topk,
+    decode=sparse_decode,
+) -> SAEForward:
+    """AbsTopK: each row keeps the ``k`` pre-activations of largest ``|pre|`` with their sign,
+    ``f = pre · 1[|pre| among the row's k largest]`` (no ReLU). TopK's selection on an elementwise key: ``topk``
+    and ``decode`` are a backend's own kernels (selection on ``|pre|``, then the sparse decoder); gradients reach
+    ``pre`` at the kept entries only, as TopK's."""
+    pre = encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc
+    _, indices = topk(pre.detach().abs(), k)
+    values = pre.gather(1, indices)
+    x_hat = decode(values, indices, W_dec, b_dec)
+    active = values != 0
+    fired = torch.zeros(W_enc.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, indices[active], True)
+    return SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values, indices=indices)
+
+
 def batchtopk_sae_forward(
     x: Tensor,
     W_enc: Tensor,
@@ -257,11 +281,12 @@ def gated_sae_forward(
     W_dec: Tensor,
     b_dec: Tensor,
     apply_b_dec_to_input: bool = True,
+    target: Optional[Tensor] = None,
 ) -> SAEForward:
     """Gated SAE (Rajamanoharan et al. 2024). ``W_enc`` is ``W_gate``; ``W_mag = exp(r_mag) ⊙ W_gate``.
 
     ``sparsity`` is ``‖relu(π_gate)‖₁`` per row; ``aux`` is ``mean_b ‖x - x̂_frozen(relu(π_gate))‖²``
-    with *detached* decoder weights and bias, as in the paper.
+    with *detached* decoder weights and bias, as in the paper (``target`` in place of ``x``: a transcoder).
     """
     x_in = encoder_input(x, b_dec, apply_b_dec_to_input)
     pi_gate = x_in @ W_enc + b_gate
@@ -271,7 +296,7 @@ def gated_sae_forward(
     x_hat = f @ W_dec + b_dec
     relu_gate = F.relu(pi_gate)
     x_hat_frozen = relu_gate @ W_dec.detach() + b_dec.detach()
-    aux = (x_hat_frozen - x).pow(2).sum(-1).mean()
+    aux = (x_hat_frozen - (x if target is None else target)).pow(2).sum(-1).mean()
     active = f > 0
     return SAEForward(
         x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), sparsity=relu_gate.sum(-1), aux=aux
@@ -413,3 +438,73 @@ def gated_loss(
     sparsity = out.sparsity.mean()
     return dict(loss=m + sparsity_coefficient * sparsity + out.aux, mse=m, sparsity=sparsity, aux=out.aux,
                 x_hat=out.x_hat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matryoshka BatchTopK (Bussmann et al. 2025): nested prefix reconstructions, computed sparsely
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MatryoshkaForward(SAEForward):
+    """A Matryoshka forward pass: ``prefixes [G, B, d_out]`` holds the reconstruction from the latents below each
+    width ``widths[g]`` (plus ``b_dec``); ``prefixes[-1]`` is ``x_hat``. ``values``/``rows``/``cols``: the kept
+    entries (differentiable values), sorted by row, then latent."""
+
+    prefixes: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
+    cols: Optional[Tensor] = None
+
+
+def batchtopk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``B·k`` largest entries of ``pre [B, d_sae]`` (already ReLU'd) as ``(values, rows, cols)``, sorted by
+    row and then latent: sorting the flat indices ``row · d_sae + latent`` sorts both at once."""
+    B, d_sae = pre.shape
+    n_keep = min(B * k, pre.numel())
+    _, flat = torch.topk(pre.detach().reshape(-1), n_keep, sorted=False)
+    flat = flat.sort().values
+    return pre.reshape(-1)[flat], flat // d_sae, flat % d_sae
+
+
+def prefix_reconstructions(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
+                           widths: list, n_rows: int) -> Tensor:
+    """``[G, B, d_out]``: ``b_dec + Σ_{entries of row b with latent < widths[g]} value · W_dec[latent]``.
+
+    Each entry's contribution goes to the segment of its group (the first width above its latent); a cumulative
+    sum over the groups makes every prefix a running sum. Cost O(nnz · d_out) plus one ``[B, d_out]`` per width;
+    no dense ``[B, d_sae]`` code and no per-prefix matmul.
+    """
+    G, d_out = len(widths), W_dec.shape[1]
+    group = torch.bucketize(cols, torch.tensor(widths, device=cols.device), right=True)
+    parts = values.new_zeros(G * n_rows, d_out).index_add(0, group * n_rows + rows,
+                                                          values[:, None] * W_dec[cols])
+    return parts.reshape(G, n_rows, d_out).cumsum(0) + b_dec
+
+
+def matryoshka_batchtopk_sae_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    widths: list,
+    apply_b_dec_to_input: bool = True,
+) -> MatryoshkaForward:
+    """BatchTopK code (``B·k`` largest of ``relu(pre)`` over the batch), decoded at every Matryoshka width."""
+    pre = F.relu(encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc)
+    values, rows, cols = batchtopk_entries(pre, k)
+    prefixes = prefix_reconstructions(values, rows, cols, W_dec, b_dec, widths, x.shape[0])
+    with torch.no_grad():
+        active = values > 0
+        l0 = torch.zeros(x.shape[0], device=x.device).index_add_(0, rows, active.float())
+        fired = torch.zeros(W_enc.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, cols[active], True)
+        min_kept = values[active].min() if bool(active.any()) else None
+    return MatryoshkaForward(x_hat=prefixes[-1], l0=l0, fired=fired, min_kept=min_kept, prefixes=prefixes,
+                             values=values, rows=rows, cols=cols)
+
+
+def matryoshka_loss(prefixes: Tensor, target: Tensor) -> Tensor:
+    """``Σ_g mean_b Σ_i (x̂_g - target)²`` over the inner prefixes (the full width is the ordinary MSE); SAELens'
+    ``matryoshka_batchtopk`` weighting (each prefix once, unweighted)."""
+    return (prefixes[:-1] - target).pow(2).sum(-1).mean(-1).sum()

@@ -52,13 +52,15 @@ _PAIR_ROWS = 2048
 
 @dataclass
 class Resampler:
-    """Resample every ``every`` steps up to step ``until`` on the fixed ``probe [N, d_in]`` (scaled inputs)."""
+    """Resample every ``every`` steps up to step ``until`` on the fixed ``probe [N, d_in]`` (scaled inputs);
+    a transcoder's ``target [N, d_out]`` (its scaled targets) is what the residuals are measured against."""
 
     every: int
     until: int
     probe: Tensor
     seed: int
     duplicate_cos: float = DEFAULT_DUPLICATE_COS
+    target: Optional[Tensor] = None
 
     def due(self, step: int) -> bool:
         """``step`` is the number of steps completed."""
@@ -78,7 +80,9 @@ class Resampler:
         if idx.numel() == 0 or bool(candidates.all()):
             return 0
         x_hat = sae.ops(values.device).sparse_decode(values, indices, sae.W_dec, sae.b_dec)
-        err = (self.probe - x_hat).float()
+        skip = sae._skip(self.probe) if getattr(sae, "skip_connection", False) else None
+        x_hat = x_hat if skip is None else x_hat + skip
+        err = ((self.probe if self.target is None else self.target) - x_hat).float()
         weight = err.pow(2).sum(1)
         n = min(idx.numel(), int((weight > 0).sum()))
         if n == 0:
@@ -87,9 +91,16 @@ class Resampler:
         g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + int(step))
         rows = torch.multinomial(weight.cpu().double(), n, replacement=False, generator=g).to(err.device)
         directions = torch.nn.functional.normalize(err[rows], dim=1).to(sae.dtype)
+        # an SAE's new encoder column reads the residual direction; a transcoder's residual lives in the output
+        # space, so its encoder reads the chosen rows' inputs (centred: what tells them apart from the others)
+        encoder_directions = None
+        if self.target is not None:
+            centred = (self.probe[rows] - self.probe.mean(0)).float()
+            encoder_directions = torch.nn.functional.normalize(centred, dim=1).to(sae.dtype)
         live = ~candidates
         fire_rate = float(fires[live].float().mean()) / self.probe.shape[0]
-        sae.reinit_latents(idx, directions, live, self.probe, fire_rate=fire_rate)
+        sae.reinit_latents(idx, directions, live, self.probe, fire_rate=fire_rate,
+                           encoder_directions=encoder_directions)
         _reset_optimizer_rows(sae, optimizer, idx, live)
         return n
 

@@ -153,10 +153,13 @@ class SAE(nn.Module):
         return x_hat.reshape(*lead, self.d_in).to(x.dtype)
 
     def training_forward(
-        self, x: Tensor, *, dead_mask: Optional[Tensor] = None, sparsity_coefficient: Optional[float] = None
+        self, x: Tensor, target: Optional[Tensor] = None, *, dead_mask: Optional[Tensor] = None,
+        sparsity_coefficient: Optional[float] = None
     ) -> TrainOutput:
         """Loss and metrics of one training batch ``x [..., d_in]``.
 
+        ``target [..., d_out]``: reconstruct it instead of ``x`` (a transcoder; ``d_out`` is ``d_in`` for an SAE
+        module); every loss term (MSE, AuxK's residual, Matryoshka's prefixes) is then measured against it.
         ``dead_mask [d_sae]`` bool marks latents that have not fired recently (AuxK for TopK/BatchTopK);
         ``sparsity_coefficient`` overrides the module's (the training loop uses it for the warm-up).
         """
@@ -165,12 +168,31 @@ class SAE(nn.Module):
             if not isinstance(dead_mask, Tensor) or dead_mask.shape != (self.d_sae,):
                 raise ValueError(f"dead_mask must be a [d_sae]=[{self.d_sae}] bool tensor")
             dead_mask = dead_mask.to(device=x2.device, dtype=torch.bool)
-        return self._training_forward(x2, dead_mask, sparsity_coefficient)
+        if target is None:
+            return self._training_forward(x2, dead_mask, sparsity_coefficient)
+        check.float_tensor("target", target)
+        d_out = getattr(self, "d_out", self.d_in)
+        check.last_dim("target", target, d_out, "d_out")
+        check.module_device(self, target=target)
+        if target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"target must have the leading shape of x {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+        # The architectures' forwards read the target through _target_of (until they take it as an argument).
+        self._target = target.reshape(-1, d_out).to(self.dtype)
+        try:
+            return self._training_forward(x2, dead_mask, sparsity_coefficient)
+        finally:
+            self._target = None
+
+    def _target_of(self, x: Tensor) -> Tensor:
+        """What the loss reconstructs: the ``target`` passed to ``training_forward``, else ``x``."""
+        t = self.__dict__.get("_target")
+        return x if t is None else t
 
     def _training_forward(self, x, dead_mask, coefficient) -> TrainOutput:
         raise NotImplementedError
 
     def _output(self, x, out: ref.SAEForward, sparsity, aux, coefficient, aux_coefficient) -> TrainOutput:
+        x = self._target_of(x)
         m = ref.mse(out.x_hat, x)
         loss = m + coefficient * sparsity + aux_coefficient * aux
         with torch.no_grad():
@@ -208,16 +230,19 @@ class SAE(nn.Module):
     resample_encoder_scale = 0.2
 
     @torch.no_grad()
-    def reinit_latents(self, idx: Tensor, directions: Tensor, live: Tensor, probe: Tensor, fire_rate: float) -> None:
-        """Re-initialise latents ``idx`` along unit ``directions [len(idx), d_in]``: decoder rows at the median
-        norm of the ``live [d_sae]`` latents' rows, encoder columns at ``resample_encoder_scale`` × their median
-        norm, biases 0. ``probe`` (scaled inputs) and the live latents' mean ``fire_rate`` on it let an architecture
+    def reinit_latents(self, idx: Tensor, directions: Tensor, live: Tensor, probe: Tensor, fire_rate: float,
+                       encoder_directions: Optional[Tensor] = None) -> None:
+        """Re-initialise latents ``idx`` along unit ``directions [len(idx), d_out]``: decoder rows at the median
+        norm of the ``live [d_sae]`` latents' rows, encoder columns (along ``encoder_directions [len(idx), d_in]``,
+        default ``directions``: a transcoder's differ) at ``resample_encoder_scale`` × their median norm,
+        biases 0. ``probe`` (scaled inputs) and the live latents' mean ``fire_rate`` on it let an architecture
         calibrate what else it needs."""
         live_idx = live.nonzero().squeeze(1)
         dec_norm = self.W_dec[live_idx].norm(dim=1).median()
         enc_norm = self.W_enc[:, live_idx].norm(dim=0).median()
+        enc_dirs = directions if encoder_directions is None else encoder_directions
         self.W_dec[idx] = directions * dec_norm
-        self.W_enc[:, idx] = directions.t() * (enc_norm * self.resample_encoder_scale)
+        self.W_enc[:, idx] = enc_dirs.t() * (enc_norm * self.resample_encoder_scale)
         for name in ("b_enc", "b_gate", "b_mag"):
             if name in self._parameters:
                 getattr(self, name)[idx] = 0
@@ -313,11 +338,13 @@ class SAE(nn.Module):
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
-    def save(self, path) -> None:
-        """Write ``path/`` as ``config.json`` + ``sae.safetensors`` (atomically); ``fastsae.load`` reads it back."""
+    def save(self, path, format: str = "fastsae", metadata: Optional[dict] = None) -> None:
+        """Write the folder ``path/`` (atomically): ``format="fastsae"`` (``config.json`` + ``sae.safetensors``,
+        exact), ``"saelens"`` (a SAELens 6.x folder) or ``"sparsify"`` (TopK); ``fastsae.load`` reads all three.
+        ``metadata``: SAELens ``cfg.json`` metadata such as ``hook_name``. See :func:`fastsae.io.save`."""
         from .io import save
 
-        save(self, path)
+        save(self, path, format=format, metadata=metadata)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"
@@ -510,10 +537,10 @@ class JumpReLUSAE(SAE):
         return dict(super().latent_axes(), **{name: 0})
 
     @torch.no_grad()
-    def reinit_latents(self, idx, directions, live, probe, fire_rate):
+    def reinit_latents(self, idx, directions, live, probe, fire_rate, encoder_directions=None):
         """θ of each new latent at the quantile of its pre-activations on ``probe`` that gives it the live latents'
         mean firing rate, so it neither starts dead nor dense."""
-        super().reinit_latents(idx, directions, live, probe, fire_rate)
+        super().reinit_latents(idx, directions, live, probe, fire_rate, encoder_directions)
         pre = self._encoder_input(probe.to(self.dtype)) @ self.W_enc[:, idx] + self.b_enc[idx]
         q = min(max(1.0 - fire_rate, 0.0), 1.0 - 1.0 / max(probe.shape[0], 1))
         theta = pre.float().quantile(q, dim=0).clamp_min(0).to(self.threshold.dtype)
@@ -654,17 +681,41 @@ class TopKSAE(SAE):
     def _training_forward(self, x, dead_mask, coefficient):
         ops = self.ops(x.device)
         out = self._sae_forward(ops, x)
+        aux = self._auxk(ops, x, out, dead_mask)
+        return self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
+
+    def _auxk(self, ops, x, out, dead_mask) -> Tensor:
+        """AuxK of the residual ``target - x̂`` (the training target; ``x`` for an SAE); 0 without dead latents."""
         aux = x.new_zeros(())
         if dead_mask is not None and x.shape[0]:
             e_hat = ref.auxk_reconstruction(self._encoder_input(x), self.W_enc, self.b_enc, self.W_dec, dead_mask,
                                             self.k_aux, topk=ops.topk, decode=ops.sparse_decode)
             if e_hat is not None:
-                aux = ref.auxk_loss((x - out.x_hat).detach(), e_hat)
-        return self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
+                aux = ref.auxk_loss((self._target_of(x) - out.x_hat).detach(), e_hat)
+        return aux
 
     def config(self):
         return dict(super().config(), k=self.k, k_aux=self.k_aux, aux_coefficient=self.aux_coefficient,
                     dead_after=self.dead_after)
+
+
+class AbsTopKSAE(TopKSAE):
+    """AbsTopK SAE: ``f`` keeps, per row, the ``k`` pre-activations ``(x - b_dec) W_enc + b_enc`` of largest
+    magnitude with their sign (no ReLU), so one latent can write its direction either way. TopK's selection on
+    ``|pre|`` (``reference.abstopk_sae_forward``): every backend runs it with its own top-k and sparse-decode
+    kernels. AuxK, the unit-norm decoder and resampling are TopK's. Saved and loaded in fastsae's format; SAELens
+    and sparsify have no such architecture.
+    """
+
+    architecture = "abstopk"
+
+    def _sparse_code(self, x):
+        pre = self._pre(x)
+        _, indices = self.ops(x.device).topk(pre.abs(), self.k)
+        return pre.gather(1, indices), indices
+
+    def _sae_forward(self, ops, x):
+        return ops.abstopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.apply_b_dec_to_input)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -718,12 +769,15 @@ class BatchTopKSAE(TopKSAE):
                 return super()._sae_forward(ops, x)
         out = ops.batchtopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
                                 self.apply_b_dec_to_input)
+        self._update_threshold(out)
+        return out
+
+    def _update_threshold(self, out) -> None:
         if self.training and out.min_kept is not None:
             with torch.no_grad():
                 w = self._threshold_weight.mul_(self.threshold_decay).add_(1 - self.threshold_decay)
                 # θ ← θ + ((1 - decay) / w)·(m - θ): the running mean of m with Adam-style bias correction
                 self.threshold.add_((1 - self.threshold_decay) / w * (out.min_kept.float() - self.threshold))
-        return out
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, batch_size: Optional[int] = None) -> float:
@@ -821,8 +875,11 @@ class GatedSAE(SAE):
         return gate.to(mag.dtype) * mag
 
     def _training_forward(self, x, dead_mask, coefficient):
-        out = self.ops(x.device).gated_sae(x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec,
-                                           self.b_dec, self.apply_b_dec_to_input)
+        args = (x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec, self.apply_b_dec_to_input)
+        if self.__dict__.get("_target") is None:
+            out = self.ops(x.device).gated_sae(*args)
+        else:  # the frozen-decoder term reconstructs the target too (no fused kernel has a gated transcoder)
+            out = ref.gated_sae_forward(*args, target=self._target_of(x))
         lam = self.sparsity_coefficient if coefficient is None else coefficient
         return self._output(x, out, out.sparsity.mean(), out.aux, lam, 1.0)
 
@@ -830,4 +887,192 @@ class GatedSAE(SAE):
         return dict(super().config(), **self._sparsity_config())
 
 
-ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, BatchTopKSAE, ReLUSAE, GatedSAE)}
+ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, AbsTopKSAE, BatchTopKSAE, ReLUSAE,
+                                                   GatedSAE)}
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE (Bussmann et al. 2025; SAELens ``matryoshka_batchtopk``, dictionary_learning's
+    ``MatryoshkaBatchTopKTrainer``): a BatchTopK SAE whose latents below each width in ``widths`` must also
+    reconstruct the input on their own, so early latents learn general features and later ones refinements.
+
+    loss = ``Σ_g mean_b ‖x̂_g - x‖²`` over every width (the full width's term is ``mse``) + α·AuxK, with
+    ``x̂_g = b_dec + Σ_{kept j < widths[g]} f_j W_dec[j]``: every prefix is a running sum over each row's kept
+    entries sorted by latent (``reference.prefix_reconstructions``), never a dense ``[B, d_sae]`` product.
+    Inference is BatchTopK's (the calibrated global threshold). ``widths``: strictly increasing, ending at
+    ``d_sae`` (appended when missing, as SAELens does).
+    """
+
+    architecture = "matryoshka_batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, widths: list, **kwargs):
+        if kwargs.get("topk_warmup", 0):  # the warm-up's per-row TopK forward has no prefix reconstructions
+            raise ValueError(f"topk_warmup must be 0 for a Matryoshka SAE, got {kwargs['topk_warmup']!r}")
+        super().__init__(d_in, d_sae, k, **kwargs)
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+            raise TypeError(f"widths must be a list of increasing latent counts, got {widths!r}")
+        widths = list(widths)
+        if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= d_sae for w in widths):
+            raise ValueError(f"widths must be integers in 1..d_sae={d_sae}, got {widths!r}")
+        if any(b <= a for a, b in zip(widths, widths[1:])):
+            raise ValueError(f"widths must be strictly increasing, got {widths}")
+        if widths[-1] != d_sae:
+            widths.append(d_sae)
+        self.widths = widths
+
+    def _sae_forward(self, ops, x):
+        out = ops.matryoshka_batchtopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.widths,
+                                           self.apply_b_dec_to_input)
+        self._update_threshold(out)
+        return out
+
+    def _training_forward(self, x, dead_mask, coefficient):
+        ops = self.ops(x.device)
+        out = self._sae_forward(ops, x)
+        aux = self._auxk(ops, x, out, dead_mask)
+        result = self._output(x, out, x.new_zeros(()), aux, 0.0, self.aux_coefficient)
+        result.loss = result.loss + ref.matryoshka_loss(out.prefixes, self._target_of(x))
+        return result
+
+    def config(self):
+        return dict(super().config(), widths=list(self.widths))
+
+
+ARCHITECTURES[MatryoshkaBatchTopKSAE.architecture] = MatryoshkaBatchTopKSAE
+
+
+# ----------------------------------------------------------------------------------------------
+# Transcoders (Dunefsky et al. 2024) and skip transcoders (Paulo et al. 2025): every architecture
+# ----------------------------------------------------------------------------------------------
+
+
+class _EagerSAEForwards(Backend):
+    """``inner``'s elementwise and selection kernels, with the whole-SAE forwards of the eager reference: the
+    fused SAE kernels assume ``W_dec [d_sae, d_in]``, a transcoder's is ``[d_sae, d_out]``."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name = inner, inner.name
+
+    def jumprelu(self, pre, threshold, bandwidth):
+        return self.inner.jumprelu(pre, threshold, bandwidth)
+
+    def step(self, pre, threshold, bandwidth):
+        return self.inner.step(pre, threshold, bandwidth)
+
+    def topk(self, pre, k):
+        return self.inner.topk(pre, k)
+
+    def sparse_decode(self, values, indices, W_dec, b_dec):
+        return self.inner.sparse_decode(values, indices, W_dec, b_dec)
+
+
+class _Transcoder:
+    """Mixed in before an SAE class: the same encoder, a decoder to ``d_out`` dimensions, and with
+    ``skip_connection=True`` an affine skip ``x @ W_skip`` (``W_skip [d_in, d_out]``, zero-initialised).
+
+    ``ŷ = decode(encode(x)) + x @ W_skip``; ``training_forward(x, target)`` reconstructs ``target [..., d_out]``.
+    The input is never centred (``b_dec`` lives in the output space; as SAELens and sparsify). A skip transcoder
+    trains the inner model on ``target - x @ W_skip`` (the same loss and gradients, W_skip's included), so every
+    architecture's loss, AuxK and Matryoshka prefixes carry over unchanged.
+    """
+
+    is_transcoder = True
+
+    def __init__(self, d_in: int, d_sae: int, *args, d_out: Optional[int] = None, skip_connection: bool = False,
+                 apply_b_dec_to_input: bool = False, **kwargs):
+        if apply_b_dec_to_input:
+            raise ValueError("apply_b_dec_to_input must be False for a transcoder (b_dec is the output bias)")
+        super().__init__(d_in, d_sae, *args, apply_b_dec_to_input=False, **kwargs)
+        self.d_out = check.positive_int("d_out", d_out if d_out is not None else d_in)
+        self.skip_connection = bool(skip_connection)
+        device = self.W_enc.device
+        W_dec = torch.randn(d_sae, self.d_out, dtype=torch.float32, device=device)
+        W_dec *= self.decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(self.dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, dtype=self.dtype, device=device))
+        if self.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out, dtype=self.dtype, device=device))
+
+    @property
+    def base_architecture(self) -> str:
+        return self.architecture.removesuffix("_transcoder")
+
+    def ops(self, device=None):
+        inner = super().ops(device)
+        return inner if self.d_out == self.d_in else _EagerSAEForwards(inner)
+
+    def _skip(self, x2: Tensor) -> Optional[Tensor]:
+        return x2 @ self.W_skip if self.skip_connection else None
+
+    def decode(self, f: Tensor) -> Tensor:
+        """``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_out]`` (without the skip term, which needs ``x``)."""
+        check.float_tensor("f", f)
+        check.last_dim("f", f, self.d_sae, "d_sae")
+        check.module_device(self, f=f)
+        f2 = f.reshape(-1, self.d_sae).to(self.dtype)
+        return (f2 @ self.W_dec + self.b_dec).reshape(*f.shape[:-1], self.d_out).to(f.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The transcoder's output ``ŷ [..., d_out]`` for ``x [..., d_in]``."""
+        x2, lead = self._flatten(x)
+        values, indices = self._sparse_code(x2)
+        y = self.ops(x2.device).sparse_decode(values, indices, self.W_dec, self.b_dec)
+        skip = self._skip(x2)
+        y = y if skip is None else y + skip
+        return y.reshape(*lead, self.d_out).to(x.dtype)
+
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None, **kwargs) -> TrainOutput:
+        if target is None:
+            if self.d_out != self.d_in:
+                raise ValueError(f"a transcoder to d_out={self.d_out} needs target= (what it predicts from x)")
+            target = x
+        if not self.skip_connection:
+            return super().training_forward(x, target, **kwargs)
+        check.float_tensor("x", x)
+        check.last_dim("x", x, self.d_in, "d_in")
+        check.float_tensor("target", target)
+        check.last_dim("target", target, self.d_out, "d_out")
+        if target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"target must have the leading shape of x {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+        x2 = x.reshape(-1, self.d_in)
+        skip = x2.to(self.dtype) @ self.W_skip
+        t2 = target.reshape(-1, self.d_out).to(self.dtype)
+        out = super().training_forward(x2, t2 - skip, **kwargs)
+        out.x_hat = out.x_hat + skip
+        with torch.no_grad():
+            out.fvu = ref.fvu(out.x_hat, t2)
+        return out
+
+    def config(self) -> dict:
+        cfg = dict(super().config(), d_out=self.d_out, skip_connection=self.skip_connection)
+        cfg.pop("apply_b_dec_to_input", None)
+        return cfg
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_out={self.d_out}, skip_connection={self.skip_connection}"
+
+
+def _transcoder_class(base: type) -> type:
+    name = base.__name__.removesuffix("SAE") + "Transcoder"
+    doc = f"{base.__name__} as a transcoder: ``x [..., d_in] -> ŷ [..., d_out]``; see :class:`_Transcoder`."
+    return type(name, (_Transcoder, base), dict(architecture=f"{base.architecture}_transcoder", __doc__=doc,
+                                               __module__=__name__))
+
+
+ReLUTranscoder, JumpReLUTranscoder, TopKTranscoder, AbsTopKTranscoder, BatchTopKTranscoder, \
+    MatryoshkaBatchTopKTranscoder, GatedTranscoder = TRANSCODERS = tuple(
+        _transcoder_class(c) for c in (ReLUSAE, JumpReLUSAE, TopKSAE, AbsTopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE,
+                                       GatedSAE))
+ARCHITECTURES.update((cls.architecture, cls) for cls in TRANSCODERS)
+
+
+def Transcoder(architecture: str, d_in: int, d_sae: int, *args, d_out: Optional[int] = None,
+               skip_connection: bool = False, **kwargs) -> SAE:
+    """A transcoder of any architecture (``"relu"``, ``"jumprelu"``, ``"topk"``, ``"abstopk"``, ``"batchtopk"``,
+    ``"matryoshka_batchtopk"``, ``"gated"``) mapping ``d_in`` to ``d_out`` (default ``d_in``); the architecture's
+    own arguments pass through (``k=``, ``widths=``, ``sparsity_coefficient=``, ...)."""
+    cls = ARCHITECTURES.get(f"{architecture}_transcoder")
+    if cls is None:
+        names = sorted(c.architecture.removesuffix("_transcoder") for c in TRANSCODERS)
+        raise ValueError(f"architecture must be one of {names}, got {architecture!r}")
+    return cls(d_in, d_sae, *args, d_out=d_out, skip_connection=skip_connection, **kwargs)

@@ -29,7 +29,7 @@ from .data import ActivationSource, as_source, batches
 from .sae import SAE, TrainOutput
 
 __all__ = ["train", "TrainResult", "default_hyperparameters", "fold_input_scale", "estimate_input_scale",
-           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted"]
+           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted", "paired_rows"]
 
 CHECKPOINT = "checkpoint.safetensors"
 OLD_CHECKPOINT = "checkpoint.pt"  # the pickle format before version 2: refused, never read
@@ -100,15 +100,19 @@ def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-8) -> Tens
 
 
 @torch.no_grad()
-def fold_input_scale(sae: SAE, scale: float) -> None:
+def fold_input_scale(sae: SAE, scale: float, target_scale: Optional[float] = None) -> None:
     """Make an SAE trained on ``scale · x`` work on raw ``x``, exactly.
 
     ``(s·x - b_dec) W_enc = (x - b_dec/s)(s·W_enc)``: pre-activations (hence ``b_enc``, ``threshold``, the
-    gates) are unchanged; the reconstruction ``f W_dec + b_dec`` is divided by ``s``.
+    gates) are unchanged; the reconstruction ``f W_dec + b_dec`` is divided by ``s``. A transcoder trained on
+    ``(s·x, t·y)`` (``target_scale`` t): the output is divided by ``t`` and the skip ``W_skip`` scaled by ``s/t``.
     """
+    t = scale if target_scale is None else target_scale
     sae.W_enc.mul_(scale)
-    sae.W_dec.div_(scale)
-    sae.b_dec.div_(scale)
+    sae.W_dec.div_(t)
+    sae.b_dec.div_(t)
+    if getattr(sae, "W_skip", None) is not None:
+        sae.W_skip.mul_(scale / t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ class _State:
     sums: Tensor  # [len(_SUMS)] float64 metric sums since the last log
     n_summed: int
     metrics: list = field(default_factory=list)
+    target_scale: Optional[float] = None  # a transcoder's targets' own scale (None: the input scale)
     resampled: int = 0  # latents resampled so far (fastsae/resample.py)
 
 
@@ -395,7 +400,7 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: int, dead_mask: Optional[Tensor],
                sparsity_coefficient: Optional[float],
                reduce_gradients: Optional[Callable[[Tensor], Tensor]] = None,
-               check: Optional[FiniteCheck] = None) -> TrainOutput:
+               check: Optional[FiniteCheck] = None, target: Optional[Tensor] = None) -> TrainOutput:
     """Forward, backward, optimizer step, constraints, ``observe``, then ``check.record`` (``x`` is scaled).
 
     Without ``check`` (a caller stepping by hand) the step is checked at once and raises ``FloatingPointError``
@@ -404,7 +409,7 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: i
     now = check is None
     check = FiniteCheck(sae, step) if now else check
     optimizer.zero_grad(set_to_none=True)
-    out = sae.training_forward(x, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
+    out = sae.training_forward(x, target, dead_mask=dead_mask, sparsity_coefficient=sparsity_coefficient)
     out.loss.backward()
     if reduce_gradients is not None:  # data parallel: global-batch mean gradient; NaN on any rank raises on all
         reduce_gradients(out.loss)
@@ -419,9 +424,37 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, *, step: i
     return out
 
 
-def _to_batch(x: Tensor, sae: SAE, device: torch.device, scale: float) -> Tensor:
-    x = x.to(device=device, dtype=sae.dtype, non_blocking=True)
-    return x * scale if scale != 1.0 else x
+def paired_rows(x, y) -> Tensor:
+    """Training data for a transcoder: ``x [..., d_in]`` (e.g. an MLP's input) and ``y [..., d_out]`` (its output)
+    side by side as ``[N, d_in + d_out]`` rows, so every shuffle keeps each pair together. ``fastsae.train(sae,
+    (x, y))`` does this; harvested pairs (``fastsae harvest --transcode``) are stored this way already."""
+    x, y = (torch.as_tensor(t) for t in (x, y))
+    if x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(f"the inputs {tuple(x.shape)} and targets {tuple(y.shape)} of a transcoder must pair up "
+                         "row for row")
+    return torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]).to(x.dtype)], dim=1)
+
+
+def _row_width(sae: SAE) -> int:
+    return sae.d_in + sae.d_out if getattr(sae, "is_transcoder", False) else sae.d_in
+
+
+def _split(rows: Tensor, sae: SAE) -> tuple[Tensor, Optional[Tensor]]:
+    """``(input, target)`` of a batch: a transcoder's rows hold both, an SAE's are its own target (``None``)."""
+    if not getattr(sae, "is_transcoder", False):
+        return rows, None
+    return rows[:, :sae.d_in], rows[:, sae.d_in:]
+
+
+def _scaled_batch(rows: Tensor, sae: SAE, device: torch.device, scale: float,
+                  target_scale: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``(s·x, t·y)`` of data rows as the loop trains on them: a transcoder's target ``y`` has its own scale ``t``
+    (``None``: unscaled); an SAE's target is ``None`` (its own input)."""
+    x, target = _split(rows.to(device=device, dtype=sae.dtype, non_blocking=True), sae)
+    x = x * scale if scale != 1.0 else x
+    if target is not None and target_scale is not None:
+        target = target * target_scale
+    return x, target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,9 +547,12 @@ def train(
     # Under torchrun: process group, data-parallel reductions, latent shards; a no-op in one process.
     dist_ctx = TrainingContext(sae, device, latent_parallel)
     device, sae = dist_ctx.device, dist_ctx.module
-    source = as_source(data)
-    if source.d_in is not None and source.d_in != sae.d_in:
-        raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}")
+    source = as_source(paired_rows(*data) if isinstance(data, tuple) else data)
+    width = _row_width(sae)
+    if source.d_in is not None and source.d_in != width:
+        raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}" if width == sae.d_in else
+                         f"data rows have {source.d_in} columns but the transcoder needs d_in + d_out = {sae.d_in} + "
+                         f"{sae.d_out} = {width} (input and target side by side; see fastsae.train.paired_rows)")
 
     hp = default_hyperparameters(sae)
     lr = hp["lr"] if lr is None else float(lr)
@@ -562,7 +598,8 @@ def train(
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    resampler = _resampler(sae, source, steps, batch_size, resample_every, seed, state.scale, device, dist_ctx)
+    resampler = _resampler(sae, source, steps, batch_size, resample_every, seed, state.scale, state.target_scale,
+                           device, dist_ctx)
     check = FiniteCheck(sae, state.step)
     interrupt = _Interrupt(ckpt_path is not None and dist_ctx.dp is None)
     bar = _progress(progress and dist_ctx.is_main, steps, state.step)
@@ -579,14 +616,15 @@ def train(
 
                 warnings.warn(f"data ran out after {state.step} of {steps} steps", stacklevel=2)
                 break
-            x = _to_batch(x_raw, sae, device, state.scale)
+            x, target = _scaled_batch(x_raw, sae, device, state.scale, state.target_scale)
             step = state.step
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"] * lr_factor(step, steps, warmup, decay)
             coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
             try:
                 out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
-                                 sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook, check=check)
+                                 sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook, check=check,
+                                 target=target)
             except Exception as e:  # a kernel that choked on NaN state from an earlier step: report that step
                 check.raise_if_bad(last_saved, cause=e)
                 raise
@@ -632,10 +670,10 @@ def train(
 
     calibrate = getattr(sae, "calibrate", None)  # BatchTopK: its inference threshold, exactly k per row
     if calibrate is not None and state.step > 0:
-        calibrate(_to_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale))
+        calibrate(_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale)[0])
     sae.eval()
-    if state.scale != 1.0:
-        fold_input_scale(sae, state.scale)
+    if state.scale != 1.0 or state.target_scale is not None:
+        fold_input_scale(sae, state.scale, state.target_scale)
     sae = dist_ctx.finish(sae)  # latent shards gathered back into the caller's SAE
     return TrainResult(sae=sae, metrics=state.metrics, input_scale=state.scale, steps=state.step,
                        tokens=state.tokens, seconds=time.perf_counter() - t_start,
@@ -689,7 +727,7 @@ RESAMPLE_PROBE_ROWS = 8192
 
 
 def _resampler(sae: SAE, source: ActivationSource, steps: int, batch_size: int, every: Optional[int], seed: int,
-               scale: float, device, dist_ctx):
+               scale: float, target_scale: Optional[float], device, dist_ctx):
     from . import resample
 
     every = resample.default_every(steps) if every is None else int(every)
@@ -697,17 +735,22 @@ def _resampler(sae: SAE, source: ActivationSource, steps: int, batch_size: int, 
         raise ValueError(f"resample_every must be >= 0, got {every}")
     if every == 0 or not hasattr(sae, "reinit_latents"):  # a latent-sharded module resamples nothing
         return None
-    probe = _to_batch(source.sample(RESAMPLE_PROBE_ROWS, seed + 2), sae, device, scale)
-    return resample.Resampler(every=every, until=resample.default_until(steps), probe=probe, seed=seed)
+    probe, target = _scaled_batch(source.sample(RESAMPLE_PROBE_ROWS, seed + 2), sae, device, scale, target_scale)
+    return resample.Resampler(every=every, until=resample.default_until(steps), probe=probe, seed=seed,
+                              target=target)
 
 
 def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bool, input_scale, init_b_dec,
                  device) -> _State:
-    sample = None
-    if scale_inputs and input_scale is None or init_b_dec:
+    sample = target_sample = None
+    transcoder = getattr(sae, "is_transcoder", False)
+    # a transcoder's targets get their own scale, estimated even when the input scale is given
+    if scale_inputs and (input_scale is None or transcoder) or init_b_dec:
         sample = source.sample(16384, seed).to(torch.float64)
-        if sample.shape[-1] != sae.d_in:
+        if sample.shape[-1] != _row_width(sae):
             raise ValueError(f"data has d_in={sample.shape[-1]} but the SAE has d_in={sae.d_in}")
+        # a transcoder: the scale comes from the input side, b_dec (the output bias) from the target side
+        sample, target_sample = _split(sample, sae)
     if not scale_inputs:
         scale = 1.0
     elif input_scale is not None:
@@ -716,14 +759,21 @@ def _fresh_state(sae: SAE, source: ActivationSource, seed: int, scale_inputs: bo
             raise ValueError(f"input_scale must be a positive finite number, got {input_scale}")
     else:
         scale = estimate_input_scale(sample)
+    # a transcoder's targets get their own scale (an MLP's output can be far smaller than its input)
+    target_scale = estimate_input_scale(target_sample) if target_sample is not None and scale_inputs else None
     if init_b_dec:
-        if not bool(torch.isfinite(sample).all()):
+        if target_sample is not None:
+            b_sample, scale_b = target_sample, (1.0 if target_scale is None else target_scale)
+        else:
+            b_sample, scale_b = sample, scale
+        if not bool(torch.isfinite(b_sample).all()):
             raise FloatingPointError("data contains NaN or inf values (found while initialising b_dec)")
         with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample * scale).to(sae.b_dec))
+            sae.b_dec.copy_(geometric_median(b_sample * scale_b).to(sae.b_dec))
     if sample is not None:
         sae.init_from_data((sample * scale).to(device=sae.device, dtype=sae.dtype))
-    return _State(step=0, tokens=0, scale=scale, since_fired=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
+    return _State(step=0, tokens=0, scale=scale, target_scale=target_scale,
+                  since_fired=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
                   sums=torch.zeros(len(_SUMS), dtype=torch.float64, device=device), n_summed=0)
 
 
@@ -736,8 +786,8 @@ def _payload(state: _State, sae: SAE, optimizer, config: dict, seed: int) -> dic
     rng = _rng_state(tensors)
     tensors.update({"train.since_fired": state.since_fired, "train.sums": state.sums})
     meta = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=config, step=state.step,
-                tokens=state.tokens, scale=state.scale, n_summed=state.n_summed, metrics=state.metrics,
-                resampled=state.resampled,
+                tokens=state.tokens, scale=state.scale, target_scale=state.target_scale, n_summed=state.n_summed,
+                metrics=state.metrics, resampled=state.resampled,
                 counters=_module_counters(sae), optimizer=opt_meta, rng=rng, data=dict(seed=seed, rows=state.tokens))
     return dict(step=state.step, tensors=tensors, meta=meta)
 
@@ -784,7 +834,8 @@ def _restore(path: Path, sae: SAE, optimizer, config: dict, device) -> _State:
         _set_rng_state(tensors, ck["rng"])
         state = _State(step=ck["step"], tokens=ck["tokens"], scale=ck["scale"],
                        since_fired=tensors["train.since_fired"].to(device), sums=tensors["train.sums"].to(device),
-                       n_summed=ck["n_summed"], metrics=list(ck["metrics"]), resampled=ck.get("resampled", 0))
+                       n_summed=ck["n_summed"], metrics=list(ck["metrics"]), target_scale=ck.get("target_scale"),
+                       resampled=ck.get("resampled", 0))
         for key in ("step", "tokens", "n_summed", "resampled"):
             if isinstance(getattr(state, key), bool) or not isinstance(getattr(state, key), int):
                 raise ValueError(f"{path}: field {key!r} must be an integer")

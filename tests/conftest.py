@@ -26,5 +26,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def assert_matches_oracle(module, out, loss, x_hat, l0=None) -> None:
+    """``module.training_forward``'s result ``out`` against an oracle's ``loss`` and ``x_hat``: both values and
+    the gradient of every parameter (float64-checked tolerances), and the batch's mean L0 where given."""
+    params = list(module.parameters())
+    grads = torch.autograd.grad(out.loss, params)
+    expected = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.x_hat, x_hat)
+    for (name, _), g, e in zip(module.named_parameters(), grads, expected):
+        torch.testing.assert_close(g, e, msg=name)
+    if l0 is not None:
+        assert float(out.l0) == pytest.approx(l0)
+
+
 def pytest_report_header(config):
     return f"fastsae backends here: {BACKENDS} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"

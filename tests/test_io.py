@@ -167,8 +167,14 @@ def test_sparsify_folder_loads_and_matches(tmp_path):
     assert isinstance(sae, fastsae.TopKSAE) and sae.k == 6 and sae.d_sae == D_SAE
     x = torch.randn(2, 5, D_IN)
     torch.testing.assert_close(sae(x), _sparsify_forward(st, 6, x), rtol=1e-5, atol=1e-5)
+    # transcode=True: a TopK transcoder, which never centres its input (sparsify's encode)
     (tmp_path / "cfg.json").write_text(json.dumps(dict(cfg, transcode=True)))
-    with pytest.raises(ValueError, match="transcode"):
+    tc = fastsae.load(tmp_path)
+    assert tc.architecture == "topk_transcoder"
+    st_uncentred = dict(st, **{"b_dec": torch.zeros_like(st["b_dec"])})
+    torch.testing.assert_close(tc(x) - st["b_dec"], _sparsify_forward(st_uncentred, 6, x), rtol=1e-5, atol=1e-5)
+    (tmp_path / "cfg.json").write_text(json.dumps(dict(cfg, skip_connection=True)))
+    with pytest.raises(ValueError, match="skip_connection"):
         fastsae.load(tmp_path)
 
 

@@ -126,6 +126,11 @@ def test_a_planted_pickle_never_runs_anywhere_fastsae_reads(tmp_path):
             (d / "sae.safetensors").unlink()
         (d / weights).write_bytes(evil)
         checks.append((f"SAE folder {name}", lambda d=d: fastsae.load(d), weights))
+    dl = tmp_path / "dictionary_learning"  # ae.pt is a torch.save zip: read without unpickling
+    dl.mkdir()
+    (dl / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK", "k": 2}}))
+    (dl / "ae.pt").write_bytes(torch_evil.read_bytes())
+    checks.append(("dictionary_learning ae.pt", lambda: fastsae.load(dl), "ae.pt"))
     gs = tmp_path / "gemma"
     gs.mkdir()
     obj = np.empty(1, dtype=object)

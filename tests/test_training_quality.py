@@ -59,3 +59,25 @@ def test_topk_at_the_true_l0_on_realistic_data(real):
     torch.manual_seed(0)
     m = _fit(fastsae.TopKSAE(D_IN, D_SAE, 3), real)
     assert m["recovery"] >= 0.8 and m["mcc"] >= 0.9 and m["fvu"] <= 0.2, m
+
+
+def test_matryoshka_prefixes_are_dictionaries_on_realistic_data(real):
+    """Matryoshka BatchTopK at the true L0: its first 16 latents alone reconstruct the data (measured FVU 0.40;
+    BatchTopK's first 16, an arbitrary subset, 0.78), at a small cost in full-width quality (measured FVU 0.115
+    vs 0.096, MCC 0.82 vs 0.87, recovery 0.48 vs 0.64)."""
+    held = real.sample(8192, 12345)
+
+    def prefix_fvu(sae, width):
+        with torch.no_grad():
+            f = sae.encode(held)
+            f[:, width:] = 0
+            return float((sae.decode(f) - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+
+    torch.manual_seed(0)
+    mat = fastsae.MatryoshkaBatchTopKSAE(D_IN, D_SAE, 3, widths=[16, 64])
+    m = _fit(mat, real)
+    torch.manual_seed(0)
+    flat = fastsae.BatchTopKSAE(D_IN, D_SAE, 3)
+    b = _fit(flat, real)
+    assert m["fvu"] <= 0.15 and m["mcc"] >= 0.75 and m["recovery"] >= 0.35 and abs(m["l0"] - 3) < 0.3, m
+    assert prefix_fvu(mat, 16) <= 0.55 and prefix_fvu(mat, 16) <= 0.7 * prefix_fvu(flat, 16), (m, b)

@@ -213,8 +213,10 @@ class ShardedSAE(nn.Module):
             return self.training_forward(x).x_hat.to(x.dtype).reshape(x.shape)
 
     # -- the sharded training forward -----------------------------------------------------
-    def training_forward(self, x: Tensor, *, dead_mask: Optional[Tensor] = None,
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None, *, dead_mask: Optional[Tensor] = None,
                          sparsity_coefficient: Optional[float] = None):
+        if target is not None:
+            raise ValueError("latent sharding trains SAEs only: a transcoder's target is not supported here")
         s = self.shard
         x2, _ = s._flatten(x)
         if dead_mask is not None:
