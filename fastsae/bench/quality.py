@@ -149,8 +149,11 @@ def saelens_python(explicit: Optional[str] = None) -> tuple[Optional[str], str]:
             return None, ("skipped: sae-lens not installed here (pass --peer-python or set FASTSAE_PEER_PYTHON "
                           "to a venv's python that has it)")
         candidate = sys.executable
-    probe = subprocess.run([candidate, "-c", "from importlib.metadata import version; print(version('sae-lens'))"],
-                           capture_output=True, text=True, timeout=120)
+    try:
+        probe = subprocess.run([candidate, "-c", "import sae_lens; from importlib.metadata import version; "
+                                "print(version('sae-lens'))"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"skipped: cannot run {candidate} ({type(e).__name__}: {e})"
     if probe.returncode != 0:
         return None, f"skipped: {candidate} cannot import sae-lens ({probe.stderr.strip().splitlines()[-1:]})"
     return candidate, f"sae-lens {probe.stdout.strip()} ({candidate})"
