@@ -360,6 +360,7 @@ def plot_quality(path: Path, rows: list, info: dict) -> bool:
     """FVU vs L0 (top) and recovery vs L0 (bottom), one column per dataset, one line per arch and library."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -384,7 +385,9 @@ def plot_quality(path: Path, rows: list, info: dict) -> bool:
             ax = axes[i][j]
             if tl0:
                 ax.axvline(tl0, color="grey", linewidth=0.8, linestyle=":")
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("held-out L0")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
