@@ -133,8 +133,15 @@ class SyntheticData:
             fired.append((f != 0).cpu())
             x_hat.append(sae.decode(f).float().cpu())
         sae.train(was_training)
-        fired_t, x_hat_t = torch.cat(fired), torch.cat(x_hat)
-        out = match_metrics(sae.W_dec, self.features, fired_t, codes > 0)
+        return self.score(sae.W_dec, x, codes, torch.cat(fired), torch.cat(x_hat))
+
+    def score(self, W_dec: Tensor, x: Tensor, codes: Tensor, fired: Tensor, x_hat: Tensor) -> dict:
+        """The metrics of :meth:`evaluate` from an SAE's outputs rather than the SAE: decoder rows
+        ``W_dec [d_sae, d_in]``, samples ``x [n, d_in]`` with their true ``codes [n, n_features]``
+        (``sample(n, seed, return_codes=True)``), and on them the SAE's firing pattern ``fired [n, d_sae]`` (bool)
+        and reconstruction ``x_hat [n, d_in]``. For SAEs trained elsewhere (e.g. another library's)."""
+        fired_t, x_hat_t = fired.bool().cpu(), x_hat.float().cpu()
+        out = match_metrics(W_dec, self.features, fired_t, codes > 0)
         mu = x.double().mean(0)
         err = (x_hat_t.double() - x.double()).pow(2).sum()
         centred = (x.double() - mu)

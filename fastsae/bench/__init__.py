@@ -145,8 +145,10 @@ def _describe(args) -> list:
     return out
 
 
-#: the benchmark groups ``--only`` chooses from
+#: the speed groups (all run by default); ``--only`` also takes ``quality`` (fastsae.bench.quality: how good an SAE
+#: each architecture trains, an L0 sweep on ground-truth data; minutes, so never part of the default run)
 GROUPS = ("step", "op", "scale")
+QUALITY_GROUP = "quality"
 
 
 def cmd_bench(args) -> int:
@@ -159,15 +161,24 @@ def cmd_bench(args) -> int:
         print("[fastsae bench] CUDA is not available here: running the CPU suite only", flush=True)
     if want == "cuda" and "cuda" in devices:
         devices = ["cuda"]
+    from .quality import ARCH_CLASSES
+
     groups = tuple(args.only.split(",")) if args.only else GROUPS
+    quality = QUALITY_GROUP in groups
+    groups = tuple(g for g in groups if g != QUALITY_GROUP)
+    known_archs = tuple(dict.fromkeys(ARCHS + tuple(ARCH_CLASSES))) if quality else ARCHS
     for option, given, known in (("--only", groups, GROUPS), ("--archs", (args.archs or "").split(",") if args.archs
-                                                               else (), ARCHS)):
+                                                               else (), known_archs)):
         unknown = [g for g in given if g not in known]
         if unknown:
             raise ValueError(f"{option}: unknown {unknown}; choose from {','.join(known)}")
     for option, v in (("--threads", args.threads), ("--repeats", args.repeats)):
         if v is not None and v <= 0:
             raise ValueError(f"{option} must be a positive integer, got {v}")
+    if quality:
+        _run_quality(args, command)
+        if not groups:
+            return 0
     for dev in devices:
         if dev == "cpu":
             cfg = QUICK_CPU if args.quick else FULL_CPU
@@ -182,7 +193,7 @@ def cmd_bench(args) -> int:
         if args.archs:
             cfg = cfg.with_(archs=tuple(args.archs.split(",")))
         out = Path(args.out) / dev if (args.out and len(devices) > 1) else (Path(args.out) if args.out else None)
-        run_suite(cfg, dev, out, threads=args.threads if dev == "cpu" else None, groups=groups,
+        run_suite(cfg, dev, out, threads=(args.threads or 2) if dev == "cpu" else None, groups=groups,
                   resume=args.resume, providers=args.providers.split(",") if args.providers else None,
                   command=command)
         if dev == "cuda" and not args.quick:
@@ -191,6 +202,18 @@ def cmd_bench(args) -> int:
                 print(f"[fastsae bench] running {script}", flush=True)
                 subprocess.run([sys.executable, str(script)], check=False)
     return 0
+
+
+def _run_quality(args, command: str) -> None:
+    from .quality import QUALITY, QUALITY_QUICK, run_quality
+
+    cfg = QUALITY_QUICK if args.quick else QUALITY
+    if args.no_peers:
+        cfg = cfg.with_(peers=False)
+    archs = [a for a in args.archs.split(",")] if args.archs else None
+    # one thread by default: the quality numbers do not depend on it, and a long run must not crowd a shared machine
+    run_quality(cfg, Path(args.out) / "quality" if args.out else None, archs=archs, threads=args.threads or 1,
+                peer_python=args.peer_python, command=command)
 
 
 def add_cli(sub) -> None:
@@ -205,10 +228,13 @@ def add_cli(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the CPU suite, plus the GPU suite when CUDA is present")
     p.add_argument("--out", help="output folder (default benchmarks/results/<device>, <device>-quick with --quick)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; quality: 1)")
     p.add_argument("--repeats", type=int, help="timed runs per case (median reported)")
-    p.add_argument("--only", help="comma-separated groups to run: step,op,scale")
-    p.add_argument("--archs", help="comma-separated architectures of the step table")
+    p.add_argument("--only", help="comma-separated groups to run: step,op,scale (the default), or quality: the "
+                   "training-quality L0 sweep (also `python -m benchmarks quality`; ~25 min, --quick ~1 min)")
+    p.add_argument("--archs", help="comma-separated architectures of the step table (or of the quality sweep)")
+    p.add_argument("--peer-python", help="quality: the python of a venv with sae-lens, for the SAELens column "
+                   "(default: $FASTSAE_PEER_PYTHON, else this interpreter if it has sae-lens, else skipped)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager reference")
     p.add_argument("--no-peers", action="store_true", help="skip SAELens and sparsify")
     p.add_argument("--resume", action="store_true", help="keep the rows already in results.csv, run the rest")
@@ -223,5 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_cli(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [QUALITY_GROUP]:  # ``python -m benchmarks quality [options]`` == ``--only quality``
+        argv = ["--only", QUALITY_GROUP] + argv[1:]
     args = parser.parse_args(["bench"] + argv)
     return int(args.func(args) or 0)
