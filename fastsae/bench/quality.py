@@ -42,6 +42,11 @@ ARCH_CLASSES = {
     "gated": "GatedSAE",
     "relu": "ReLUSAE",
 }
+#: constructor arguments an architecture needs beyond its knob, from the config
+ARCH_EXTRA_ARGS = {
+    # nested prefixes at 1/16, 1/4 and the whole dictionary (dictionary_learning's and SAELens's examples grow 4×)
+    "matryoshka": lambda cfg: dict(widths=[max(1, cfg.d_sae // 16), max(2, cfg.d_sae // 4), cfg.d_sae]),
+}
 #: the architectures SAELens's trainer runs in the peer column
 SAELENS_ARCHS = ("jumprelu", "topk")
 
@@ -120,12 +125,13 @@ def _target(knob: str, l0: float, default_lambda: float, multiplier: float):
     return default_lambda / multiplier  # no L0 knob: a larger λ for a smaller L0 (not proportional, but monotone)
 
 
-def fastsae_point(cls, knob: str, value, data, cfg: QualityConfig) -> dict:
+def fastsae_point(cls, knob: str, value, data, cfg: QualityConfig, arch: str = "") -> dict:
     """Train one fastsae SAE with its defaults and score it on held-out samples."""
     from fastsae.train import train
 
     torch.manual_seed(cfg.seed)
     kw = {"k": {}, "target_l0": dict(target_l0=value), "lambda": dict(sparsity_coefficient=value)}[knob]
+    kw.update(ARCH_EXTRA_ARGS.get(arch, lambda cfg: {})(cfg))
     sae = cls(cfg.d_in, cfg.d_sae, value, **kw) if knob == "k" else cls(cfg.d_in, cfg.d_sae, **kw)
     t0 = time.perf_counter()
     train(sae, data, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
@@ -259,7 +265,7 @@ def run_quality(cfg: QualityConfig = QUALITY, out_dir: Optional[Path] = None, *,
                 value = _target(knob, m * true_l0, float(default_lambda or 0.0), m)
                 row = dict(dataset=ds, arch=arch, library="fastsae", knob=knob, target=value, multiplier=m)
                 try:
-                    row.update(fastsae_point(cls, knob, value, data, cfg))
+                    row.update(fastsae_point(cls, knob, value, data, cfg, arch))
                 except Exception as e:  # one broken architecture must not lose the others' rows
                     row.update(status=f"failed: {type(e).__name__}: {str(e)[:200]}")
                 rows.append(row)
