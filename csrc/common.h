@@ -49,6 +49,9 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* op, const c
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "], got ", t.sizes());
 }
 
+// An output in its own storage and dtype (rows of one [k, d_sae] scratch tensor would alias each other).
+inline at::Tensor own(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype, false, true); }
+
 // The dtype JumpReLU's window test runs in: float32-or-wider, as reference._kernel_window.
 inline at::ScalarType wide_type(at::ScalarType a, at::ScalarType b) {
   return (a == at::kDouble || b == at::kDouble) ? at::kDouble : at::kFloat;
@@ -76,7 +79,57 @@ inline void axpy(acc_t* y, acc_t a, const scalar_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<acc_t>(x[i]);
 }
 
+// dot(g, w) with the partial sums of dot, and acc += v·g in the same pass over g.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_axpy(const scalar_t* g, const scalar_t* w, acc_t* acc, acc_t v, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) {
+      const acc_t gi = static_cast<acc_t>(g[i + t]);
+      part[t] += gi * static_cast<acc_t>(w[i + t]);
+      acc[i + t] += v * gi;
+    }
+  acc_t s = 0;
+  for (; i < n; ++i) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    s += gi * static_cast<acc_t>(w[i]);
+    acc[i] += v * gi;
+  }
+  for (int t = 0; t < L; ++t) s += part[t];
+  return s;
+}
+
+// y1 += a1·x, y2 += a2·x in one pass over x.
+template <typename scalar_t, typename acc_t>
+inline void axpy2(acc_t* y1, acc_t a1, acc_t* y2, acc_t a2, const scalar_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    y1[i] += a1 * xi;
+    y2[i] += a2 * xi;
+  }
+}
+
+// Σ a[i]·b[i] with b already in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_mixed(const scalar_t* a, const acc_t* b, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) part[t] += static_cast<acc_t>(a[i + t]) * b[i + t];
+  acc_t s = 0;
+  for (; i < n; ++i) s += static_cast<acc_t>(a[i]) * b[i];
+  for (int t = 0; t < L; ++t) s += part[t];
+  return s;
+}
+
 // float32, the training dtype: the multi-ISA versions from simd.cpp.
+template <>
+inline float dot_mixed<float, float>(const float* a, const float* b, int64_t n) {
+  return dot_f32(a, b, n);
+}
 template <>
 inline float dot<float, float>(const float* a, const float* b, int64_t n) {
   return dot_f32(a, b, n);
@@ -84,6 +137,14 @@ inline float dot<float, float>(const float* a, const float* b, int64_t n) {
 template <>
 inline void axpy<float, float>(float* y, float a, const float* x, int64_t n) {
   axpy_f32(y, a, x, n);
+}
+template <>
+inline float dot_axpy<float, float>(const float* g, const float* w, float* acc, float v, int64_t n) {
+  return dot_axpy_f32(g, w, acc, v, n);
+}
+template <>
+inline void axpy2<float, float>(float* y1, float a1, float* y2, float a2, const float* x, int64_t n) {
+  axpy2_f32(y1, a1, y2, a2, x, n);
 }
 
 // Work-sharing over [0, n) in tasks of `grain` indices: threads pull the next task from a shared
