@@ -120,7 +120,9 @@ struct GatedRule {
 //   (each gathered row is read once for both); d2 = grad_aux[b] · W_dec[j] (Gated only);
 //   g = rule.grad(...);  grad_W_enc[:, j] += g · x_in[b];  genc_sum[j] += g.
 // Each output element is owned by one thread and reduced in a fixed order: the same bits for any thread
-// count. grad_W_enc ([d_in, d_sae]) is written per block in runs of LB contiguous latents.
+// count. grad_W_enc ([d_in, d_sae]) is accumulated per latent in a [LB, d_in] block and written transposed in
+// runs of LB contiguous latents: 64 latents make each run 4 cache lines, so the strided write (one run per
+// row of grad_W_enc) touches each page of the output once per block instead of once per 16 latents.
 template <typename scalar_t, typename wide_t, typename Rule>
 void sparse_backward(int64_t B, int64_t d_in, int64_t d_sae, const int64_t* row_ptr, const int64_t* cols, int64_t nnz,
                      const scalar_t* gx, const scalar_t* gx2, const scalar_t* x_in, const scalar_t* W_dec,
@@ -128,30 +130,28 @@ void sparse_backward(int64_t B, int64_t d_in, int64_t d_sae, const int64_t* row_
                      wide_t* scal) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int NS = Rule::kScalars;
-  std::vector<int64_t> row_of(nnz);
-  parallel_tasks(B, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t e = row_ptr[b]; e < row_ptr[b + 1]; ++e) row_of[e] = b;
-  });
-  const ByLatent by = group_by_latent(cols, nnz, d_sae);
-  constexpr int64_t LB = 16;
+  const ByLatent by = group_by_latent_rows(row_ptr, B, cols, nnz, d_sae);
+  constexpr int64_t LB = 64;
   const int64_t nblocks = (d_sae + LB - 1) / LB;
-  parallel_tasks(nblocks, 4, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> encT(LB * d_in);
+  // encT rows are padded by one cache line: at a power-of-two d_in the column reads of the transposed write
+  // would otherwise all fall into the same few cache sets.
+  const int64_t ld = d_in + 64 / static_cast<int64_t>(sizeof(acc_t));
+  parallel_tasks(nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> encT(LB * ld);
     std::vector<acc_t> dec(d_in);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * LB, j1 = std::min(d_sae, j0 + LB);
       std::fill(encT.begin(), encT.end(), acc_t(0));
       for (int64_t j = j0; j < j1; ++j) {
         std::fill(dec.begin(), dec.end(), acc_t(0));
-        acc_t* enc = encT.data() + (j - j0) * d_in;
+        acc_t* enc = encT.data() + (j - j0) * ld;
         const scalar_t* w = W_dec + j * d_in;
         acc_t gsum = 0;
         wide_t s[NS > 0 ? NS : 1] = {};
         for (int64_t t = by.start[j]; t < by.start[j + 1]; ++t) {
           const int64_t e = by.entry[t];
           if (rule.skip(e)) continue;
-          const int64_t b = row_of[e];
+          const int64_t b = by.row[t];
           const scalar_t* g = gx + b * d_in;
           const acc_t v = rule.dec_value(e);
           acc_t d1 = 0;
@@ -171,7 +171,7 @@ void sparse_backward(int64_t B, int64_t d_in, int64_t d_sae, const int64_t* row_
       const int64_t nb = j1 - j0;
       for (int64_t i = 0; i < d_in; ++i) {
         scalar_t* dst = gWe + i * d_sae + j0;
-        for (int64_t jj = 0; jj < nb; ++jj) dst[jj] = static_cast<scalar_t>(encT[jj * d_in + i]);
+        for (int64_t jj = 0; jj < nb; ++jj) dst[jj] = static_cast<scalar_t>(encT[jj * ld + i]);
       }
     }
   });

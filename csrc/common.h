@@ -173,6 +173,7 @@ inline void parallel_tasks(int64_t n, int64_t grain, const F& f) {
 struct ByLatent {
   std::vector<int64_t> start;  // [n_latents + 1]
   std::vector<int64_t> entry;  // [nnz], entry ids grouped by latent
+  std::vector<int64_t> row;    // [nnz], each grouped entry's row (group_by_latent_rows only)
 };
 
 inline ByLatent group_by_latent(const int64_t* cols, int64_t nnz, int64_t n_latents) {
@@ -186,12 +187,34 @@ inline ByLatent group_by_latent(const int64_t* cols, int64_t nnz, int64_t n_late
   return g;
 }
 
-// Rows per chunk of the encoder GEMM: a [chunk, d_sae] slab of pre-activations stays in cache
-// while it is thresholded/selected, and the dense [B, d_sae] is never materialised at once.
+// The same for CSR entries by row (row_ptr [rows + 1]), also recording each grouped entry's row, so a
+// per-latent loop reads (entry, row) in sequence instead of looking the row up per entry.
+inline ByLatent group_by_latent_rows(const int64_t* row_ptr, int64_t rows, const int64_t* cols, int64_t nnz,
+                                     int64_t n_latents) {
+  ByLatent g;
+  g.start.assign(n_latents + 1, 0);
+  for (int64_t e = 0; e < nnz; ++e) ++g.start[cols[e] + 1];
+  for (int64_t j = 0; j < n_latents; ++j) g.start[j + 1] += g.start[j];
+  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
+  g.entry.resize(nnz);
+  g.row.resize(nnz);
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t e = row_ptr[b]; e < row_ptr[b + 1]; ++e) {
+      const int64_t at = fill[cols[e]]++;
+      g.entry[at] = e;
+      g.row[at] = b;
+    }
+  return g;
+}
+
+// Rows per slab of the encoder GEMM: a [rows, d_sae] slab of pre-activations stays in cache while it is
+// thresholded/selected, and the dense [B, d_sae] is never materialised at once. At least four slabs when the
+// batch allows, so two threads each take several (for_each_slab). A function of (B, d_sae) only: the GEMM's
+// shapes, hence its bits, never depend on the thread count.
 inline int64_t encode_chunk_rows(int64_t B, int64_t d_sae) {
   // Measured: slabs much below ~256 rows make the GEMM itself slower than the memory they save.
   const int64_t target = (int64_t(1) << 22);  // ~4M elements (16 MB in float32) per slab
-  int64_t rows = target / (d_sae > 0 ? d_sae : 1);
+  int64_t rows = std::min(target / (d_sae > 0 ? d_sae : 1), (B + 3) / 4);
   rows = rows < 256 ? 256 : rows;
   return rows > B ? (B > 0 ? B : 1) : rows;
 }

@@ -25,18 +25,19 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor none_like(const at::Tensor& x, at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); }
 
-// Padded [B, K] from CSR by row (K = the longest row), and x̂ if W_dec is given.
+// Padded [B, K] from CSR by row (K = the longest row), and x̂ if W_dec is given (BatchTopK: the rows are known
+// only once the whole batch is selected).
 template <typename scalar_t>
 Outputs padded_from_csr(const std::vector<int64_t>& rp, const std::vector<int64_t>& cols,
                         const std::vector<scalar_t>& vals, const at::Tensor& x, const at::Tensor& W_dec,
-                        const at::Tensor& b_dec, bool decoded) {
+                        const at::Tensor& b_dec) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = static_cast<int64_t>(rp.size()) - 1, d_in = x.size(1);
   int64_t K = 0;
   for (int64_t b = 0; b < B; ++b) K = std::max(K, rp[b + 1] - rp[b]);
   auto values = at::zeros({B, K}, x.options());
   auto indices = at::zeros({B, K}, x.options().dtype(at::kLong));
-  at::Tensor x_hat = W_dec.defined() && !decoded ? at::empty({B, d_in}, x.options()) : none_like(x, x.scalar_type());
+  at::Tensor x_hat = W_dec.defined() ? at::empty({B, d_in}, x.options()) : none_like(x, x.scalar_type());
   scalar_t* vp = values.data_ptr<scalar_t>();
   int64_t* ip = indices.data_ptr<int64_t>();
   at::Tensor Wd = W_dec.defined() ? W_dec.contiguous() : at::Tensor();
@@ -75,28 +76,16 @@ Outputs select_encode(const at::Tensor& x_in, const at::Tensor& x, const at::Ten
     return {f, none_like(x, at::kLong), none_like(x, x.scalar_type())};
   }
   const bool decode = W_dec.defined();
-  at::Tensor x_hat = decode ? at::empty({B, d_in}, x.options()) : at::Tensor();
+  at::Tensor x_hat = decode ? at::empty({B, d_in}, x.options()) : none_like(x, x.scalar_type());
   const scalar_t* Wp = decode ? W_dec.data_ptr<scalar_t>() : nullptr;
   const scalar_t* bp = b_dec.data_ptr<scalar_t>();
-  CsrBuilder<scalar_t> csr(B, encode_chunk_rows(B, d_sae), false, false);
-  for_each_slab(x_in, W, bias, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
-    const scalar_t* pp = pre.data_ptr<scalar_t>();
-    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cand(d_sae);
-      std::vector<acc_t> acc(decode ? d_in : 0);
-      for (int64_t r = begin; r < end; ++r) {
-        auto& out = csr.rows[r];
-        out.clear();
-        keep(pp + r * d_sae, cand.data(), out);
-        if (decode)
-          decode_row<scalar_t, acc_t>(d_in, out.cols.data(), out.v0.data(), out.size(), Wp, bp, acc.data(),
-                                      x_hat.data_ptr<scalar_t>() + (r0 + r) * d_in);
-      }
-    });
-    csr.append(r0, rows);
-  });
-  auto [values, indices, unused] = padded_from_csr<scalar_t>(csr.row_ptr, csr.cols, csr.v0, x, W_dec, b_dec, true);
-  return {values, indices, decode ? x_hat : none_like(x, x.scalar_type())};
+  CsrBuilder<scalar_t> csr(B, false, false);
+  auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
+    if (decode) decode_entries<scalar_t, acc_t>(d_in, e, n, Wp, bp, acc, x_hat.data_ptr<scalar_t>() + b * d_in);
+  };
+  compact_rows<scalar_t>(x_in, W, bias, csr, keep, post);
+  auto [values, indices] = csr.padded(x.options());
+  return {values, indices, x_hat};
 }
 
 at::Tensor checked_decoder(const std::optional<at::Tensor>& W_dec, const at::Tensor& x, int64_t d_sae,
@@ -124,14 +113,12 @@ Outputs threshold_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
     dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
       using wide_t = decltype(wide_tag);
       const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), nullptr, d_sae);
-      auto keep = [&](const scalar_t* row, int64_t* cand, RowEntries<scalar_t>& e) {
+      auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& e) {
         const int64_t nc = candidates<scalar_t, wide_t>(row, sel.lo.data(), d_sae, cand);
         for (int64_t c = 0; c < nc; ++c) {
           const int64_t j = cand[c];
-          if (sel.classify(static_cast<wide_t>(row[j]), j) && row[j] != scalar_t(0)) {
-            e.cols.push_back(j);
-            e.v0.push_back(row[j]);
-          }
+          if (sel.classify(static_cast<wide_t>(row[j]), j) && row[j] != scalar_t(0))
+            e.push_back({j, row[j], scalar_t(0), kActive});
         }
       };
       auto apply_dense = [&](scalar_t* row) {
@@ -160,17 +147,14 @@ Outputs gated_encode_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at
     using acc_t = at::opmath_type<scalar_t>;
     auto bg = b_gate.contiguous(), rm = r_mag.contiguous(), bm = b_mag.contiguous();
     const GatedSelect<acc_t> sel(bg.data_ptr<scalar_t>(), rm.data_ptr<scalar_t>(), bm.data_ptr<scalar_t>(), d_sae);
-    auto keep = [&](const scalar_t* row, int64_t* cand, RowEntries<scalar_t>& e) {
+    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& e) {
       const int64_t nc = candidates<scalar_t, acc_t>(row, sel.lo.data(), d_sae, cand);
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t j = cand[c];
         const acc_t z = static_cast<acc_t>(row[j]);
         if (!sel.gate(z, j)) continue;
         const scalar_t f = static_cast<scalar_t>(sel.mag(z, j));
-        if (f != scalar_t(0)) {
-          e.cols.push_back(j);
-          e.v0.push_back(f);
-        }
+        if (f != scalar_t(0)) e.push_back({j, f, scalar_t(0), kActive});
       }
     };
     auto apply_dense = [&](scalar_t* row) {
@@ -255,7 +239,7 @@ Outputs batchtopk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
         for (int64_t e = rp[b]; e < rp[b + 1]; ++e) fp[b * d_sae + cols[e]] = vals[e];
       out = {f, none_like(x, at::kLong), none_like(x, x.scalar_type())};
     } else {
-      out = padded_from_csr<scalar_t>(rp, cols, vals, x, Wd, b_dec, false);
+      out = padded_from_csr<scalar_t>(rp, cols, vals, x, Wd, b_dec);
     }
   });
   return out;

@@ -4,9 +4,12 @@
 // per-row entry lists that become CSR arrays, and the row decode.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <cmath>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <vector>
 
 #include "common.h"
@@ -76,33 +79,84 @@ void dispatch_wide(at::ScalarType t, F&& f) {
     f(float{});
 }
 
+// A slab buffer of n elements, reused by the calling thread from one call to the next: a fresh multi-MB
+// allocation costs a page fault per 4 KB on first touch (about as long as the scan of the slab itself).
+// At most 64 MB per thread is kept; a larger slab is allocated for the call only.
+inline at::Tensor slab_workspace(int64_t n, const at::TensorOptions& opt) {
+  // Never destroyed: a thread_local tensor's destructor could run after the allocator at process exit.
+  thread_local at::Tensor* cache = new at::Tensor();
+  const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opt.dtype())));
+  if (bytes > (int64_t(64) << 20)) return at::empty({n}, opt);
+  at::Tensor& c = *cache;
+  // A view of the cache still alive (a caller up the stack) means it is in use: take a fresh one.
+  if (!c.defined() || c.dtype() != opt.dtype() || c.numel() < n || c.storage().use_count() > 1)
+    c = at::empty({n}, opt);
+  return c.narrow(0, 0, n);
+}
+
 // The encoder GEMM of x_in [B, d_in] @ W [d_in, d_sae] (+ bias) in row slabs: f(r0, rows, pre) sees the
 // [rows, d_sae] pre-activations of rows r0..r0+rows, contiguous, while they are in cache. With `target`
-// the slabs are views of target's rows (the dense output of an inference encode); otherwise one slab
-// buffer is reused, so no [B, d_sae] tensor is allocated.
+// the slabs are views of target's rows (the dense output of an inference encode); otherwise each thread
+// reuses one slab buffer, so no [B, d_sae] tensor is allocated.
+// With enough slabs, the slabs themselves run in parallel (each GEMM single-threaded inside the task, as
+// MKL/oneDNN do inside a parallel region), so one step is one parallel region: a thread the OS deschedules
+// on a busy machine delays one slab rather than every slab's GEMM and scan barriers. f may run concurrently
+// for different slabs (it must write only to its rows' outputs); its own parallel_tasks then run inline.
 template <typename F>
 void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& bias, const at::Tensor& target,
                    F&& f) {
   const int64_t B = x_in.size(0), d_sae = W.size(1);
   const int64_t chunk = encode_chunk_rows(B, d_sae);
-  at::Tensor slab = target.defined() ? at::Tensor() : at::empty({chunk, d_sae}, x_in.options());
-  for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-    const int64_t rows = std::min(chunk, B - r0);
-    auto pre = target.defined() ? target.narrow(0, r0, rows) : slab.narrow(0, 0, rows);
+  const int64_t nslabs = (B + chunk - 1) / chunk;
+  auto slab = [&](int64_t s, at::Tensor& buf) {
+    const int64_t r0 = s * chunk, rows = std::min(chunk, B - r0);
+    at::Tensor pre;
+    if (target.defined()) {
+      pre = target.narrow(0, r0, rows);
+    } else {
+      if (!buf.defined()) buf = slab_workspace(chunk * d_sae, x_in.options());
+      pre = buf.narrow(0, 0, rows * d_sae).view({rows, d_sae});
+    }
     if (bias.defined())
       at::addmm_out(pre, bias, x_in.narrow(0, r0, rows), W);
     else
       at::mm_out(pre, x_in.narrow(0, r0, rows), W);
     f(r0, rows, pre);
+  };
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && nslabs >= 2 * threads) {
+    // The GEMM is an ATen op called from worker threads: they take this thread's dispatch state (autograd
+    // already handled above this kernel, grad mode, inference mode).
+    const at::ThreadLocalState state;
+    parallel_tasks(nslabs, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(state);
+      at::Tensor buf;
+      for (int64_t s = begin; s < end; ++s) slab(s, buf);
+    });
+  } else {
+    at::Tensor buf;
+    for (int64_t s = 0; s < nslabs; ++s) slab(s, buf);
   }
 }
 
 // Branch-free compaction of the latents whose pre-activation passes a cheap superset test
-// (row[j] >= lo[j], or > lo for one bound): the exact, costlier test then runs on those few only.
+// (row[j] >= lo[j], or > lo for one bound): the exact, costlier test then runs on those few only. A
+// vectorised test of each block of 16 first skips the blocks without a candidate (most of them in a
+// trained SAE), so the compaction proper runs on a small fraction of the row.
 template <typename scalar_t, typename wide_t>
 inline int64_t candidates(const scalar_t* row, const wide_t* lo, int64_t n, int64_t* cand) {
-  int64_t nc = 0;
-  for (int64_t j = 0; j < n; ++j) {
+  constexpr int64_t BLK = 16;
+  int64_t nc = 0, j0 = 0;
+  for (; j0 + BLK <= n; j0 += BLK) {
+    int any = 0;
+    for (int64_t t = 0; t < BLK; ++t) any |= static_cast<int>(static_cast<wide_t>(row[j0 + t]) >= lo[j0 + t]);
+    if (!any) continue;
+    for (int64_t j = j0; j < j0 + BLK; ++j) {
+      cand[nc] = j;
+      nc += static_cast<wide_t>(row[j]) >= lo[j];
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
     cand[nc] = j;
     nc += static_cast<wide_t>(row[j]) >= lo[j];
   }
@@ -110,65 +164,146 @@ inline int64_t candidates(const scalar_t* row, const wide_t* lo, int64_t n, int6
 }
 template <typename scalar_t, typename wide_t>
 inline int64_t candidates_above(const scalar_t* row, wide_t lo, int64_t n, int64_t* cand) {
-  int64_t nc = 0;
-  for (int64_t j = 0; j < n; ++j) {
+  constexpr int64_t BLK = 16;
+  int64_t nc = 0, j0 = 0;
+  for (; j0 + BLK <= n; j0 += BLK) {
+    int any = 0;
+    for (int64_t t = 0; t < BLK; ++t) any |= static_cast<int>(static_cast<wide_t>(row[j0 + t]) > lo);
+    if (!any) continue;
+    for (int64_t j = j0; j < j0 + BLK; ++j) {
+      cand[nc] = j;
+      nc += static_cast<wide_t>(row[j]) > lo;
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
     cand[nc] = j;
     nc += static_cast<wide_t>(row[j]) > lo;
   }
   return nc;
 }
 
-// The kept entries of one row (latent order), with up to two values each (Gated: f and relu(π_gate)).
+// One kept entry: latent, up to two values (Gated: f and relu(π_gate)), flags.
 template <typename scalar_t>
-struct RowEntries {
-  std::vector<int64_t> cols;
-  std::vector<scalar_t> v0, v1;
-  std::vector<uint8_t> flags;
-  void clear() {
-    cols.clear();
-    v0.clear();
-    v1.clear();
-    flags.clear();
-  }
-  int64_t size() const { return static_cast<int64_t>(cols.size()); }
+struct Entry {
+  int64_t col;
+  scalar_t v0, v1;
+  uint8_t flags;
 };
 
-// CSR arrays by row, grown slab by slab from the slab's RowEntries (each row's entries in latent
-// order, rows in order). `two` keeps the second value, `with_flags` the flags.
+// The kept entries of the whole batch, written row by row (rows of different slabs possibly concurrently)
+// into growing arenas, one per task, then assembled into CSR arrays by row once at the end: appending
+// allocates only when an arena grows, never per row. (Arenas are per task, not per thread: ATen reports
+// thread 0 inside a nested parallel region, where every slab's scan runs.)
 template <typename scalar_t>
 struct CsrBuilder {
-  CsrBuilder(int64_t B, int64_t slab_rows, bool two, bool with_flags)
-      : row_ptr(B + 1, 0), rows(slab_rows), two(two), with_flags(with_flags) {}
+  using E = Entry<scalar_t>;
+  CsrBuilder(int64_t B, bool two, bool with_flags) : spans(B), two(two), with_flags(with_flags) {}
 
-  void append(int64_t r0, int64_t n) {
-    int64_t total = static_cast<int64_t>(cols.size());
-    for (int64_t r = 0; r < n; ++r) {
-      total += rows[r].size();
-      row_ptr[r0 + r + 1] = total;
-    }
-    cols.resize(total);
-    v0.resize(total);
-    if (two) v1.resize(total);
-    if (with_flags) flags.resize(total);
-    parallel_tasks(n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const auto& e = rows[r];
-        const int64_t at = row_ptr[r0 + r], m = e.size();
-        if (!m) continue;
-        std::memcpy(cols.data() + at, e.cols.data(), m * sizeof(int64_t));
-        std::memcpy(v0.data() + at, e.v0.data(), m * sizeof(scalar_t));
-        if (two) std::memcpy(v1.data() + at, e.v1.data(), m * sizeof(scalar_t));
-        if (with_flags) std::memcpy(flags.data() + at, e.flags.data(), m);
-      }
-    });
+  std::vector<E>& new_arena() {
+    std::lock_guard<std::mutex> lock(mu);
+    arenas.emplace_back();
+    return arenas.back();
+  }
+  // Row b's entries are arena[start:] (pushed after start = arena.size()).
+  void set_row(int64_t b, const std::vector<E>& arena, int64_t start) {
+    spans[b] = {&arena, start, static_cast<int64_t>(arena.size()) - start};
   }
 
-  std::vector<int64_t> row_ptr, cols;
-  std::vector<scalar_t> v0, v1;
-  std::vector<uint8_t> flags;
-  std::vector<RowEntries<scalar_t>> rows;  // the current slab's rows
+  // The CSR tensors (row_ptr [B+1], cols [nnz], v0 [nnz] (and v1, flags)) and fired [d_sae]: latents with
+  // an entry where fired_if(entry) holds.
+  template <typename Fired>
+  void finish(const at::TensorOptions& opt, int64_t d_sae, Fired&& fired_if) {
+    const int64_t B = static_cast<int64_t>(spans.size());
+    row_ptr = at::empty({B + 1}, opt.dtype(at::kLong));
+    int64_t* rp = row_ptr.data_ptr<int64_t>();
+    rp[0] = 0;
+    for (int64_t r = 0; r < B; ++r) rp[r + 1] = rp[r] + spans[r].count;
+    const int64_t total = rp[B];
+    cols = at::empty({total}, opt.dtype(at::kLong));
+    v0 = at::empty({total}, opt);
+    v1 = two ? at::empty({total}, opt) : at::Tensor();
+    flags = with_flags ? at::empty({total}, opt.dtype(at::kByte)) : at::Tensor();
+    int64_t* cp = cols.data_ptr<int64_t>();
+    scalar_t* v0p = v0.data_ptr<scalar_t>();
+    scalar_t* v1p = two ? v1.data_ptr<scalar_t>() : nullptr;
+    uint8_t* fp = with_flags ? flags.data_ptr<uint8_t>() : nullptr;
+    parallel_tasks(B, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Span& sp = spans[r];
+        const E* e = sp.count ? sp.arena->data() + sp.offset : nullptr;
+        for (int64_t t = 0, at = rp[r]; t < sp.count; ++t, ++at) {
+          cp[at] = e[t].col;
+          v0p[at] = e[t].v0;
+          if (v1p) v1p[at] = e[t].v1;
+          if (fp) fp[at] = e[t].flags;
+        }
+      }
+    });
+    fired = at::zeros({d_sae}, opt.dtype(at::kBool));
+    bool* fired_p = fired.data_ptr<bool>();
+    for (const auto& a : arenas)
+      for (const E& e : a)
+        if (fired_if(e)) fired_p[e.col] = true;
+    arenas.clear();
+  }
+
+  // Instead of finish(): the padded [B, K] layout (K = the longest row), rows' entries first, zeros after.
+  std::pair<at::Tensor, at::Tensor> padded(const at::TensorOptions& opt) {
+    const int64_t B = static_cast<int64_t>(spans.size());
+    int64_t K = 0;
+    for (const Span& sp : spans) K = std::max(K, sp.count);
+    auto values = at::zeros({B, K}, opt);
+    auto indices = at::zeros({B, K}, opt.dtype(at::kLong));
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    parallel_tasks(B, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Span& sp = spans[r];
+        const E* e = sp.count ? sp.arena->data() + sp.offset : nullptr;
+        for (int64_t t = 0; t < sp.count; ++t) {
+          vp[r * K + t] = e[t].v0;
+          ip[r * K + t] = e[t].col;
+        }
+      }
+    });
+    arenas.clear();
+    return {values, indices};
+  }
+
+  struct Span {
+    const std::vector<E>* arena = nullptr;
+    int64_t offset = 0, count = 0;
+  };
+  std::mutex mu;
+  std::deque<std::vector<E>> arenas;  // a deque: growing it keeps the other arenas in place
+  std::vector<Span> spans;
+  at::Tensor row_ptr, cols, v0, v1, flags, fired;  // finish()
   bool two, with_flags;
 };
+
+// For every row b of the batch: keep(row, cand, arena) pushes the row's kept entries (latent order) onto the
+// thread's arena (`cand`: scratch of d_sae indices), then post(b, entries, n, acc) computes the row's outputs
+// from them (decode, counts; `acc`: scratch of 2·d_in accumulators). Then csr.finish() or csr.padded().
+template <typename scalar_t, typename Keep, typename Post>
+void compact_rows(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& bias, CsrBuilder<scalar_t>& csr,
+                  Keep&& keep, Post&& post) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d_sae = W.size(1), d_in = x_in.size(1);
+  for_each_slab(x_in, W, bias, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
+    const scalar_t* pp = pre.data_ptr<scalar_t>();
+    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cand(d_sae);
+      std::vector<acc_t> acc(2 * d_in);
+      auto& arena = csr.new_arena();
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r0 + r, start = static_cast<int64_t>(arena.size());
+        keep(pp + r * d_sae, cand.data(), arena);
+        csr.set_row(b, arena, start);
+        post(b, arena.data() + start, static_cast<int64_t>(arena.size()) - start, acc.data());
+      }
+    });
+  });
+}
 
 template <typename T>
 at::Tensor vector_to_tensor(const std::vector<T>& v, const at::TensorOptions& opt) {
@@ -190,15 +325,27 @@ inline void decode_row(int64_t d_in, const int64_t* cols, const scalar_t* vals, 
   for (int64_t i = 0; i < d_in; ++i) out[i] = static_cast<scalar_t>(acc[i]);
 }
 
+// The same over a row's Entry list (value v0).
+template <typename scalar_t, typename acc_t>
+inline void decode_entries(int64_t d_in, const Entry<scalar_t>* e, int64_t n, const scalar_t* W, const scalar_t* bias,
+                           acc_t* acc, scalar_t* out) {
+  for (int64_t i = 0; i < d_in; ++i) acc[i] = bias ? static_cast<acc_t>(bias[i]) : acc_t(0);
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t a = static_cast<acc_t>(e[t].v0);
+    if (a == acc_t(0)) continue;
+    axpy<scalar_t, acc_t>(acc, a, W + e[t].col * d_in, d_in);
+  }
+  for (int64_t i = 0; i < d_in; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+}
+
 // Two decodes of one row through the same decoder rows (Gated: x̂ from f, x̂_frozen from relu(π_gate)).
 template <typename scalar_t, typename acc_t>
-inline void decode_row2(int64_t d_in, const int64_t* cols, const scalar_t* va, const scalar_t* vb, int64_t n,
-                        const scalar_t* W, const scalar_t* bias, acc_t* acc_a, acc_t* acc_b, scalar_t* out_a,
-                        scalar_t* out_b) {
+inline void decode_entries2(int64_t d_in, const Entry<scalar_t>* e, int64_t n, const scalar_t* W,
+                            const scalar_t* bias, acc_t* acc_a, acc_t* acc_b, scalar_t* out_a, scalar_t* out_b) {
   for (int64_t i = 0; i < d_in; ++i) acc_a[i] = acc_b[i] = static_cast<acc_t>(bias[i]);
-  for (int64_t e = 0; e < n; ++e) {
-    const acc_t a = static_cast<acc_t>(va[e]), b = static_cast<acc_t>(vb[e]);
-    const scalar_t* w = W + cols[e] * d_in;
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t a = static_cast<acc_t>(e[t].v0), b = static_cast<acc_t>(e[t].v1);
+    const scalar_t* w = W + e[t].col * d_in;
     if (a != acc_t(0))
       axpy2<scalar_t, acc_t>(acc_a, a, acc_b, b, w, d_in);
     else

@@ -20,8 +20,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
 
 #include "backward.h"
 #include "common.h"
@@ -32,45 +34,12 @@ namespace fastsae {
 
 namespace {
 
-// Scans every row of the batch: for each slab of pre-activations, scan(b, row, cand, entries, acc)
-// runs on each row (rows in parallel; `cand` and `acc` are per-task scratch of d_sae indices and d_in
-// accumulators), then the slab's entries join the CSR arrays.
-template <typename scalar_t, typename Scan>
-void compact_rows(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& bias, CsrBuilder<scalar_t>& csr,
-                  Scan&& scan) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t d_sae = W.size(1), d_in = x_in.size(1);
-  for_each_slab(x_in, W, bias, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
-    const scalar_t* pp = pre.data_ptr<scalar_t>();
-    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cand(d_sae);
-      std::vector<acc_t> acc(2 * d_in);
-      for (int64_t r = begin; r < end; ++r) {
-        auto& out = csr.rows[r];
-        out.clear();
-        scan(r0 + r, pp + r * d_sae, cand.data(), out, acc.data());
-      }
-    });
-    csr.append(r0, rows);
-  });
-}
-
 at::Tensor fired_from(const std::vector<int64_t>& cols, const std::vector<uint8_t>* flags, int64_t d_sae,
                       const at::TensorOptions& opt) {
   auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
   bool* fp = fired.data_ptr<bool>();
   for (size_t e = 0; e < cols.size(); ++e)
     if (!flags || ((*flags)[e] & kActive)) fp[cols[e]] = true;
-  return fired;
-}
-
-template <typename scalar_t>
-at::Tensor fired_positive(const std::vector<int64_t>& cols, const std::vector<scalar_t>& vals, int64_t d_sae,
-                          const at::TensorOptions& opt) {
-  auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
-  bool* fp = fired.data_ptr<bool>();
-  for (size_t e = 0; e < cols.size(); ++e)
-    if (static_cast<at::opmath_type<scalar_t>>(vals[e]) > 0) fp[cols[e]] = true;
   return fired;
 }
 
@@ -85,84 +54,73 @@ template <typename scalar_t>
 void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& b, int64_t k,
                         std::vector<int64_t>& row_ptr, std::vector<int64_t>& cols, std::vector<scalar_t>& vals) {
   using key_t = at::opmath_type<scalar_t>;
+  struct Cand {
+    int64_t flat;  // row * d_sae + col
+    key_t v;
+  };
   const int64_t B = x_in.size(0), d_sae = W.size(1);
   const int64_t n_keep = std::min(B * k, B * d_sae);
-  std::vector<int64_t> flat;  // row * d_sae + col, increasing
-  std::vector<key_t> val;
-  key_t lo = 0;  // keep v > lo: a lower bound on the final n_keep-th value
-  const int64_t chunk = encode_chunk_rows(B, d_sae);
-  std::vector<std::vector<int64_t>> row_cols(chunk);
-  std::vector<std::vector<key_t>> row_vals(chunk);
-  auto better = [&](int64_t a, int64_t c) { return val[a] > val[c] || (val[a] == val[c] && flat[a] < flat[c]); };
+  // Candidates are appended (and pruned) under `mu`. `lo` only rises: every value it takes is the n_keep-th
+  // largest of a subset of the batch, so never above the final one.
+  std::vector<Cand> all;
+  std::mutex mu;
+  std::atomic<key_t> lo{key_t(0)};  // keep v > lo
+  auto prune = [&] {  // under mu
+    std::vector<key_t> tmp(all.size());
+    for (size_t e = 0; e < all.size(); ++e) tmp[e] = all[e].v;
+    std::nth_element(tmp.begin(), tmp.begin() + (n_keep - 1), tmp.end(), std::greater<key_t>());
+    const key_t p = tmp[n_keep - 1];
+    all.erase(std::remove_if(all.begin(), all.end(), [&](const Cand& c) { return c.v < p; }), all.end());
+    lo.store(std::max(lo.load(), std::nextafter(p, -std::numeric_limits<key_t>::infinity())));
+  };
   for_each_slab(x_in, W, b, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
     const scalar_t* pp = pre.data_ptr<scalar_t>();
-    const key_t bound = lo;
     parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+      const key_t bound = lo.load();
       std::vector<int64_t> cand(d_sae);
+      std::vector<Cand> local;
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = pp + r * d_sae;
         const int64_t nc = candidates_above<scalar_t, key_t>(row, bound, d_sae, cand.data());
-        auto& c = row_cols[r];
-        auto& v = row_vals[r];
-        c.assign(cand.begin(), cand.begin() + nc);
-        v.resize(nc);
-        for (int64_t t = 0; t < nc; ++t) v[t] = static_cast<key_t>(row[cand[t]]);
+        for (int64_t t = 0; t < nc; ++t) local.push_back({(r0 + r) * d_sae + cand[t], static_cast<key_t>(row[cand[t]])});
       }
+      std::lock_guard<std::mutex> lock(mu);
+      all.insert(all.end(), local.begin(), local.end());
     });
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = (r0 + r) * d_sae;
-      for (size_t t = 0; t < row_cols[r].size(); ++t) {
-        flat.push_back(base + row_cols[r][t]);
-        val.push_back(row_vals[r][t]);
-      }
+    std::lock_guard<std::mutex> lock(mu);
+    if (n_keep > 0 && static_cast<int64_t>(all.size()) > 2 * n_keep) prune();
+  });
+  // The exact n_keep: rank by value, ties by the lower flat index.
+  auto better = [](const Cand& a, const Cand& c) { return a.v > c.v || (a.v == c.v && a.flat < c.flat); };
+  if (static_cast<int64_t>(all.size()) > n_keep) {
+    if (n_keep > 0) {
+      std::nth_element(all.begin(), all.begin() + (n_keep - 1), all.end(), better);
+      all.resize(n_keep);
+    } else {
+      all.clear();
     }
-    // Prune once the candidates outgrow twice the budget: the n_keep-th largest so far bounds the final one.
-    if (n_keep > 0 && static_cast<int64_t>(val.size()) > 2 * n_keep) {
-      std::vector<key_t> tmp(val);
-      std::nth_element(tmp.begin(), tmp.begin() + (n_keep - 1), tmp.end(), std::greater<key_t>());
-      const key_t p = tmp[n_keep - 1];
-      size_t w = 0;
-      for (size_t e = 0; e < val.size(); ++e)
-        if (val[e] >= p) {
-          flat[w] = flat[e];
-          val[w] = val[e];
-          ++w;
-        }
-      flat.resize(w);
-      val.resize(w);
-      lo = std::max(lo, std::nextafter(p, -std::numeric_limits<key_t>::infinity()));
+  }
+  // CSR by row, latents in order: a counting sort by row, then each row's few entries by latent.
+  row_ptr.assign(B + 1, 0);
+  for (const Cand& c : all) ++row_ptr[c.flat / d_sae + 1];
+  for (int64_t r = 0; r < B; ++r) row_ptr[r + 1] += row_ptr[r];
+  std::vector<Cand> by_row(all.size());
+  {
+    std::vector<int64_t> fill(row_ptr.begin(), row_ptr.end() - 1);
+    for (const Cand& c : all) by_row[fill[c.flat / d_sae]++] = c;
+  }
+  cols.resize(all.size());
+  vals.resize(all.size());
+  parallel_tasks(B, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::sort(by_row.begin() + row_ptr[r], by_row.begin() + row_ptr[r + 1],
+                [](const Cand& a, const Cand& c) { return a.flat < c.flat; });
+      for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+        cols[e] = by_row[e].flat - r * d_sae;
+        vals[e] = static_cast<scalar_t>(by_row[e].v);
+      }
     }
   });
-  if (static_cast<int64_t>(val.size()) > n_keep) {
-    std::vector<int64_t> order(val.size());
-    for (size_t e = 0; e < order.size(); ++e) order[e] = static_cast<int64_t>(e);
-    if (n_keep > 0) {
-      std::nth_element(order.begin(), order.begin() + (n_keep - 1), order.end(), better);
-      const int64_t piv = order[n_keep - 1];
-      size_t w = 0;
-      for (size_t e = 0; e < val.size(); ++e)
-        if (!better(piv, static_cast<int64_t>(e))) {  // e ranks at or before the pivot
-          flat[w] = flat[e];
-          val[w] = val[e];
-          ++w;
-        }
-      flat.resize(w);
-      val.resize(w);
-    } else {
-      flat.clear();
-      val.clear();
-    }
-  }
-  row_ptr.assign(B + 1, 0);
-  cols.resize(flat.size());
-  vals.resize(flat.size());
-  for (size_t e = 0; e < flat.size(); ++e) {
-    const int64_t r = flat[e] / d_sae;
-    ++row_ptr[r + 1];
-    cols[e] = flat[e] - r * d_sae;
-    vals[e] = static_cast<scalar_t>(val[e]);
-  }
-  for (int64_t r = 0; r < B; ++r) row_ptr[r + 1] += row_ptr[r];
 }
 
 template void batch_topk_entries<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -200,28 +158,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const scalar_t* bias = bd.data_ptr<scalar_t>();
       scalar_t* xh = x_hat.data_ptr<scalar_t>();
       float* l0p = l0.data_ptr<float>();
-      CsrBuilder<scalar_t> csr(B, encode_chunk_rows(B, d_sae), false, true);
-      compact_rows<scalar_t>(x_in, W_enc, b_enc, csr, [&](int64_t b, const scalar_t* row, int64_t* cand,
-                                                          RowEntries<scalar_t>& out, acc_t* acc) {
+      CsrBuilder<scalar_t> csr(B, false, true);
+      auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
         const int64_t nc = candidates<scalar_t, wide_t>(row, sel.lo.data(), d_sae, cand);
-        int64_t act = 0;
         for (int64_t c = 0; c < nc; ++c) {
           const int64_t j = cand[c];
           const uint8_t f = sel.classify(static_cast<wide_t>(row[j]), j);
-          if (!f) continue;
-          out.cols.push_back(j);
-          out.v0.push_back((f & kActive) ? row[j] : scalar_t(0));
-          out.flags.push_back(f);
-          act += f & kActive;
+          if (f) out.push_back({j, (f & kActive) ? row[j] : scalar_t(0), scalar_t(0), f});
         }
+      };
+      auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
+        int64_t act = 0;
+        for (int64_t t = 0; t < n; ++t) act += e[t].flags & kActive;
         l0p[b] = static_cast<float>(act);
-        decode_row<scalar_t, acc_t>(d_in, out.cols.data(), out.v0.data(), out.size(), W, bias, acc, xh + b * d_in);
-      });
-      fired = fired_from(csr.cols, &csr.flags, d_sae, opt);
-      row_ptr = vector_to_tensor(csr.row_ptr, opt.dtype(at::kLong));
-      cols = vector_to_tensor(csr.cols, opt.dtype(at::kLong));
-      vals = vector_to_tensor(csr.v0, opt);
-      flags = vector_to_tensor(csr.flags, opt.dtype(at::kByte));
+        decode_entries<scalar_t, acc_t>(d_in, e, n, W, bias, acc, xh + b * d_in);
+      };
+      compact_rows<scalar_t>(x_in, W_enc, b_enc, csr, keep, post);
+      csr.finish(opt, d_sae, [](const Entry<scalar_t>& e) { return (e.flags & kActive) != 0; });
+      fired = csr.fired;
+      row_ptr = csr.row_ptr;
+      cols = csr.cols;
+      vals = csr.v0;
+      flags = csr.flags;
     });
   });
   return {x_hat, l0, fired, row_ptr, cols, vals, flags};
@@ -350,25 +308,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* xh = x_hat.data_ptr<scalar_t>();
     scalar_t* sp = sparsity.data_ptr<scalar_t>();
     float* l0p = l0.data_ptr<float>();
-    CsrBuilder<scalar_t> csr(B, encode_chunk_rows(B, d_sae), false, false);
-    compact_rows<scalar_t>(x_in, W_enc, b_enc, csr, [&](int64_t b, const scalar_t* row, int64_t* cand,
-                                                        RowEntries<scalar_t>& out, acc_t* acc) {
+    CsrBuilder<scalar_t> csr(B, false, false);
+    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
       const int64_t nc = candidates_above<scalar_t, acc_t>(row, acc_t(0), d_sae, cand);
+      for (int64_t c = 0; c < nc; ++c) out.push_back({cand[c], row[cand[c]], scalar_t(0), kActive});
+    };
+    auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
       acc_t s = 0;
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t j = cand[c];
-        out.cols.push_back(j);
-        out.v0.push_back(row[j]);
-        s += static_cast<acc_t>(row[j]) * w[j];
-      }
+      for (int64_t t = 0; t < n; ++t) s += static_cast<acc_t>(e[t].v0) * w[e[t].col];
       sp[b] = static_cast<scalar_t>(s);
-      l0p[b] = static_cast<float>(nc);
-      decode_row<scalar_t, acc_t>(d_in, out.cols.data(), out.v0.data(), nc, W, bias, acc, xh + b * d_in);
-    });
-    fired = fired_from(csr.cols, nullptr, d_sae, opt);
-    row_ptr = vector_to_tensor(csr.row_ptr, opt.dtype(at::kLong));
-    cols = vector_to_tensor(csr.cols, opt.dtype(at::kLong));
-    vals = vector_to_tensor(csr.v0, opt);
+      l0p[b] = static_cast<float>(n);
+      decode_entries<scalar_t, acc_t>(d_in, e, n, W, bias, acc, xh + b * d_in);
+    };
+    compact_rows<scalar_t>(x_in, W_enc, b_enc, csr, keep, post);
+    csr.finish(opt, d_sae, [](const Entry<scalar_t>&) { return true; });
+    fired = csr.fired;
+    row_ptr = csr.row_ptr;
+    cols = csr.cols;
+    vals = csr.v0;
   });
   return {x_hat, sparsity, l0, fired, row_ptr, cols, vals};
 }
@@ -405,34 +362,34 @@ gated_sae_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Tensor& b
     scalar_t* xf = x_hat_frozen.data_ptr<scalar_t>();
     scalar_t* sp = sparsity.data_ptr<scalar_t>();
     float* l0p = l0.data_ptr<float>();
-    CsrBuilder<scalar_t> csr(B, encode_chunk_rows(B, d_sae), true, false);
-    compact_rows<scalar_t>(x_in, W_gate, at::Tensor(), csr, [&](int64_t b, const scalar_t* row, int64_t* cand,
-                                                                RowEntries<scalar_t>& out, acc_t* acc) {
+    CsrBuilder<scalar_t> csr(B, true, false);
+    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
       const int64_t nc = candidates<scalar_t, acc_t>(row, sel.lo.data(), d_sae, cand);
-      acc_t s = 0;
-      int64_t act = 0;
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t j = cand[c];
         const acc_t z = static_cast<acc_t>(row[j]);
-        if (!sel.gate(z, j)) continue;
-        const scalar_t f = static_cast<scalar_t>(sel.mag(z, j));
-        const scalar_t q = static_cast<scalar_t>(sel.pi_gate(z, j));
-        out.cols.push_back(j);
-        out.v0.push_back(f);
-        out.v1.push_back(q);
-        s += static_cast<acc_t>(q);
-        act += static_cast<acc_t>(f) > acc_t(0);
+        if (sel.gate(z, j))
+          out.push_back({j, static_cast<scalar_t>(sel.mag(z, j)), static_cast<scalar_t>(sel.pi_gate(z, j)), kActive});
+      }
+    };
+    auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
+      acc_t s = 0;
+      int64_t act = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        s += static_cast<acc_t>(e[t].v1);
+        act += static_cast<acc_t>(e[t].v0) > acc_t(0);
       }
       sp[b] = static_cast<scalar_t>(s);
       l0p[b] = static_cast<float>(act);
-      decode_row2<scalar_t, acc_t>(d_in, out.cols.data(), out.v0.data(), out.v1.data(), out.size(), W, bias, acc,
-                                   acc + d_in, xh + b * d_in, xf + b * d_in);
-    });
-    fired = fired_positive(csr.cols, csr.v0, d_sae, opt);
-    row_ptr = vector_to_tensor(csr.row_ptr, opt.dtype(at::kLong));
-    cols = vector_to_tensor(csr.cols, opt.dtype(at::kLong));
-    vals = vector_to_tensor(csr.v0, opt);
-    gvals = vector_to_tensor(csr.v1, opt);
+      decode_entries2<scalar_t, acc_t>(d_in, e, n, W, bias, acc, acc + d_in, xh + b * d_in, xf + b * d_in);
+    };
+    compact_rows<scalar_t>(x_in, W_gate, at::Tensor(), csr, keep, post);
+    csr.finish(opt, d_sae, [](const Entry<scalar_t>& e) { return static_cast<acc_t>(e.v0) > acc_t(0); });
+    fired = csr.fired;
+    row_ptr = csr.row_ptr;
+    cols = csr.cols;
+    vals = csr.v0;
+    gvals = csr.v1;
   });
   return {x_hat, x_hat_frozen, sparsity, l0, fired, row_ptr, cols, vals, gvals};
 }

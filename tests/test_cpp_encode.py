@@ -251,10 +251,10 @@ def test_sparsify_and_gemma_scope_files_through_the_fused_encoders(tmp_path):
 
 
 def test_one_and_two_threads_identical():
-    x = torch.randn(300, 40)
+    x = torch.randn(1100, 24)  # four encoder slabs: two threads take them in parallel
     n = torch.get_num_threads()
     for kind in KINDS:
-        enc, W_dec = encoder(kind, 40, 530, dtype=torch.float32, k=9), decoder(530, 40, dtype=torch.float32)
+        enc, W_dec = encoder(kind, 24, 330, dtype=torch.float32, k=9), decoder(330, 24, dtype=torch.float32)
         outs = []
         try:
             for nt in (1, 2):

@@ -174,8 +174,8 @@ def _run_both(arch, x, p, th=None, bw=None):
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_sae_one_and_two_threads_identical(arch):
-    x, p = params(300, 40, 530, dtype=torch.float32)
-    th, bw = jump_params(530, torch.float32)
+    x, p = params(1100, 24, 330, dtype=torch.float32)  # four slabs: taken in parallel by two threads
+    th, bw = jump_params(330, torch.float32)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -1,0 +1,147 @@
+"""Inference on CPU: ``encode_sparse``, ``sae(x)`` and ``encode`` of every architecture on the cpp backend against
+the bare encoder GEMM and the eager backend.
+
+    python benchmarks/bench_cpu_inference.py                   # batch 4096, d_in 512, d_sae 16384, 2 threads
+    python benchmarks/bench_cpu_inference.py --batch 1024 --d-sae 4096 --repeats 3
+
+Each SAE is set to a trained-like sparsity from the batch's own pre-activations: JumpReLU thresholds, ReLU
+encoder biases, Gated gate biases and a calibrated BatchTopK threshold at per-latent quantiles so that about
+``--l0`` latents are active per row; TopK with ``k = --k``. Everything runs under ``torch.no_grad()`` in one
+process, the providers interleaved, ``--repeats`` rounds after a warm-up, medians. ``gemm`` is
+``torch.addmm(b_enc, x, W_enc)`` alone: the floor of any encoder. Written to
+``benchmarks/results/cpu/inference.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import fastsae
+
+ARCHS = ("jumprelu", "topk", "batchtopk", "relu", "gated")
+
+
+def make_batch(B, d_in, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d_in, generator=g)
+    return x / x.pow(2).sum(-1).mean().sqrt()
+
+
+def column_quantile(pre, density):
+    B = pre.shape[0]
+    r = min(B - 1, max(1, round(B * density)))
+    top = pre.topk(r + 1, dim=0).values
+    return 0.5 * (top[r - 1] + top[r])
+
+
+def build(arch, backend, d_in, d_sae, x, l0, k):
+    torch.manual_seed(1)
+    rho = l0 / d_sae
+    if arch == "jumprelu":
+        sae = fastsae.JumpReLUSAE(d_in, d_sae, backend=backend)
+    elif arch == "relu":
+        sae = fastsae.ReLUSAE(d_in, d_sae, backend=backend)
+    elif arch == "gated":
+        sae = fastsae.GatedSAE(d_in, d_sae, backend=backend)
+    elif arch == "topk":
+        sae = fastsae.TopKSAE(d_in, d_sae, k, backend=backend)
+    else:
+        sae = fastsae.BatchTopKSAE(d_in, d_sae, k, backend=backend)
+    with torch.no_grad():
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc) / d_in ** 0.5)
+        sae.b_enc.normal_(0, 0.01) if hasattr(sae, "b_enc") else None
+        x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
+        if arch == "jumprelu":
+            sae.threshold.copy_(column_quantile(x_in @ sae.W_enc + sae.b_enc, rho).clamp_min(0))
+        elif arch == "relu":
+            sae.b_enc.sub_(column_quantile(x_in @ sae.W_enc + sae.b_enc, rho))
+        elif arch == "gated":
+            sae.b_gate.copy_(-column_quantile(x_in @ sae.W_enc, rho))
+        elif arch == "batchtopk":  # calibrated: a global threshold keeping about k per row
+            pre = torch.relu(x_in @ sae.W_enc + sae.b_enc).reshape(-1)
+            sae.threshold.fill_(float(pre.topk(x.shape[0] * k).values.min()))
+    sae.eval()
+    return sae
+
+
+def time_interleaved(fns, repeats):
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+HEADER = ("| arch | L0 | gemm ms | encode_sparse ms | vs gemm | sae(x) ms | vs gemm | encode ms | vs gemm "
+          "| eager encode_sparse ms | eager sae(x) ms | encode_sparse vs eager | sae(x) vs eager |")
+RULE = "|" + "---|" * (HEADER.count("|") - 1)
+
+
+def fmt(r):
+    ms = lambda s: f"{1e3 * s:.0f}"  # noqa: E731
+    g = r["gemm"]
+    return (f"| {r['arch']} | {r['l0']:.1f} | {ms(g)} | {ms(r['encode_sparse'])} | {r['encode_sparse'] / g:.2f}x | "
+            f"{ms(r['forward'])} | {r['forward'] / g:.2f}x | {ms(r['encode'])} | {r['encode'] / g:.2f}x | "
+            f"{ms(r['eager_encode_sparse'])} | {ms(r['eager_forward'])} | "
+            f"{r['eager_encode_sparse'] / r['encode_sparse']:.2f}x | {r['eager_forward'] / r['forward']:.2f}x |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-in", type=int, default=512)
+    p.add_argument("--d-sae", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--l0", type=int, default=64)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager columns")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "inference.md"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x = make_batch(args.batch, args.d_in)
+    print(f"torch {torch.__version__}, {args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, "
+          f"batch={args.batch}, float32, no_grad")
+    print(HEADER + "\n" + RULE)
+    rows = []
+    with torch.no_grad():
+        for arch in args.archs:
+            sae = build(arch, "cpp", args.d_in, args.d_sae, x, args.l0, args.k)
+            eager = build(arch, "eager", args.d_in, args.d_sae, x, args.l0, args.k)
+            x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
+            bias = sae.b_gate if arch == "gated" else sae.b_enc
+            fns = dict(gemm=lambda: torch.addmm(bias, x_in, sae.W_enc), encode_sparse=lambda: sae.encode_sparse(x),
+                       forward=lambda: sae(x), encode=lambda: sae.encode(x))
+            if not args.no_eager:
+                fns.update(eager_encode_sparse=lambda: eager.encode_sparse(x), eager_forward=lambda: eager(x))
+            t = time_interleaved(fns, args.repeats)
+            t.setdefault("eager_encode_sparse", float("nan"))
+            t.setdefault("eager_forward", float("nan"))
+            values, _ = sae.encode_sparse(x)
+            row = dict(arch=arch, l0=float((values != 0).sum(-1).float().mean()), **t)
+            rows.append(row)
+            print(fmt(row), flush=True)
+            del sae, eager
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    cmd = "python benchmarks/bench_cpu_inference.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    with open(args.out, "w") as f:
+        f.write("# Inference (no_grad) on CPU: cpp backend vs the bare encoder GEMM and eager\n\n")
+        f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+                f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, float32, median "
+                f"of {args.repeats} interleaved rounds.\n\n")
+        f.write(HEADER + "\n" + RULE + "\n" + "".join(fmt(r) + "\n" for r in rows))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
