@@ -17,55 +17,14 @@ import argparse
 import math
 import os
 import platform
-import statistics
-import time
 
 import torch
 
-import fastsae
+from bench_cpu_common import build as build_sae, make_batch, time_interleaved
 from fastsae.backends import override_crossover
 
 DENSITIES = (0.004, 0.008, 0.016, 0.03, 0.05, 0.08, 0.12, 0.18, 0.27, 0.4)
 ARCHS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
-
-
-def make_batch(B, d_in, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    return x / x.pow(2).sum(-1).mean().sqrt()
-
-
-def column_quantile(pre, density):
-    """Per latent: the value exceeded by about ``density`` of the rows (between two order statistics)."""
-    B = pre.shape[0]
-    r = min(B - 1, max(1, round(B * density)))
-    top = pre.topk(r + 1, dim=0).values
-    return 0.5 * (top[r - 1] + top[r])
-
-
-def build(arch, backend, d_in, d_sae, x, density):
-    torch.manual_seed(1)
-    if arch == "jumprelu":
-        sae = fastsae.JumpReLUSAE(d_in, d_sae, backend=backend)
-    elif arch == "relu":
-        sae = fastsae.ReLUSAE(d_in, d_sae, backend=backend)
-    elif arch == "gated":
-        sae = fastsae.GatedSAE(d_in, d_sae, backend=backend)
-    else:
-        k = max(1, round(density * d_sae))
-        sae = (fastsae.TopKSAE if arch == "topk" else fastsae.BatchTopKSAE)(d_in, d_sae, k, backend=backend)
-    with torch.no_grad():
-        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc) / d_in ** 0.5)
-        x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
-        if arch == "jumprelu":
-            sae.threshold.copy_(column_quantile(x_in @ sae.W_enc + sae.b_enc, density).clamp_min(0))
-        elif arch == "relu":
-            sae.b_enc.sub_(column_quantile(x_in @ sae.W_enc + sae.b_enc, density))
-        elif arch == "gated":
-            sae.b_gate.copy_(-column_quantile(x_in @ sae.W_enc, density))
-        else:
-            sae.b_enc.normal_(0, 0.01)
-    return sae
 
 
 def step_fn(sae, x, mode):
@@ -87,18 +46,6 @@ def measured_density(arch, sae, x):
     run = step_fn(sae, x, "sparse")
     run()
     return sae.ops().density.last(sae.W_enc) / sae.d_sae
-
-
-def time_interleaved(fns, repeats):
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def crossover(rows):
@@ -133,8 +80,9 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         for target in args.densities:
-            cpp = build(arch, "cpp", args.d_in, args.d_sae, x, target)
-            eager = build(arch, "eager", args.d_in, args.d_sae, x, target)
+            k = max(1, round(target * args.d_sae))
+            cpp = build_sae(arch, "cpp", args.d_in, args.d_sae, x, target, k)
+            eager = build_sae(arch, "eager", args.d_in, args.d_sae, x, target, k)
             density = measured_density(arch, cpp, x)
             t = time_interleaved(dict(eager=step_fn(eager, x, None), dense=step_fn(cpp, x, "dense"),
                                       sparse=step_fn(cpp, x, "sparse")), args.repeats)

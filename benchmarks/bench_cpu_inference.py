@@ -16,69 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
 
-import fastsae
+from bench_cpu_common import build as build_sae, make_batch, time_interleaved
 
 ARCHS = ("jumprelu", "topk", "batchtopk", "relu", "gated")
-
-
-def make_batch(B, d_in, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    return x / x.pow(2).sum(-1).mean().sqrt()
-
-
-def column_quantile(pre, density):
-    B = pre.shape[0]
-    r = min(B - 1, max(1, round(B * density)))
-    top = pre.topk(r + 1, dim=0).values
-    return 0.5 * (top[r - 1] + top[r])
-
-
-def build(arch, backend, d_in, d_sae, x, l0, k):
-    torch.manual_seed(1)
-    rho = l0 / d_sae
-    if arch == "jumprelu":
-        sae = fastsae.JumpReLUSAE(d_in, d_sae, backend=backend)
-    elif arch == "relu":
-        sae = fastsae.ReLUSAE(d_in, d_sae, backend=backend)
-    elif arch == "gated":
-        sae = fastsae.GatedSAE(d_in, d_sae, backend=backend)
-    elif arch == "topk":
-        sae = fastsae.TopKSAE(d_in, d_sae, k, backend=backend)
-    else:
-        sae = fastsae.BatchTopKSAE(d_in, d_sae, k, backend=backend)
-    with torch.no_grad():
-        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc) / d_in ** 0.5)
-        sae.b_enc.normal_(0, 0.01) if hasattr(sae, "b_enc") else None
-        x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
-        if arch == "jumprelu":
-            sae.threshold.copy_(column_quantile(x_in @ sae.W_enc + sae.b_enc, rho).clamp_min(0))
-        elif arch == "relu":
-            sae.b_enc.sub_(column_quantile(x_in @ sae.W_enc + sae.b_enc, rho))
-        elif arch == "gated":
-            sae.b_gate.copy_(-column_quantile(x_in @ sae.W_enc, rho))
-        elif arch == "batchtopk":  # calibrated: a global threshold keeping about k per row
-            pre = torch.relu(x_in @ sae.W_enc + sae.b_enc).reshape(-1)
-            sae.threshold.fill_(float(pre.topk(x.shape[0] * k).values.min()))
-    sae.eval()
-    return sae
-
-
-def time_interleaved(fns, repeats):
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 HEADER = ("| arch | L0 | gemm ms | encode_sparse ms | vs gemm | sae(x) ms | vs gemm | encode ms | vs gemm "
@@ -116,8 +59,9 @@ def main(argv=None):
     rows = []
     with torch.no_grad():
         for arch in args.archs:
-            sae = build(arch, "cpp", args.d_in, args.d_sae, x, args.l0, args.k)
-            eager = build(arch, "eager", args.d_in, args.d_sae, x, args.l0, args.k)
+            sae = build_sae(arch, "cpp", args.d_in, args.d_sae, x, args.l0 / args.d_sae, args.k, calibrate=True).eval()
+            eager = build_sae(arch, "eager", args.d_in, args.d_sae, x, args.l0 / args.d_sae, args.k,
+                              calibrate=True).eval()
             x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
             bias = sae.b_gate if arch == "gated" else sae.b_enc
             fns = dict(gemm=lambda: torch.addmm(bias, x_in, sae.W_enc), encode_sparse=lambda: sae.encode_sparse(x),

@@ -29,72 +29,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastsae
+from bench_cpu_common import build as build_sae, make_batch, peak_bytes, time_interleaved
 
 ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "gated")
-
-
-def peak_bytes(fn) -> int:
-    """Peak CPU-allocator bytes held during ``fn()`` above the level before it (profiler memory events)."""
-    fn()  # warm caches / lazy init outside the measurement
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()  # > 0 allocation, < 0 free
-        peak = max(peak, cur)
-    return peak
-
-
-def make_batch(B: int, d_in: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g)
-    return x / x.pow(2).sum(-1).mean().sqrt()  # E‖x‖² = 1, as the paper's ε assumes
-
-
-def column_quantile(pre, density):
-    """Per latent: a value exceeded by about ``density`` of the rows (between two order statistics)."""
-    B = pre.shape[0]
-    r = min(B - 1, max(1, round(B * density)))
-    top = pre.topk(r + 1, dim=0).values
-    return 0.5 * (top[r - 1] + top[r])
-
-
-def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, l0: int, k: int) -> fastsae.SAE:
-    torch.manual_seed(1)
-    rho = l0 / d_sae
-    if arch in ("jumprelu", "jumprelu-fresh"):
-        sae = fastsae.JumpReLUSAE(d_in, d_sae, backend=backend)
-    elif arch == "topk":
-        sae = fastsae.TopKSAE(d_in, d_sae, k, backend=backend)
-    elif arch == "batchtopk":
-        sae = fastsae.BatchTopKSAE(d_in, d_sae, k, backend=backend)
-    elif arch == "relu":
-        sae = fastsae.ReLUSAE(d_in, d_sae, backend=backend)
-    else:
-        sae = fastsae.GatedSAE(d_in, d_sae, backend=backend)
-    if arch == "jumprelu-fresh":
-        return sae
-    with torch.no_grad():
-        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc) / d_in ** 0.5)
-        x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
-        if arch == "jumprelu":
-            sae.threshold.copy_(column_quantile(x_in @ sae.W_enc + sae.b_enc, rho).clamp_min(0))
-        elif arch in ("topk", "batchtopk"):
-            sae.b_enc.normal_(0, 0.01)
-        elif arch == "relu":
-            sae.b_enc.sub_(column_quantile(x_in @ sae.W_enc + sae.b_enc, rho))
-        else:
-            sae.b_gate.copy_(-column_quantile(x_in @ sae.W_enc, rho))
-    return sae
 
 
 def module_step(sae, x):
@@ -124,18 +66,6 @@ def sparsify_step(sae, x):
     return run
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def sparsity_label(arch, sae, out, x):
     if arch in ("topk", "batchtopk"):
         return f"k={sae.k}"
@@ -154,11 +84,12 @@ def bench(args):
     x = make_batch(args.batch, args.d_in)
     for d_sae in args.d_sae:
         for arch in args.archs:
-            cpp = build(arch, "cpp", args.d_in, d_sae, x, args.l0, args.k)
-            eager = build(arch, "eager", args.d_in, d_sae, x, args.l0, args.k)
+            cpp = build_sae(arch, "cpp", args.d_in, d_sae, x, args.l0 / d_sae, args.k)
+            eager = build_sae(arch, "eager", args.d_in, d_sae, x, args.l0 / d_sae, args.k)
             steps = dict(eager=module_step(eager, x), cpp=module_step(cpp, x))
             if arch == "topk":
-                steps["sparsify"] = sparsify_step(build(arch, "eager", args.d_in, d_sae, x, args.l0, args.k), x)
+                steps["sparsify"] = sparsify_step(build_sae(arch, "eager", args.d_in, d_sae, x, args.l0 / d_sae,
+                                                            args.k), x)
             out = steps["cpp"]()  # the dispatcher's first step: from here on it knows the density
             ops = cpp.ops()
             if arch in ("topk", "batchtopk"):

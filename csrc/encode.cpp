@@ -103,11 +103,11 @@ Outputs threshold_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
                              const at::Tensor& b_dec, const at::Tensor& threshold, bool apply_b_dec_to_input,
                              const std::optional<at::Tensor>& W_dec, bool dense) {
   const char* op = "threshold_encode";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, at::Tensor(), b_dec, op);
-  const int64_t d_sae = D.d_sae;
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, at::Tensor(), b_dec, apply_b_dec_to_input, op);
+  const int64_t d_sae = in.d_sae;
   auto Wd = checked_decoder(W_dec, x, d_sae, op);
   auto th = latent_vector(threshold, d_sae, wide_type(x.scalar_type(), threshold.scalar_type()), op, "threshold");
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const at::Tensor& x_in = in.x_in;
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "threshold_encode", [&] {
     dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
@@ -134,14 +134,11 @@ Outputs gated_encode_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at
                          const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& b_dec,
                          bool apply_b_dec_to_input, const std::optional<at::Tensor>& W_dec, bool dense) {
   const char* op = "gated_encode";
-  const SaeDims D = check_sae_args(x, W_gate, b_gate, at::Tensor(), b_dec, op);
-  const int64_t d_sae = D.d_sae;
-  check_vector(r_mag, d_sae, op, "r_mag");
-  check_vector(b_mag, d_sae, op, "b_mag");
-  check_same_dtype(r_mag, x, op, "r_mag", "x");
-  check_same_dtype(b_mag, x, op, "b_mag", "x");
+  const SaeInputs in = prepare_sae(x, W_gate, b_gate, at::Tensor(), b_dec, apply_b_dec_to_input, op);
+  const int64_t d_sae = in.d_sae;
+  check_gated(r_mag, b_mag, x, d_sae, op);
   auto Wd = checked_decoder(W_dec, x, d_sae, op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const at::Tensor& x_in = in.x_in;
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_encode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -172,11 +169,11 @@ Outputs topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::
                         const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input,
                         const std::optional<at::Tensor>& W_dec, bool dense) {
   const char* op = "topk_encode";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, at::Tensor(), b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
-  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, at::Tensor(), b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_k(k, d_sae, op);
   auto Wd = checked_decoder(W_dec, x, d_sae, op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "topk_encode", [&] {
@@ -222,11 +219,11 @@ Outputs batchtopk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
                              const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input,
                              const std::optional<at::Tensor>& W_dec, bool dense) {
   const char* op = "batchtopk_encode";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, at::Tensor(), b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
-  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, at::Tensor(), b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  check_k(k, d_sae, op);
   auto Wd = checked_decoder(W_dec, x, d_sae, op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const at::Tensor& x_in = in.x_in;
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batchtopk_encode", [&] {
     std::vector<int64_t> rp, cols;

@@ -51,6 +51,33 @@ inline at::Tensor encoder_input(const at::Tensor& x, const at::Tensor& b_dec, bo
   return apply_b_dec_to_input ? at::sub(x, b_dec).contiguous() : x.contiguous();
 }
 
+// What every fused op starts from: checked sizes, the encoder input, the decoder weights contiguous.
+struct SaeInputs {
+  int64_t B, d_in, d_sae;
+  at::Tensor x_in, W_dec, b_dec;  // W_dec undefined where the op takes none
+};
+
+inline SaeInputs prepare_sae(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
+                             const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input,
+                             const char* op) {
+  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
+  return {D.B, D.d_in, D.d_sae, encoder_input(x, b_dec, apply_b_dec_to_input),
+          W_dec.defined() ? W_dec.contiguous() : at::Tensor(), b_dec.contiguous()};
+}
+
+inline void check_k(int64_t k, int64_t d_sae, const char* op) {
+  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
+}
+
+// Gated's per-latent magnitude scale and bias: [d_sae], the compute dtype.
+inline void check_gated(const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& x, int64_t d_sae,
+                        const char* op) {
+  check_vector(r_mag, d_sae, op, "r_mag");
+  check_vector(b_mag, d_sae, op, "b_mag");
+  check_same_dtype(r_mag, x, op, "r_mag", "x");
+  check_same_dtype(b_mag, x, op, "b_mag", "x");
+}
+
 // A per-latent vector in the given dtype, contiguous (θ, ε, the Gated scales).
 inline at::Tensor latent_vector(const at::Tensor& t, int64_t d_sae, at::ScalarType dtype, const char* op,
                                 const char* name) {

@@ -139,12 +139,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& b_dec, const at::Tensor& threshold, const at::Tensor& bandwidth, bool apply_b_dec_to_input,
     bool /*straight_through: used by the backward*/) {
   const char* op = "jumprelu_sae";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
   auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto x_hat = at::empty({B, d_in}, opt);
@@ -190,12 +190,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
     const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input) {
   const char* op = "topk_sae";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
-  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_k(k, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
   auto values = at::empty({B, k}, opt);
   auto indices = at::empty({B, k}, opt.dtype(at::kLong));
@@ -242,12 +242,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
     const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input) {
   const char* op = "batchtopk_sae";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
-  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_k(k, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto x_hat = at::empty({B, d_in}, opt);
@@ -289,11 +289,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
     const at::Tensor& b_dec, const at::Tensor& latent_weight, bool apply_b_dec_to_input) {
   const char* op = "relu_sae";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto x_hat = at::empty({B, d_in}, opt);
@@ -337,15 +337,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gated_sae_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Tensor& b_gate, const at::Tensor& r_mag,
               const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input) {
   const char* op = "gated_sae";
-  const SaeDims D = check_sae_args(x, W_gate, b_gate, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
-  check_vector(r_mag, d_sae, op, "r_mag");
-  check_vector(b_mag, d_sae, op, "b_mag");
-  check_same_dtype(r_mag, x, op, "r_mag", "x");
-  check_same_dtype(b_mag, x, op, "b_mag", "x");
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const SaeInputs in = prepare_sae(x, W_gate, b_gate, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_gated(r_mag, b_mag, x, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto x_hat = at::empty({B, d_in}, opt);
@@ -546,8 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool apply_b_dec_to_input, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values) {
   const char* op = "gated_sae_backward";
   const CsrArgs a = check_backward_args(grad_x_hat, x, W_gate, W_dec, b_dec, row_ptr, cols, values, op);
-  check_vector(r_mag, a.d_sae, op, "r_mag");
-  check_vector(b_mag, a.d_sae, op, "b_mag");
+  check_gated(r_mag, b_mag, x, a.d_sae, op);
   at::Tensor gx2;
   if (grad_x_hat_frozen.has_value()) {
     TORCH_CHECK(grad_x_hat_frozen->sizes() == grad_x_hat.sizes(), op, ": grad_x_hat_frozen must be [", a.B, ", ",

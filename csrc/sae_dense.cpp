@@ -63,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& b_dec, const at::Tensor& threshold, const at::Tensor& bandwidth, bool apply_b_dec_to_input,
     bool /*straight_through: used by the backward*/) {
   const char* op = "jumprelu_sae_dense";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
   auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
   auto pre = at::addmm(b_enc, x_in, W_enc);
   auto f = at::empty_like(pre);
@@ -182,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
     const at::Tensor& b_dec, const at::Tensor& latent_weight, bool apply_b_dec_to_input) {
   const char* op = "relu_sae_dense";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
   auto f = at::addmm(b_enc, x_in, W_enc);  // relu'd in place
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
@@ -291,13 +291,10 @@ gated_sae_dense_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Ten
                     const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
                     bool apply_b_dec_to_input) {
   const char* op = "gated_sae_dense";
-  const SaeDims D = check_sae_args(x, W_gate, b_gate, W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
-  check_vector(r_mag, d_sae, op, "r_mag");
-  check_vector(b_mag, d_sae, op, "b_mag");
-  check_same_dtype(r_mag, x, op, "r_mag", "x");
-  check_same_dtype(b_mag, x, op, "b_mag", "x");
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  const SaeInputs in = prepare_sae(x, W_gate, b_gate, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  check_gated(r_mag, b_mag, x, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
   auto gate = at::mm(x_in, W_gate);  // z, overwritten with relu(π_gate)
   auto f = at::empty_like(gate);
@@ -356,8 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(f.sizes() == gate.sizes() && f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op,
               ": f and gate must be [", B, ", ", d_sae, "]");
   TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
-  check_vector(r_mag, d_sae, op, "r_mag");
-  check_vector(b_mag, d_sae, op, "b_mag");
+  check_gated(r_mag, b_mag, x, d_sae, op);
   auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
   auto gx = grad_x_hat.contiguous();
   auto g = at::mm(gx, W_dec.t());
