@@ -165,6 +165,16 @@ class Backend:
 
     Shapes follow reference.py: ``x [B, d_in]``; ``bandwidth`` is always a ``[d_sae]`` tensor here
     (the public boundary expands a scalar), ``threshold`` a ``[d_sae]`` tensor.
+
+    Training steps (``*_sae``) return a :class:`reference.SAEForward`. A backend with a sparse and a dense
+    formulation of a step asks ``self.density.sparse(arch, W_enc)`` (or ``sparse_at(arch, W_enc, k)`` for a
+    known density) which to run, and reports what the sparse kernels keep (or would keep) with
+    ``self.density.record(W_enc, entries, rows)``; the crossover comes from :data:`CROSSOVERS` under
+    ``(self.name, device_kind(device))``. Both formulations must compute the same math.
+
+    Inference (``encode``, ``encode_sparse``, ``reconstruct``) takes a :class:`fastsae.inference.Encoder`
+    describing any architecture; a backend that fuses it must fall back (``super()``) when autograd would
+    record the call (``enc.needs_grad(x)``).
     """
 
     name = "eager"
