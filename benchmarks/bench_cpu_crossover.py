@@ -101,7 +101,7 @@ def main(argv=None):
         f.write("# Sparse vs dense training step on the cpp backend, by density\n\n")
         f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                 f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, float32, "
-                f"median of {args.repeats} interleaved steps.\n\n")
+                f"median of {args.repeats} interleaved steps; load average {os.getloadavg()[0]:.1f} at the end.\n\n")
         f.write("| arch | density | eager ms | dense ms | sparse ms | dense vs eager | sparse vs eager | sparse/dense |\n")
         f.write("|---|---|---|---|---|---|---|---|\n")
         for r in rows:
