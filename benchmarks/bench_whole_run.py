@@ -31,6 +31,7 @@ import time
 import torch
 
 import fastsae
+from fastsae.backends import get_crossover
 from fastsae.data import synthetic
 from fastsae.sae import ARCHITECTURES
 
@@ -47,10 +48,17 @@ def run_fastsae(arch, backend, data, args):
     sae = fresh(arch, args.d_in, args.d_sae, args.k, backend, args.seed)
     trace = []
     t_prev = [time.perf_counter()]
+    ops = sae.ops()
+    crossover = get_crossover(ops.name, sae.device, arch) * sae.d_sae
+    fixed = getattr(sae, "k", None) if arch in ("topk", "batchtopk") else None
+    before = [None]  # entries per row the dispatcher saw before the step (None: no history, the dense step)
 
     def record(rec):
         now = time.perf_counter()
-        trace.append(dict(step=rec["step"], l0=rec["l0"], seconds=now - t_prev[0], fvu=rec["fvu"]))
+        seen = fixed if fixed is not None else before[0]
+        sparse = backend != "eager" and seen is not None and seen <= crossover
+        trace.append(dict(step=rec["step"], l0=rec["l0"], seconds=now - t_prev[0], fvu=rec["fvu"], sparse=sparse))
+        before[0] = ops.density.last(sae.W_enc)
         t_prev[0] = now
 
     t0 = time.perf_counter()
@@ -105,7 +113,7 @@ def run_saelens(arch, data, args):
         with torch.no_grad():
             l0 = float((out.feature_acts > 0).float().sum(-1).mean())
         now = time.perf_counter()
-        trace.append(dict(step=step + 1, l0=l0, seconds=now - t_prev, fvu=float("nan")))
+        trace.append(dict(step=step + 1, l0=l0, seconds=now - t_prev, fvu=float("nan"), sparse=False))
         t_prev = now
     return dict(seconds=time.perf_counter() - t0, tokens=args.steps * args.batch, trace=trace,
                 final_l0=trace[-1]["l0"], final_fvu=float("nan"))
@@ -124,7 +132,12 @@ def plot(results, path):
             if a != arch or isinstance(r, str):
                 continue
             tr = r["trace"][1:]  # the first step carries the one-off start-up
-            ax.scatter([t["l0"] for t in tr], [1e3 * t["seconds"] for t in tr], s=6, label=provider, alpha=0.6)
+            for sparse, marker in ((False, "o"), (True, "^")):
+                pts = [t for t in tr if t["sparse"] == sparse]
+                if pts:
+                    label = provider + (" (sparse steps)" if sparse else " (dense steps)" if provider != "eager" else "")
+                    ax.scatter([t["l0"] for t in pts], [1e3 * t["seconds"] for t in pts], s=6, marker=marker,
+                               label=label, alpha=0.6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("L0 (active latents per row)")
@@ -170,7 +183,7 @@ def main(argv=None):
                 print(f"{arch:10s} {provider:8s} {r['seconds']:8.1f} s  {r['tokens'] / r['seconds']:10.0f} tokens/s  "
                       f"first L0 {r['trace'][0]['l0']:.0f}, final L0 {r['final_l0']:.1f}", flush=True)
     header = ("| arch | provider | total s | tokens/s | speed-up vs eager | first-step L0 | final L0 | final FVU | "
-              "dense steps (L0 > 5% of d_sae) |")
+              "sparse steps |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for (arch, provider), r in results.items():
         if isinstance(r, str):
@@ -178,9 +191,10 @@ def main(argv=None):
             continue
         eager = results.get((arch, "eager"))
         speed = f"{eager['seconds'] / r['seconds']:.2f}x" if isinstance(eager, dict) else "-"
-        dense = sum(t["l0"] > 0.05 * args.d_sae for t in r["trace"])
+        sparse = sum(t["sparse"] for t in r["trace"])
         lines.append(f"| {arch} | {provider} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | {speed} | "
-                     f"{r['trace'][0]['l0']:.0f} | {r['final_l0']:.1f} | {r['final_fvu']:.3f} | {dense} |")
+                     f"{r['trace'][0]['l0']:.0f} | {r['final_l0']:.1f} | {r['final_fvu']:.3f} | "
+                     f"{sparse} of {len(r['trace'])} |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cmd = "python benchmarks/bench_whole_run.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
@@ -194,11 +208,11 @@ def main(argv=None):
         f.write("\n".join(lines) + "\n")
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arch", "provider", "step", "l0", "step_seconds"])
+        w.writerow(["arch", "provider", "step", "l0", "step_seconds", "sparse"])
         for (arch, provider), r in results.items():
             if not isinstance(r, str):
                 for t in r["trace"]:
-                    w.writerow([arch, provider, t["step"], f"{t['l0']:.3f}", f"{t['seconds']:.5f}"])
+                    w.writerow([arch, provider, t["step"], f"{t['l0']:.3f}", f"{t['seconds']:.5f}", int(t["sparse"])])
     plot(results, args.out + ".png")
     print(f"wrote {args.out}.md, .csv, .png")
 
