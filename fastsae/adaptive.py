@@ -44,7 +44,7 @@ Safety rails
 - No hits: a latent with no pre-activations in the band (rare or dead latent, or ε far too small)
   has estimated density 0, so ε_j* = ∞ and ε_j grows by ``max_factor`` per update until the band
   catches pre-activations — exactly the "θ gets no gradient" case the rule exists for.
-- Bounds: ``eps_min ≤ ε_j ≤ eps_max`` (absolute, for inputs scaled to E‖x‖² = 1 as in the paper and
+- Bounds: ``eps_min ≤ ε_j ≤ eps_max`` (absolute, for inputs scaled to E‖x - E x‖² = 1 by
   ``fastsae.train``), and ``ε_j ≤ max_std_fraction · std_j`` where ``std_j`` is the running standard
   deviation of latent j's pre-activations: a window wider than a good part of the latent's own spread
   no longer estimates a derivative at θ, it averages over the whole distribution.
@@ -70,7 +70,7 @@ class AdaptiveBandwidth:
 
     target_hits: expected kernel hits per latent per training batch that ε aims for.
     eps_init: the bandwidth every latent starts from.
-    eps_min, eps_max: absolute bounds on ε (inputs scaled so that E‖x‖² = 1).
+    eps_min, eps_max: absolute bounds on ε (inputs scaled so that E‖x - E x‖² = 1).
     max_std_fraction: ε_j ≤ this × the running std of latent j's pre-activations.
     max_factor: largest multiplicative change of ε_j in one update (> 1).
     decay: EMA decay of the density and moment estimates, in [0, 1).

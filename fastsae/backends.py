@@ -204,8 +204,12 @@ class Backend:
         return ref.sparse_decode(values, indices, W_dec, b_dec)
 
     # -- whole SAE forward passes (what training_forward differentiates) ------------------
-    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input) -> ref.SAEForward:
-        return ref.jumprelu_sae_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input)
+    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
+                     ste_to_input: bool = False, need_values: bool = False) -> ref.SAEForward:
+        """``ste_to_input``: the jump's pseudo-derivative reaches ``pre`` too. ``need_values``: the result's
+        ``values``/``indices`` must hold the code, differentiable (a penalty on f uses it)."""
+        return ref.jumprelu_sae_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
+                                        ste_to_input)
 
     def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
         return ref.topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)

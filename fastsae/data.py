@@ -35,6 +35,7 @@ __all__ = [
     "IterableSource",
     "SyntheticData",
     "synthetic",
+    "realistic",
     "as_source",
     "batches",
     "feature_recovery",
@@ -485,101 +486,7 @@ def as_source(data) -> ActivationSource:
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic data with a known dictionary
+# Synthetic data with a known dictionary lives in fastsae/synthetic.py; these names stay importable from here.
 # ----------------------------------------------------------------------------------------------
 
-
-def feature_recovery(W_dec: Tensor, features: Tensor, threshold: float = 0.9) -> float:
-    """Fraction of true ``features [n_features, d_in]`` whose best-matching decoder row
-    (``W_dec [d_sae, d_in]``) has cosine similarity above ``threshold``."""
-    D = torch.nn.functional.normalize(features.detach().float(), dim=1)
-    W = torch.nn.functional.normalize(W_dec.detach().float().to(D.device), dim=1)
-    return float(((D @ W.t()).max(dim=1).values > threshold).float().mean())
-
-
-@dataclass
-class SyntheticData:
-    """Sparse non-negative mixtures of known unit directions.
-
-    x:        ``[n, d_in]`` float32 samples ``Σ_j c_j · features[j] (+ noise)``, ``c_j >= 0``, mostly 0.
-    features: ``[n_features, d_in]`` the true dictionary (unit rows).
-    Other fields are the generator's settings, so :meth:`sample` draws more data from the same model.
-    """
-
-    x: Tensor
-    features: Tensor
-    probabilities: Tensor  # [n_features] firing probability of each feature
-    magnitude: tuple[float, float]
-    noise: float
-    seed: int
-
-    @property
-    def n_features(self) -> int:
-        return self.features.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        return self.features.shape[1]
-
-    def sample(self, n: int, seed: int) -> Tensor:
-        """``n`` fresh samples from the same dictionary and statistics (e.g. a held-out set)."""
-        return _mixtures(n, self.features, self.probabilities, self.magnitude, self.noise, _generator(seed, 7))
-
-    def recovery(self, W_dec: Tensor, threshold: float = 0.9) -> float:
-        """Fraction of true features matched by some decoder row at cosine > ``threshold``."""
-        return feature_recovery(W_dec, self.features, threshold)
-
-
-def _mixtures(n, features, probabilities, magnitude, noise, gen) -> Tensor:
-    lo, hi = magnitude
-    out = torch.empty(n, features.shape[1])
-    for a in range(0, n, 16384):  # chunked: the [rows, n_features] codes never exist for all rows at once
-        b = min(n, a + 16384)
-        active = torch.rand(b - a, features.shape[0], generator=gen) < probabilities
-        mags = lo + (hi - lo) * torch.rand(b - a, features.shape[0], generator=gen)
-        out[a:b] = (active * mags) @ features
-        if noise:
-            out[a:b] += noise * torch.randn(b - a, features.shape[1], generator=gen)
-    return out
-
-
-def synthetic(
-    n: int,
-    d_in: int,
-    n_features: int,
-    *,
-    active: float = 4.0,
-    magnitude: tuple[float, float] = (0.5, 1.5),
-    frequency_decay: float = 0.0,
-    noise: float = 0.0,
-    seed: int = 0,
-) -> SyntheticData:
-    """Synthetic activations with a known dictionary.
-
-    Args:
-        n: number of samples. d_in: dimension. n_features: size of the true dictionary (random unit
-            directions; ``n_features > d_in`` puts them in superposition).
-        active: mean number of active features per sample.
-        magnitude: a feature's coefficient, when active, is uniform in ``[lo, hi]`` (non-negative).
-        frequency_decay: feature ``j`` fires with probability ``∝ (j + 1) ** -frequency_decay``
-            (0: all equally often; 1: Zipf-like, as in real activations).
-        noise: standard deviation of isotropic Gaussian noise added to every sample.
-    Returns a :class:`SyntheticData` (``.x``, ``.features``, ``.sample(n, seed)``, ``.recovery(W_dec)``).
-    """
-    for name, v in (("n", n), ("d_in", d_in), ("n_features", n_features)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not 0 < active <= n_features:
-        raise ValueError(f"active must lie in (0, n_features={n_features}], got {active}")
-    lo, hi = float(magnitude[0]), float(magnitude[1])
-    if not 0 <= lo <= hi or hi == 0:
-        raise ValueError(f"magnitude must be (lo, hi) with 0 <= lo <= hi and hi > 0, got {magnitude}")
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
-    gen = _generator(seed, 0)
-    features = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=gen), dim=1)
-    weights = (torch.arange(n_features, dtype=torch.float64) + 1) ** -float(frequency_decay)
-    probabilities = (weights / weights.sum() * active).clamp(max=1.0).float()
-    x = _mixtures(n, features, probabilities, (lo, hi), float(noise), gen)
-    return SyntheticData(x=x, features=features, probabilities=probabilities, magnitude=(lo, hi),
-                         noise=float(noise), seed=seed)
+from .synthetic import SyntheticData, feature_recovery, realistic, synthetic  # noqa: E402

@@ -45,50 +45,57 @@ class JumpReLUFunction(torch.autograd.Function):
     """``f = pre · H(pre - θ)``.
 
     ``∂f/∂pre = H(pre - θ)``; ``∂f/∂θ := -(θ/ε) K((pre - θ)/ε)`` (rectangle-kernel pseudo-derivative).
+    With ``ste_to_input`` the jump's pseudo-derivative also reaches ``pre``: ``∂f/∂pre += (θ/ε) K``
+    (Anthropic's January 2025 recipe; SAELens ``jumprelu_ste_to_input``).
     """
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, ste_to_input: bool = False) -> Tensor:
         ctx.save_for_backward(pre, threshold, bandwidth)
+        ctx.ste_to_input = ste_to_input
         return pre * (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         pre, threshold, bandwidth = ctx.saved_tensors
         grad_pre = grad_threshold = None
+        if ctx.needs_input_grad[1] or ctx.ste_to_input:
+            k, eps = _kernel_window(pre, threshold, bandwidth)
+            jump = (threshold.to(eps.dtype) / eps) * k * grad.to(eps.dtype)  # (θ/ε) K · g
         if ctx.needs_input_grad[0]:
             grad_pre = grad * (pre > threshold).to(grad.dtype)
+            if ctx.ste_to_input:
+                grad_pre = grad_pre + jump.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            k, eps = _kernel_window(pre, threshold, bandwidth)
-            theta = threshold.to(eps.dtype)
-            g = -(theta / eps) * k * grad.to(eps.dtype)
-            grad_threshold = _sum_to_latents(g).to(threshold.dtype)
-        return grad_pre, grad_threshold, None
+            grad_threshold = _sum_to_latents(-jump).to(threshold.dtype)
+        return grad_pre, grad_threshold, None, None
 
 
 class StepFunction(torch.autograd.Function):
     """``H(pre - θ)``.
 
-    ``∂H/∂pre := 0`` (no gradient reaches the encoder through the step);
-    ``∂H/∂θ := -(1/ε) K((pre - θ)/ε)``.
+    ``∂H/∂θ := -(1/ε) K((pre - θ)/ε)``; ``∂H/∂pre := 0`` (no gradient reaches the encoder through the
+    step: the paper), or ``+(1/ε) K`` with ``ste_to_input``.
     """
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, ste_to_input: bool = False) -> Tensor:
         ctx.save_for_backward(pre, threshold, bandwidth)
+        ctx.ste_to_input = ste_to_input
         return (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         pre, threshold, bandwidth = ctx.saved_tensors
         grad_pre = grad_threshold = None
-        if ctx.needs_input_grad[0]:
-            grad_pre = torch.zeros_like(pre)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.ste_to_input:
             k, eps = _kernel_window(pre, threshold, bandwidth)
-            g = -(1.0 / eps) * k * grad.to(eps.dtype)
-            grad_threshold = _sum_to_latents(g).to(threshold.dtype)
-        return grad_pre, grad_threshold, None
+            kick = (1.0 / eps) * k * grad.to(eps.dtype)  # (1/ε) K · g
+        if ctx.needs_input_grad[0]:
+            grad_pre = kick.to(grad.dtype) if ctx.ste_to_input else torch.zeros_like(pre)
+        if ctx.needs_input_grad[1]:
+            grad_threshold = _sum_to_latents(-kick).to(threshold.dtype)
+        return grad_pre, grad_threshold, None, None
 
 
 def _as_tensor(bandwidth: Bandwidth, like: Tensor) -> Tensor:
@@ -97,14 +104,16 @@ def _as_tensor(bandwidth: Bandwidth, like: Tensor) -> Tensor:
     return torch.tensor(float(bandwidth), dtype=like.dtype, device=like.device)
 
 
-def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: Bandwidth = 1e-3) -> Tensor:
-    """JumpReLU ``pre · H(pre - θ)`` with the rectangle-kernel pseudo-derivative for ``θ``."""
-    return JumpReLUFunction.apply(pre, threshold, _as_tensor(bandwidth, threshold))
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: Bandwidth = 1e-3, ste_to_input: bool = False) -> Tensor:
+    """JumpReLU ``pre · H(pre - θ)`` with the rectangle-kernel pseudo-derivative for ``θ`` (and for ``pre``
+    too with ``ste_to_input``)."""
+    return JumpReLUFunction.apply(pre, threshold, _as_tensor(bandwidth, threshold), bool(ste_to_input))
 
 
-def step(pre: Tensor, threshold: Tensor, bandwidth: Bandwidth = 1e-3) -> Tensor:
-    """Heaviside ``H(pre - θ)`` with the rectangle-kernel pseudo-derivative for ``θ`` only."""
-    return StepFunction.apply(pre, threshold, _as_tensor(bandwidth, threshold))
+def step(pre: Tensor, threshold: Tensor, bandwidth: Bandwidth = 1e-3, ste_to_input: bool = False) -> Tensor:
+    """Heaviside ``H(pre - θ)`` with the rectangle-kernel pseudo-derivative for ``θ`` (and for ``pre`` too
+    with ``ste_to_input``)."""
+    return StepFunction.apply(pre, threshold, _as_tensor(bandwidth, threshold), bool(ste_to_input))
 
 
 def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -132,7 +141,9 @@ class SAEForward:
     l0:       ``[B]`` active latents per row (float). For JumpReLU it carries the step function's
               pseudo-gradient to the threshold, so ``l0.mean()`` is the differentiable L0 penalty.
     fired:    ``[d_sae]`` bool, latents active in at least one row (dead-latent tracking).
-    values, indices: the sparse code (TopK / BatchTopK); ``None`` where the backend keeps it dense.
+    values, indices: the code, differentiable: ``values [B, k]`` at ``indices [B, k]`` (TopK), any layout of
+              entries with ``indices`` of the same shape (padding entries hold 0), or the dense ``[B, d_sae]``
+              code with ``indices = None``. ``None`` where the backend does not expose it.
     sparsity: ``[B]`` differentiable per-row sparsity penalty where it is not ``l0`` (ReLU, Gated).
     aux:      scalar auxiliary loss computed inside the forward (Gated's frozen-decoder term).
     min_kept: BatchTopK's smallest kept activation (for its inference threshold).
@@ -161,13 +172,15 @@ def jumprelu_sae_forward(
     threshold: Tensor,
     bandwidth: Bandwidth,
     apply_b_dec_to_input: bool = False,
+    ste_to_input: bool = False,
 ) -> SAEForward:
+    """``values`` is the dense code ``f [B, d_sae]`` (``indices`` None), differentiable, for penalties on f."""
     pre = encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc
-    f = jumprelu(pre, threshold, bandwidth)
+    f = jumprelu(pre, threshold, bandwidth, ste_to_input)
     x_hat = f @ W_dec + b_dec
-    l0 = step(pre, threshold, bandwidth).sum(-1, dtype=torch.float32)
+    l0 = step(pre, threshold, bandwidth, ste_to_input).sum(-1, dtype=torch.float32)
     fired = (pre > threshold).any(0)
-    return SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+    return SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=f)
 
 
 def topk_scatter(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
@@ -302,6 +315,41 @@ def auxk_reconstruction(
     pre_dead = F.relu(x_in @ W_enc[:, dead] + b_enc[dead])
     values, idx = topk(pre_dead, min(k_aux, dead.numel()))
     return decode(values, idx, W_dec[dead], None)
+
+
+def entry_norms(W_dec: Tensor, indices: Optional[Tensor]) -> Tensor:
+    """``‖W_dec[j]‖`` at each code entry: ``[d_sae]`` for a dense code, ``[..]`` like ``indices`` otherwise."""
+    norms = W_dec.norm(dim=1)
+    return norms if indices is None else norms[indices]
+
+
+def tanh_sparsity(values: Tensor, indices: Optional[Tensor], W_dec: Tensor, scale: float, rows: int) -> Tensor:
+    """Anthropic's smooth L0: ``mean_b Σ_j tanh(c · f_bj · ‖W_dec[j]‖)`` over ``rows`` rows, ``f ≥ 0``.
+
+    ``values``/``indices`` is the code in any layout of :class:`SAEForward`; the gradient reaches f (hence θ
+    through JumpReLU's pseudo-derivative) and the decoder norms.
+    """
+    t = torch.tanh(scale * values * entry_norms(W_dec, indices).to(values.dtype))
+    return t.sum() / max(rows, 1)
+
+
+def pre_activation_loss(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, W_dec: Tensor,
+                        dead_mask: Tensor) -> Tensor:
+    """``mean_b Σ_{j dead} relu(θ_j - pre_bj) · ‖W_dec[j]‖``: pulls dead latents' pre-activations up to their
+    thresholds (Anthropic's pre-activation loss, applied to dead latents only as SAELens does). Only the dead
+    latents' encoder columns are multiplied."""
+    dead = dead_mask.nonzero().squeeze(1)
+    if dead.numel() == 0 or x_in.shape[0] == 0:
+        return x_in.new_zeros(())
+    pre = x_in @ W_enc[:, dead] + b_enc[dead]
+    gap = F.relu(threshold[dead].to(pre.dtype) - pre)
+    return (gap * W_dec[dead].norm(dim=1)).sum(-1).mean()
+
+
+def quadratic_l0(l0: Tensor, target: float) -> Tensor:
+    """``(mean_b L0_b / T - 1)²``: zero at the target L0 ``T`` (dictionary_learning's target-L0 loss; with the
+    step function's pseudo-derivative its gradient moves θ towards the target from both sides)."""
+    return (l0.mean() / target - 1.0).pow(2)
 
 
 def jumprelu_loss(

@@ -9,6 +9,7 @@ in its parameters' dtype and returns results in the input's dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -21,6 +22,7 @@ from .backends import Backend, check_name, get as get_backend
 from .inference import dense_to_padded, encoder_of  # noqa: F401  (dense_to_padded: kept importable from here)
 from . import reference as ref
 from . import adaptive as adaptive_rule
+from . import sparsity as sparsity_control
 from .adaptive import AdaptiveBandwidth
 
 
@@ -59,12 +61,17 @@ class SAE(nn.Module):
         *,
         backend: str = "auto",
         apply_b_dec_to_input: bool = False,
+        decoder_init_norm: float = 1.0,
         dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device, None] = None,
     ):
         super().__init__()
         self.d_in = check.positive_int("d_in", d_in)
         self.d_sae = check.positive_int("d_sae", d_sae)
+        if isinstance(decoder_init_norm, bool) or not isinstance(decoder_init_norm, (int, float)) or not (
+                0 < decoder_init_norm < math.inf):
+            raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
+        self.decoder_init_norm = float(decoder_init_norm)
         check_name(backend)
         self.backend = backend
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
@@ -72,9 +79,12 @@ class SAE(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         factory = dict(dtype=dtype, device=device)
-        # Decoder rows: random unit directions; encoder initialised to the decoder's transpose.
+        # Decoder rows: random directions of norm decoder_init_norm; encoder initialised to the decoder's transpose.
+        # An architecture whose fresh code is dense (JumpReLU, ReLU) starts with small rows: with unit rows and
+        # W_enc = W_decᵀ, half of d_sae latents firing reconstruct ~d_sae / (2 d_in) times the input, and the
+        # first steps' gradients wreck the random dictionary (measured: 0% of the true features ever recovered).
         W_dec = torch.randn(d_sae, d_in, dtype=torch.float32, device=device)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec *= self.decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(dtype))
         self.W_enc = nn.Parameter(W_dec.t().contiguous().to(dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
@@ -182,8 +192,116 @@ class SAE(nn.Module):
 
     def observe(self, x: Tensor, out: TrainOutput) -> None:
         """Training-loop hook, called after every optimizer step with the batch ``x [B, d_in]`` (in the
-        parameters' dtype) and its ``TrainOutput``. Architectures with running statistics (e.g. an adaptive
-        JumpReLU bandwidth) update them here; the default keeps none."""
+        parameters' dtype) and its ``TrainOutput``. Running statistics are updated here: the target-L0
+        controller of λ (``target_l0``), JumpReLU's adaptive bandwidth."""
+        if self.controls_sparsity:
+            sparsity_control.update_log_lambda(self.log_sparsity_coefficient, out.l0, self.target_l0)
+
+    # -- resampling (fastsae/resample.py) --------------------------------------------------------
+    def latent_axes(self) -> dict[str, int]:
+        """Parameter name -> the axis that indexes latents (for resampling and its optimizer-state reset)."""
+        axes = dict(W_enc=1, W_dec=0)
+        axes.update({n: 0 for n in ("b_enc", "b_gate", "r_mag", "b_mag") if n in self._parameters})
+        return axes
+
+    #: a resampled latent's encoder column, as a fraction of the live latents' median norm (fastsae/resample.py)
+    resample_encoder_scale = 0.2
+
+    @torch.no_grad()
+    def reinit_latents(self, idx: Tensor, directions: Tensor, live: Tensor, probe: Tensor, fire_rate: float) -> None:
+        """Re-initialise latents ``idx`` along unit ``directions [len(idx), d_in]``: decoder rows at the median
+        norm of the ``live [d_sae]`` latents' rows, encoder columns at ``resample_encoder_scale`` × their median
+        norm, biases 0. ``probe`` (scaled inputs) and the live latents' mean ``fire_rate`` on it let an architecture
+        calibrate what else it needs."""
+        live_idx = live.nonzero().squeeze(1)
+        dec_norm = self.W_dec[live_idx].norm(dim=1).median()
+        enc_norm = self.W_enc[:, live_idx].norm(dim=0).median()
+        self.W_dec[idx] = directions * dec_norm
+        self.W_enc[:, idx] = directions.t() * (enc_norm * self.resample_encoder_scale)
+        for name in ("b_enc", "b_gate", "b_mag"):
+            if name in self._parameters:
+                getattr(self, name)[idx] = 0
+
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """``(parameters, learning-rate multiplier)`` groups for the optimizer; every parameter once."""
+        return [(list(self.parameters()), 1.0)]
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Initialisation that needs data, called by ``fastsae.train`` on a fresh run with a sample ``x [N, d_in]``
+        of the (scaled) training data, after ``b_dec`` was set. The default does nothing."""
+
+    # -- the sparsity coefficient λ, fixed or controlled to reach target_l0 ---------------------
+    def _init_sparsity(self, sparsity_coefficient: float, target_l0: Optional[float]) -> None:
+        coef = float(sparsity_coefficient)
+        if not (coef >= 0 and math.isfinite(coef)):
+            raise ValueError(f"sparsity_coefficient must be a finite number >= 0, got {sparsity_coefficient}")
+        self._sparsity_coefficient = coef
+        self.target_l0 = sparsity_control.check_target_l0(target_l0, self.d_sae)
+        if self.controls_sparsity:
+            if coef <= 0:
+                raise ValueError("sparsity_coefficient (the controller's starting λ) must be > 0 with target_l0")
+            self.register_buffer("log_sparsity_coefficient",
+                                 torch.tensor(math.log(coef), dtype=self._wide_dtype(), device=self.device))
+
+    @property
+    def controls_sparsity(self) -> bool:
+        """True when λ is adjusted during training to reach ``target_l0`` (fastsae/sparsity.py)."""
+        return self.__dict__.get("target_l0") is not None
+
+    @property
+    def sparsity_coefficient(self):
+        """λ: a float, or with ``target_l0`` the controller's current value (a 0-d tensor on the module's
+        device, so reading it in a training step does not synchronise)."""
+        if self.controls_sparsity:
+            return self.log_sparsity_coefficient.exp()
+        return self._sparsity_coefficient
+
+    @sparsity_coefficient.setter
+    def sparsity_coefficient(self, value) -> None:
+        self._sparsity_coefficient = float(value)
+        if self.controls_sparsity:
+            with torch.no_grad():
+                self.log_sparsity_coefficient.fill_(math.log(float(value)))
+
+    def _sparsity_config(self) -> dict:
+        cfg = dict(sparsity_coefficient=self._sparsity_coefficient)
+        if self.target_l0 is not None:
+            cfg["target_l0"] = self.target_l0
+        return cfg
+
+    # -- tensors that keep full precision whatever the compute dtype ---------------------------
+    def _wide_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def _wide_tensors(self) -> list[tuple[dict, str]]:
+        """``(store, name)`` of the tensors kept in float32 (float64 for a float64 SAE) across ``.to(dtype)``:
+        thresholds, bandwidths and controller state, whose small updates a bf16 copy would lose."""
+        return [(self._buffers, n) for n in self._buffers if n == "log_sparsity_coefficient"]
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating tensor; keep the originals of the wide ones and re-cast them
+        # from full precision, so no round trip through bf16 happens.
+        before = {}
+        for store, name in self._wide_tensors():
+            t = store[name]
+            if t is not None and t.is_floating_point():
+                before[name] = (t.detach(), None if getattr(t, "grad", None) is None else t.grad.detach())
+        super()._apply(fn, recurse)
+        wide = self._wide_dtype()
+        for store, name in self._wide_tensors():
+            if name not in before or store[name].dtype == wide:
+                continue
+            old, old_grad = before[name]
+            cur = store[name]
+            fixed = old.to(device=cur.device, dtype=wide)
+            if isinstance(cur, nn.Parameter):
+                cur.data = fixed
+                if old_grad is not None:
+                    cur.grad = old_grad.to(device=cur.device, dtype=wide)
+            else:
+                store[name] = fixed
+        return self
 
     def config(self) -> dict:
         """Constructor arguments that rebuild this module (used by ``save``/``load``)."""
@@ -220,12 +338,26 @@ class JumpReLUSAE(SAE):
             ``log_threshold`` and ``threshold`` is its exponential (moves only about ``θ · lr`` per step).
         adaptive: options of the adaptive rule (a dict of :class:`~fastsae.adaptive.AdaptiveBandwidth`
             fields), only with ``bandwidth="adaptive"``.
+        sparsity_loss: the sparsity penalty (the recipe):
+            ``"step"`` (the paper): ``λ · mean_b L0_b`` through the step function's pseudo-derivative;
+            ``"tanh"`` (Anthropic, January 2025): ``λ · mean_b Σ_j tanh(c · f_bj · ‖W_dec[j]‖)``, a smooth L0
+            whose gradient reaches f and the decoder norms (c = ``tanh_scale``);
+            ``"quadratic"`` (dictionary_learning; Gemma Scope 2's target-L0 loss): ``λ · (mean_b L0_b / T - 1)²``
+            with ``T = target_l0``.
+        target_l0: the L0 to reach. With ``"step"`` or ``"tanh"``, λ becomes the state of a controller that
+            adjusts it during training (``fastsae/sparsity.py``), starting from ``sparsity_coefficient``;
+            with ``"quadratic"`` it is the penalty's target (required) and λ stays fixed.
+        pre_act_coefficient: weight of the pre-activation loss ``mean_b Σ_{j dead} relu(θ_j - pre_bj)‖W_dec[j]‖``
+            that pulls dead latents back towards their thresholds (Anthropic; dead latents only, as SAELens).
+        ste_to_input: let the jump's pseudo-derivative reach the pre-activations (hence the encoder) too,
+            not only θ (Anthropic; SAELens ``jumprelu_ste_to_input``).
     θ (and ε) are kept in float32 (float64 for a float64 SAE) whatever the module's compute dtype, also
     across ``.to(dtype)``: a bf16 threshold stops learning once its updates fall below its precision.
     """
 
     architecture = "jumprelu"
     PARAMETERIZATIONS = ("direct", "log")
+    SPARSITY_LOSSES = ("step", "tanh", "quadratic")
 
     def __init__(
         self,
@@ -233,17 +365,52 @@ class JumpReLUSAE(SAE):
         d_sae: int,
         *,
         bandwidth: Union[float, Tensor, str, "AdaptiveBandwidth"] = 1e-3,
-        sparsity_coefficient: float = 1e-3,
+        sparsity_coefficient: float = 2e-2,
         threshold_init: float = 1e-3,
         threshold_parameterization: str = "direct",
         adaptive: Optional[dict] = None,
-        apply_b_dec_to_input: bool = False,
+        sparsity_loss: Optional[str] = None,
+        target_l0: Optional[float] = None,
+        tanh_scale: float = 4.0,
+        pre_act_coefficient: float = 0.0,
+        ste_to_input: bool = False,
+        init_l0: Union[float, str, None] = "auto",
+        threshold_lr_scale: float = 2.0,
+        decoder_init_norm: float = 0.1,
+        apply_b_dec_to_input: bool = True,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
-        super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
-                         device=device)
+        super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input,
+                         decoder_init_norm=decoder_init_norm, dtype=dtype, device=device)
+        if sparsity_loss is None:
+            sparsity_loss = "step" if target_l0 is None else "quadratic"
+        if sparsity_loss not in self.SPARSITY_LOSSES:
+            raise ValueError(f"sparsity_loss must be one of {list(self.SPARSITY_LOSSES)}, got {sparsity_loss!r}")
+        if sparsity_loss == "quadratic" and target_l0 is None:
+            raise ValueError("sparsity_loss='quadratic' needs target_l0 (the L0 the penalty aims at)")
+        if sparsity_loss == "step" and target_l0 is not None:
+            # λ·L0 with λ driven by a controller cannot pull L0 *up*: at λ = 0 thresholds sitting in a gap of the
+            # pre-activation density get no gradient (measured: L0 stuck at half the target with λ → 1e-4)
+            raise ValueError("target_l0 goes with sparsity_loss='quadratic' (the default when target_l0 is given) "
+                             "or 'tanh', not 'step'")
+        if init_l0 == "auto":
+            init_l0 = None if target_l0 is None else min(2.0 * float(target_l0), float(d_sae))
+        elif isinstance(init_l0, str):
+            raise ValueError(f"init_l0 must be a number, None or 'auto', got {init_l0!r}")
+        for name, v in (("tanh_scale", tanh_scale), ("pre_act_coefficient", pre_act_coefficient)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.sparsity_loss = sparsity_loss
+        self.tanh_scale = float(tanh_scale)
+        self.pre_act_coefficient = float(pre_act_coefficient)
+        self.ste_to_input = bool(ste_to_input)
+        self.init_l0 = sparsity_control.check_target_l0(init_l0, d_sae) if init_l0 is not None else None
+        if isinstance(threshold_lr_scale, bool) or not isinstance(threshold_lr_scale, (int, float)) or not (
+                0 < threshold_lr_scale < math.inf):
+            raise ValueError(f"threshold_lr_scale must be a positive number, got {threshold_lr_scale!r}")
+        self.threshold_lr_scale = float(threshold_lr_scale)
         if threshold_parameterization not in self.PARAMETERIZATIONS:
             raise ValueError(f"threshold_parameterization must be one of {list(self.PARAMETERIZATIONS)}, "
                              f"got {threshold_parameterization!r}")
@@ -251,8 +418,8 @@ class JumpReLUSAE(SAE):
             raise ValueError(f"threshold_init must be >= 0, got {threshold_init}")
         if threshold_parameterization == "log" and not threshold_init > 0:
             raise ValueError(f"threshold_init must be > 0 with threshold_parameterization='log', got {threshold_init}")
-        self.sparsity_coefficient = float(sparsity_coefficient)
         self.threshold_parameterization = threshold_parameterization
+        self._init_sparsity(sparsity_coefficient, target_l0)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
         th_init = torch.full((d_sae,), float(threshold_init), dtype=self._wide_dtype(), device=device)
         if threshold_parameterization == "log":
@@ -283,9 +450,6 @@ class JumpReLUSAE(SAE):
             for name, t in adaptive_rule.new_state(d_sae, th_init.dtype, device).items():
                 self.register_buffer(f"_adaptive_{name}", t, persistent=False)
 
-    def _wide_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
-
     @property
     def threshold(self) -> Tensor:
         """θ ``[d_sae]`` (float32, or float64 for a float64 SAE): the parameter itself, or ``exp(log_threshold)``."""
@@ -296,12 +460,71 @@ class JumpReLUSAE(SAE):
             raise AttributeError("threshold")
         return p
 
+    @property
+    def controls_sparsity(self) -> bool:
+        # "quadratic" aims at target_l0 through its own penalty; the controller drives λ for the others
+        return super().controls_sparsity and self.__dict__.get("sparsity_loss") != "quadratic"
+
     def _training_forward(self, x, dead_mask, coefficient):
+        tanh = self.sparsity_loss == "tanh"
         out = self.ops(x.device).jumprelu_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold,
-                                              self.bandwidth, self.apply_b_dec_to_input)
-        sparsity = out.l0.mean()
+                                              self.bandwidth, self.apply_b_dec_to_input,
+                                              ste_to_input=self.ste_to_input, need_values=tanh)
+        if tanh:
+            sparsity = ref.tanh_sparsity(out.values, out.indices, self.W_dec, self.tanh_scale, x.shape[0])
+        elif self.sparsity_loss == "quadratic":
+            sparsity = ref.quadratic_l0(out.l0, self.target_l0)
+        else:
+            sparsity = out.l0.mean()
+        aux = x.new_zeros(())
+        if self.pre_act_coefficient and dead_mask is not None:
+            aux = ref.pre_activation_loss(self._encoder_input(x), self.W_enc, self.b_enc, self.threshold, self.W_dec,
+                                          dead_mask)
         lam = self.sparsity_coefficient if coefficient is None else coefficient
-        return self._output(x, out, sparsity, x.new_zeros(()), lam, 0.0)
+        return self._output(x, out, sparsity, aux, lam, self.pre_act_coefficient)
+
+    def latent_axes(self):
+        name = "log_threshold" if self.threshold_parameterization == "log" else "threshold"
+        return dict(super().latent_axes(), **{name: 0})
+
+    @torch.no_grad()
+    def reinit_latents(self, idx, directions, live, probe, fire_rate):
+        """θ of each new latent at the quantile of its pre-activations on ``probe`` that gives it the live latents'
+        mean firing rate, so it neither starts dead nor dense."""
+        super().reinit_latents(idx, directions, live, probe, fire_rate)
+        pre = self._encoder_input(probe.to(self.dtype)) @ self.W_enc[:, idx] + self.b_enc[idx]
+        q = min(max(1.0 - fire_rate, 0.0), 1.0 - 1.0 / max(probe.shape[0], 1))
+        theta = pre.float().quantile(q, dim=0).clamp_min(0).to(self.threshold.dtype)
+        if self.threshold_parameterization == "log":
+            self.log_threshold[idx] = theta.clamp_min(torch.finfo(theta.dtype).tiny).log()
+        else:
+            self.threshold[idx] = theta
+
+    def parameter_groups(self):
+        th = self.log_threshold if self.threshold_parameterization == "log" else self.threshold
+        rest = [p for p in self.parameters() if p is not th]
+        return [(rest, 1.0), ([th], self.threshold_lr_scale)]
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """With ``init_l0``: each θ_j at the quantile of latent j's pre-activations on ``x`` above which it fires
+        on ``init_l0 / d_sae`` of the rows, so the fresh SAE has L0 ≈ ``init_l0`` instead of firing on about half
+        its latents (θ ≥ 0)."""
+        if self.init_l0 is None or x.shape[0] == 0:
+            return
+        x = x.to(self.dtype)
+        rank = max(1, min(x.shape[0], int(round(x.shape[0] * (1 - self.init_l0 / self.d_sae)))))
+        theta = torch.empty(self.d_sae, dtype=self.threshold.dtype, device=self.device)
+        step = max(1, 2**24 // max(x.shape[0], 1))  # [rows, latents] slabs of at most 16M entries
+        x_in = self._encoder_input(x)
+        for a in range(0, self.d_sae, step):
+            pre = x_in @ self.W_enc[:, a:a + step] + self.b_enc[a:a + step]
+            theta[a:a + step] = pre.float().kthvalue(rank, dim=0).values.to(theta.dtype)
+        theta.clamp_(min=0)
+        if self.threshold_parameterization == "log":
+            self.log_threshold.copy_(theta.clamp_min(torch.finfo(theta.dtype).tiny).log())
+        else:
+            self.threshold.copy_(theta)
 
     @torch.no_grad()
     def apply_constraints(self) -> None:
@@ -311,11 +534,13 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def observe(self, x: Tensor, out: TrainOutput) -> None:
-        """Adapt the per-latent bandwidth (``bandwidth="adaptive"`` only) from a subsample of the batch ``x``.
+        """The target-L0 controller, then the per-latent bandwidth (``bandwidth="adaptive"`` only) from a
+        subsample of the batch ``x``.
 
         ``pre`` is recomputed under ``no_grad`` on at most ``adaptive.sample_rows`` evenly strided rows,
         so no kernel has to expose it; see ``fastsae/adaptive.py`` for the rule.
         """
+        super().observe(x, out)
         rule = self.adaptive
         if rule is None:
             return
@@ -332,33 +557,9 @@ class JumpReLUSAE(SAE):
 
     def _wide_tensors(self) -> list[tuple[dict, str]]:
         names = ["log_threshold" if self.threshold_parameterization == "log" else "threshold"]
-        out = [(self._parameters, n) for n in names]
+        out = super()._wide_tensors() + [(self._parameters, n) for n in names]
         out += [(self._buffers, n) for n in self._buffers if n == "bandwidth" or n.startswith("_adaptive_")]
         return out
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts every floating tensor; θ and ε must stay float32 (float64 for a float64 SAE).
-        # Keep the originals and re-cast them from full precision, so no round trip through bf16 happens.
-        before = {}
-        for store, name in self._wide_tensors():
-            t = store[name]
-            if t is not None and t.is_floating_point():
-                before[name] = (t.detach(), None if getattr(t, "grad", None) is None else t.grad.detach())
-        super()._apply(fn, recurse)
-        wide = self._wide_dtype()
-        for store, name in self._wide_tensors():
-            if name not in before or store[name].dtype == wide:
-                continue
-            old, old_grad = before[name]
-            cur = store[name]
-            fixed = old.to(device=cur.device, dtype=wide)
-            if isinstance(cur, nn.Parameter):
-                cur.data = fixed
-                if old_grad is not None:
-                    cur.grad = old_grad.to(device=cur.device, dtype=wide)
-            else:
-                store[name] = fixed
-        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept either parameterisation's key (e.g. a SAELens/Gemma Scope `threshold` into a log-θ module).
@@ -371,8 +572,11 @@ class JumpReLUSAE(SAE):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def config(self):
-        cfg = dict(super().config(), sparsity_coefficient=self.sparsity_coefficient,
-                   threshold_parameterization=self.threshold_parameterization)
+        cfg = dict(super().config(), **self._sparsity_config(),
+                   threshold_parameterization=self.threshold_parameterization, sparsity_loss=self.sparsity_loss,
+                   tanh_scale=self.tanh_scale, pre_act_coefficient=self.pre_act_coefficient,
+                   ste_to_input=self.ste_to_input, init_l0=self.init_l0,
+                   threshold_lr_scale=self.threshold_lr_scale)
         if self.adaptive is not None:
             cfg.update(bandwidth="adaptive", adaptive=self.adaptive.config())
         return cfg
@@ -390,6 +594,7 @@ class TopKSAE(SAE):
 
     architecture = "topk"
     unit_norm_decoder = True
+    resample_encoder_scale = 1.0  # a resampled latent must win a row's top k to get any gradient
 
     def __init__(
         self,
@@ -435,36 +640,69 @@ class TopKSAE(SAE):
 class BatchTopKSAE(TopKSAE):
     """BatchTopK SAE (Bussmann et al. 2024): keep the ``B·k`` largest activations of the whole batch.
 
-    During training the module keeps an exponential moving average of the smallest kept activation
-    (``threshold``, a buffer). Once calibrated, ``encode`` uses it as a global JumpReLU threshold, so
-    inference no longer depends on the batch; before that, ``encode`` applies the batch top-k.
+    Inference uses a global threshold instead (``threshold``, a buffer), so it no longer depends on the
+    batch: ``encode`` is ``f = pre · 1[pre > threshold]`` with ``pre = relu(...)``. Two things set it:
+    - during training, a bias-corrected running mean of each batch's smallest kept activation (decay
+      ``threshold_decay``; the correction makes the first steps' estimate the mean of the batches seen so far,
+      not a blend with an arbitrary starting value), updated on device without a host sync;
+    - :meth:`calibrate` on held-out rows: the threshold that keeps exactly ``k`` latents per row on average
+      there. ``fastsae.train`` calls it at the end of training on a sample of the data, so the saved SAE's
+      inference L0 is ``k`` even when the activation scale was still drifting in the last steps.
+    ``threshold < 0`` means not calibrated yet; ``encode`` then applies the batch top-k.
     """
 
     architecture = "batchtopk"
 
-    def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_decay: float = 0.999, **kwargs):
+    def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_decay: float = 0.99, topk_warmup: int = 0,
+                 **kwargs):
         super().__init__(d_in, d_sae, k, **kwargs)
         if not 0.0 <= threshold_decay < 1.0:
             raise ValueError(f"threshold_decay must lie in [0, 1), got {threshold_decay}")
         self.threshold_decay = float(threshold_decay)
-        # -1 marks "not calibrated yet"; calibrated thresholds are >= 0.
+        self.topk_warmup = int(topk_warmup)
+        self.register_buffer("_forwards", torch.zeros((), dtype=torch.int64, device=self.device), persistent=False)
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=self.device))
+        # Σ of the EMA weights so far (the bias correction); not saved: a loaded SAE restarts its running mean
+        self.register_buffer("_threshold_weight", torch.zeros((), dtype=torch.float32, device=self.device),
+                             persistent=False)
 
     @property
     def calibrated(self) -> bool:
         return bool(self.threshold >= 0)
 
     def _sae_forward(self, ops, x):
+        if self.training:
+            self._forwards += 1
+            if int(self._forwards) <= self.topk_warmup:
+                return super()._sae_forward(ops, x)
         out = ops.batchtopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
                                 self.apply_b_dec_to_input)
         if self.training and out.min_kept is not None:
             with torch.no_grad():
-                m = out.min_kept.float()
-                if self.calibrated:
-                    self.threshold.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * m)
-                else:
-                    self.threshold.copy_(m)
+                w = self._threshold_weight.mul_(self.threshold_decay).add_(1 - self.threshold_decay)
+                # θ ← θ + ((1 - decay) / w)·(m - θ): the running mean of m with Adam-style bias correction
+                self.threshold.add_((1 - self.threshold_decay) / w * (out.min_kept.float() - self.threshold))
         return out
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, batch_size: Optional[int] = None) -> float:
+        """Set ``threshold`` so that ``encode`` keeps ``k`` latents per row on average over ``x [N, d_in]``
+        (the smallest of the ``N·k`` largest activations of all rows: BatchTopK over one batch of N rows).
+        Returns the threshold."""
+        x2, _ = self._flatten(x)
+        n_keep = x2.shape[0] * self.k
+        batch_size = batch_size or max(1, 2**24 // self.d_sae)  # a [rows, d_sae] slab of at most 16M entries
+        kept = None
+        for a in range(0, x2.shape[0], batch_size):
+            pre = F.relu(self._pre(x2[a:a + batch_size])).reshape(-1)
+            pool = pre if kept is None else torch.cat([kept, pre])
+            kept = torch.topk(pool, min(n_keep, pool.numel()), sorted=False).values
+        positive = kept[kept > 0] if kept is not None else None
+        if positive is None or positive.numel() == 0:
+            return float(self.threshold)
+        self.threshold.fill_(float(positive.min()))
+        self._threshold_weight.fill_(1.0)
+        return float(self.threshold)
 
     def config(self):
         return dict(super().config(), threshold_decay=self.threshold_decay)
@@ -481,6 +719,7 @@ class ReLUSAE(SAE):
         d_sae: int,
         *,
         sparsity_coefficient: float = 1e-2,
+        target_l0: Optional[float] = None,
         apply_b_dec_to_input: bool = False,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
@@ -488,7 +727,7 @@ class ReLUSAE(SAE):
     ):
         super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
                          device=device)
-        self.sparsity_coefficient = float(sparsity_coefficient)
+        self._init_sparsity(sparsity_coefficient, target_l0)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
 
     def _training_forward(self, x, dead_mask, coefficient):
@@ -498,7 +737,7 @@ class ReLUSAE(SAE):
         return self._output(x, out, out.sparsity.mean(), x.new_zeros(()), lam, 0.0)
 
     def config(self):
-        return dict(super().config(), sparsity_coefficient=self.sparsity_coefficient)
+        return dict(super().config(), **self._sparsity_config())
 
 
 class GatedSAE(SAE):
@@ -517,6 +756,7 @@ class GatedSAE(SAE):
         d_sae: int,
         *,
         sparsity_coefficient: float = 1e-2,
+        target_l0: Optional[float] = None,
         apply_b_dec_to_input: bool = True,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
@@ -524,7 +764,7 @@ class GatedSAE(SAE):
     ):
         super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
                          device=device)
-        self.sparsity_coefficient = float(sparsity_coefficient)
+        self._init_sparsity(sparsity_coefficient, target_l0)
         factory = dict(dtype=self.dtype, device=device)
         self.b_gate = nn.Parameter(torch.zeros(d_sae, **factory))
         self.r_mag = nn.Parameter(torch.zeros(d_sae, **factory))
@@ -537,7 +777,7 @@ class GatedSAE(SAE):
         return self._output(x, out, out.sparsity.mean(), out.aux, lam, 1.0)
 
     def config(self):
-        return dict(super().config(), sparsity_coefficient=self.sparsity_coefficient)
+        return dict(super().config(), **self._sparsity_config())
 
 
 ARCHITECTURES = {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, BatchTopKSAE, ReLUSAE, GatedSAE)}

@@ -228,3 +228,77 @@ def test_sparse_decode_reference():
     b = torch.randn(5, dtype=D64)
     dense = torch.zeros(4, 7, dtype=D64).index_put_((torch.arange(4)[:, None].expand(4, 3), i), v, accumulate=True)
     assert torch.allclose(ref.sparse_decode(v, i, W, b), dense @ W + b)
+
+
+# -- the JumpReLU recipes of issue 18 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_latent", [False, True])
+def test_straight_through_to_the_input(per_latent):
+    """``ste_to_input``: the jump's pseudo-derivative reaches pre too: ∂f/∂pre = H + (θ/ε)K, ∂H/∂pre = (1/ε)K;
+    the θ-gradients are the paper's."""
+    B, d_sae = 9, 13
+    theta = (0.05 + torch.rand(d_sae, dtype=D64)).requires_grad_()
+    eps = (0.01 + 0.05 * torch.rand(d_sae, dtype=D64)) if per_latent else torch.tensor(0.03, dtype=D64)
+    pre = window_pre(B, d_sae, theta.detach(), eps).requires_grad_()
+    g = torch.randn(B, d_sae, dtype=D64)
+    u = (pre.detach() - theta.detach()) / eps
+    K = ((u > -0.5) & (u < 0.5)).to(D64)
+    H = (pre.detach() > theta.detach()).to(D64)
+    f = ref.jumprelu(pre, theta, eps, ste_to_input=True)
+    assert torch.equal(f, pre * (pre > theta))
+    gp, gt = torch.autograd.grad(f, (pre, theta), g)
+    assert torch.allclose(gp, g * H + (theta.detach() / eps) * K * g)
+    assert torch.allclose(gt, (-(theta.detach() / eps) * K * g).sum(0))
+    h = ref.step(pre, theta, eps, ste_to_input=True)
+    gp, gt = torch.autograd.grad(h, (pre, theta), g)
+    assert torch.allclose(gp, (1 / eps) * K * g) and K.sum() > 5
+    assert torch.allclose(gt, (-(1 / eps) * K * g).sum(0))
+
+
+def test_tanh_sparsity_is_layout_independent_and_differentiates_f_and_decoder_norms():
+    B, d_in, d_sae, c = 6, 5, 11, 3.0
+    W_dec = torch.randn(d_sae, d_in, dtype=D64, requires_grad=True)
+    f = torch.relu(torch.randn(B, d_sae, dtype=D64)).requires_grad_()
+    dense = ref.tanh_sparsity(f, None, W_dec, c, B)
+    norms = W_dec.norm(dim=1)
+    assert torch.allclose(dense, torch.tanh(c * f * norms).sum() / B)
+    # the same code as padded (values, indices) lists gives the same penalty and the same gradients
+    from fastsae.sae import dense_to_padded
+
+    values, indices = dense_to_padded(f.detach())
+    values.requires_grad_()
+    padded = ref.tanh_sparsity(values, indices, W_dec, c, B)
+    torch.testing.assert_close(padded, dense)
+    g_dense = torch.autograd.grad(dense, (f, W_dec))
+    g_padded = torch.autograd.grad(padded, (values, W_dec))
+    torch.testing.assert_close(g_padded[1], g_dense[1])
+    active = values != 0
+    torch.testing.assert_close(g_padded[0][active], g_dense[0][values.nonzero(as_tuple=True)[0], indices[active]])
+    assert torch.autograd.gradcheck(lambda v, W: ref.tanh_sparsity(v, indices, W, c, B),
+                                    (values.detach().clone().requires_grad_(), W_dec.detach().clone().requires_grad_()))
+
+
+def test_pre_activation_loss_pulls_only_dead_latents_up_to_their_thresholds():
+    B, d_in, d_sae = 7, 5, 9
+    p = params(d_in, d_sae)
+    x = torch.randn(B, d_in, dtype=D64)
+    theta = torch.rand(d_sae, dtype=D64) + 0.5
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[[1, 4, 8]] = True
+    loss = ref.pre_activation_loss(x, p["W_enc"], p["b_enc"], theta, p["W_dec"], dead)
+    pre = x @ p["W_enc"] + p["b_enc"]
+    want = (torch.relu(theta - pre) * p["W_dec"].norm(dim=1))[:, dead].sum(-1).mean()
+    torch.testing.assert_close(loss, want)
+    gW = torch.autograd.grad(loss, p["W_enc"])[0]
+    assert torch.count_nonzero(gW[:, ~dead]) == 0 and torch.count_nonzero(gW[:, dead]) > 0
+    assert float(ref.pre_activation_loss(x, p["W_enc"], p["b_enc"], theta, p["W_dec"],
+                                         torch.zeros(d_sae, dtype=torch.bool))) == 0.0
+
+
+def test_quadratic_target_l0_is_zero_at_the_target_and_pushes_from_both_sides():
+    l0 = torch.tensor([3.0, 5.0, 4.0], dtype=D64, requires_grad=True)
+    assert float(ref.quadratic_l0(l0, 4.0)) == 0.0
+    (g_hi,) = torch.autograd.grad(ref.quadratic_l0(l0 * 2, 4.0), l0)
+    (g_lo,) = torch.autograd.grad(ref.quadratic_l0(l0 / 2, 4.0), l0)
+    assert (g_hi > 0).all() and (g_lo < 0).all()

@@ -649,7 +649,7 @@ def test_checkpoint_files_are_plain_safetensors(tmp_path):
         names = set(f.keys())
         meta = json.loads(f.metadata()["fastsae.checkpoint"])
     assert {"module._adaptive_density", "module.bandwidth", "rng.numpy", "optimizer.0.exp_avg_sq"} <= names
-    assert meta["counters"] == {"": {"_observed": 2}} and meta["step"] == 2
+    assert meta["counters"][""]["_observed"] == 2 and meta["step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------

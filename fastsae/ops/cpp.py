@@ -530,7 +530,11 @@ class CppBackend(Backend):
         return values.reshape(*lead, k), indices.reshape(*lead, k)
 
     # -- training steps ---------------------------------------------------------------------
-    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input):
+    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
+                     ste_to_input=False, need_values=False):
+        if ste_to_input or need_values:  # not in the fused kernels yet: the reference computes them
+            return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
+                                        ste_to_input, need_values)
         if not _fusable(x, W_enc, b_enc, W_dec, b_dec):
             return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input)
         args = (x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, bool(apply_b_dec_to_input))

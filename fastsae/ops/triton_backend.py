@@ -117,7 +117,11 @@ class TritonBackend(Backend):
         return out.reshape(*lead, W_dec.shape[1])
 
     # -- fused SAE forward passes ---------------------------------------------------------
-    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input):
+    def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
+                     ste_to_input=False, need_values=False):
+        if ste_to_input or need_values:  # not in the fused kernels yet: the reference computes them
+            return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
+                                        ste_to_input, need_values)
         if not self._ok(x, W_enc, b_enc, W_dec, b_dec, threshold):
             return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input)
         from .decode import jumprelu_decode

@@ -1,0 +1,145 @@
+"""Resampling dead and duplicate latents during training.
+
+Two things waste an SAE's latents in a short run, on every architecture:
+- **dead** latents: no input drives them over their threshold (or into the top k) any more, so they get no
+  gradient and never come back (AuxK helps TopK only slowly, and only after ``dead_after`` tokens);
+- **duplicates**: two latents on one feature. Nothing but competition for a row's k slots separates them, and
+  JumpReLU, ReLU and Gated have no such competition: on data with heavy-tailed magnitudes two JumpReLU latents
+  split one feature by magnitude, or both fire on it at half size.
+Both are latents that could be learning a feature nobody has. Every ``every`` steps during the first part of
+training, :class:`Resampler` finds them and re-initialises each one towards an input the SAE reconstructs
+badly (the residual of a row drawn with probability ∝ its squared error: Bricken et al. 2023's resampling,
+which dictionary learning calls atom replacement):
+
+- dead: fires on none of the probe rows (8,192 rows drawn once from the data: a firing frequency below ~1e-4).
+  Measured against "not fired during the whole period" (the loop's tokens-since-fired), this also catches the
+  latents that fire now and then on noise and learn nothing: TopK at the true L0 on the realistic data
+  recovered 73% of the features with the stricter rule, 77% with this one (small problem, 1M tokens);
+- duplicate: fires on the probe rows together with a latent whose decoder row has cosine > ``duplicate_cos``
+  with its own, and fires less often than that latent (pairs are looked for only among latents that fire
+  together on a row, so the cost is O(rows · L0²), not O(d_sae²));
+- the new latent: decoder row = the residual direction at the median live decoder norm, encoder column = the
+  same direction at a fraction of the median live encoder norm (the architecture's ``resample_encoder_scale``:
+  0.2 where firing is decided by a threshold, so the latent starts by fitting the residual rather than at full
+  strength; 1 for TopK, whose latents must win a row's top k to get any gradient), bias 0; each architecture
+  sets its own extras
+  (:meth:`fastsae.sae.SAE.reinit_latents`: e.g. JumpReLU's θ at the quantile that gives the current firing rate);
+- Adam's state for those rows is reset: first moment 0, second moment the mean of the live rows', so the first
+  updates have the size every other latent's have (a zero second moment would make them ~30× larger).
+
+Measured (``experiments/results/training_quality.md``): on the realistic synthetic data TopK (k = true L0) goes
+from 83% to 95% of the true features recovered in the same 3M tokens.
+
+Deterministic: the probe rows are drawn once from the data with the run's seed and the row choice uses a
+generator seeded from (seed, step), so a resumed run resamples exactly as the uninterrupted one; under data
+parallelism every rank makes the same choice (the probe and the firing statistics are the same on every rank).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Resampler", "DEFAULT_DUPLICATE_COS"]
+
+DEFAULT_DUPLICATE_COS = 0.7
+#: rows of the probe searched for co-firing duplicate pairs (O(rows · L0²) pairs)
+_PAIR_ROWS = 2048
+
+
+@dataclass
+class Resampler:
+    """Resample every ``every`` steps up to step ``until`` on the fixed ``probe [N, d_in]`` (scaled inputs)."""
+
+    every: int
+    until: int
+    probe: Tensor
+    seed: int
+    duplicate_cos: float = DEFAULT_DUPLICATE_COS
+
+    def due(self, step: int) -> bool:
+        """``step`` is the number of steps completed."""
+        return self.every > 0 and step % self.every == 0 and step <= self.until
+
+    @torch.no_grad()
+    def __call__(self, sae, optimizer, step: int) -> int:
+        """Resample the dead and duplicate latents of ``sae`` in place; returns how many."""
+        values, indices = sae.encode_sparse(self.probe)
+        active = values != 0
+        fires = torch.zeros(sae.d_sae, dtype=torch.long, device=values.device)
+        fires.index_add_(0, indices[active], torch.ones_like(indices[active]))
+        dead = fires == 0
+        candidates = dead | _duplicates(sae.W_dec, values[:_PAIR_ROWS], indices[:_PAIR_ROWS], fires,
+                                        self.duplicate_cos)
+        idx = candidates.nonzero().squeeze(1)
+        if idx.numel() == 0 or bool(candidates.all()):
+            return 0
+        x_hat = sae.ops(values.device).sparse_decode(values, indices, sae.W_dec, sae.b_dec)
+        err = (self.probe - x_hat).float()
+        weight = err.pow(2).sum(1)
+        n = min(idx.numel(), int((weight > 0).sum()))
+        if n == 0:
+            return 0
+        idx = idx[:n]
+        g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + int(step))
+        rows = torch.multinomial(weight.cpu().double(), n, replacement=False, generator=g).to(err.device)
+        directions = torch.nn.functional.normalize(err[rows], dim=1).to(sae.dtype)
+        live = ~candidates
+        fire_rate = float(fires[live].float().mean()) / self.probe.shape[0]
+        sae.reinit_latents(idx, directions, live, self.probe, fire_rate=fire_rate)
+        _reset_optimizer_rows(sae, optimizer, idx, live)
+        return n
+
+
+def _duplicates(W_dec: Tensor, values: Tensor, indices: Tensor, fires: Tensor, min_cos: float) -> Tensor:
+    """``[d_sae]`` bool: the less frequent latent of every co-firing pair whose decoder rows have cosine > min_cos."""
+    d_sae = W_dec.shape[0]
+    out = torch.zeros(d_sae, dtype=torch.bool, device=W_dec.device)
+    K = indices.shape[-1]
+    if K < 2 or indices.shape[0] == 0:
+        return out
+    # Every pair of active latents on a row, as i * d_sae + j with i < j, deduplicated.
+    idx = torch.where(values != 0, indices, torch.full_like(indices, -1))
+    a, b = idx.unsqueeze(2).expand(-1, K, K), idx.unsqueeze(1).expand(-1, K, K)
+    keep = (a >= 0) & (b >= 0) & (a < b)
+    pairs = torch.unique(a[keep] * d_sae + b[keep])
+    if pairs.numel() == 0:
+        return out
+    i, j = pairs // d_sae, pairs % d_sae
+    W = torch.nn.functional.normalize(W_dec.float(), dim=1)
+    cos = (W[i] * W[j]).sum(1)
+    close = cos > min_cos
+    i, j = i[close], j[close]
+    loser = torch.where(fires[i] < fires[j], i, j)
+    out[loser] = True
+    return out
+
+
+def _reset_optimizer_rows(sae, optimizer, idx: Tensor, live: Tensor) -> None:
+    """Adam moments of the resampled latents: first moment 0, second moment the mean over live latents."""
+    for name, axis in sae.latent_axes().items():
+        p = getattr(sae, name)
+        state = optimizer.state.get(p, {})
+        if "exp_avg" in state:
+            state["exp_avg"].index_fill_(axis, idx.to(p.device), 0)
+        sq = state.get("exp_avg_sq")
+        if sq is not None:
+            live_rows = sq.index_select(axis, live.nonzero().squeeze(1).to(p.device))
+            mean = live_rows.mean(dim=axis, keepdim=True) if live_rows.numel() else torch.zeros_like(
+                sq.narrow(axis, 0, 1))
+            shape = list(sq.shape)
+            shape[axis] = idx.numel()
+            sq.index_copy_(axis, idx.to(p.device), mean.expand(shape).contiguous())
+
+
+def default_every(steps: int) -> int:
+    """Ten resampling periods per run (none for runs shorter than 100 steps)."""
+    return steps // 10 if steps >= 100 else 0
+
+
+def default_until(steps: int) -> int:
+    """Resample during the first 60% of the steps: the rest lets the new latents settle with the schedule."""
+    return int(math.floor(0.6 * steps))

@@ -1,0 +1,150 @@
+"""The mechanisms behind issue 18's training-quality fixes, one by one: the target-L0 controller, the data-driven
+threshold init, BatchTopK's inference threshold, resampling of dead and duplicate latents, the centred input
+scale, and exact resume through all of them."""
+import math
+
+import pytest
+import torch
+
+import fastsae
+from fastsae import sparsity as sparsity_control
+from fastsae.data import synthetic
+from fastsae.resample import Resampler, _duplicates
+from fastsae.train import estimate_input_scale, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_controller_moves_lambda_towards_the_target_from_both_sides_without_a_host_read():
+    log_lam = torch.tensor(math.log(0.01))
+    sparsity_control.update_log_lambda(log_lam, torch.tensor(40.0), 10.0)  # 4× too many: λ up, clamped at e
+    assert float(log_lam) == pytest.approx(math.log(0.01) + sparsity_control.DEFAULT_RATE * 1.0)
+    before = float(log_lam)
+    sparsity_control.update_log_lambda(log_lam, torch.tensor(5.0), 10.0)  # 2× too few: λ down by log 2
+    assert float(log_lam) == pytest.approx(before - sparsity_control.DEFAULT_RATE * math.log(2))
+    big = torch.tensor(0.0)
+    for _ in range(100_000):
+        sparsity_control.update_log_lambda(big, torch.tensor(1e6), 1.0, rate=1.0)
+    assert float(big) == pytest.approx(sparsity_control.LOG_LAMBDA_RANGE[1])  # no wind-up past the range
+    with pytest.raises(ValueError, match="target_l0"):
+        fastsae.ReLUSAE(8, 16, target_l0=17)
+    with pytest.raises(ValueError, match="target_l0 goes with"):
+        fastsae.JumpReLUSAE(8, 16, target_l0=2, sparsity_loss="step")
+
+
+def test_jumprelu_threshold_init_from_data_gives_the_asked_l0():
+    data = synthetic(20_000, 16, 40, active=3, seed=1)
+    sae = fastsae.JumpReLUSAE(16, 96, target_l0=3.0)
+    assert sae.init_l0 == 6.0  # "auto": twice the target
+    x = data.x[:4096]
+    sae.init_from_data(x)
+    l0 = float((sae.encode(x) != 0).sum(1).float().mean())
+    assert l0 == pytest.approx(6.0, rel=0.1)
+    assert bool((sae.threshold >= 0).all())
+    plain = fastsae.JumpReLUSAE(16, 96)
+    before = plain.threshold.detach().clone()
+    plain.init_from_data(x)  # no target and no init_l0: θ stays at threshold_init
+    assert torch.equal(plain.threshold.detach(), before)
+
+
+def test_batchtopk_running_threshold_is_bias_corrected_and_calibration_keeps_k_per_row():
+    torch.manual_seed(0)
+    sae = fastsae.BatchTopKSAE(12, 48, 4, threshold_decay=0.9)
+    sae.train()
+    x = torch.randn(256, 12)
+    mins = []
+    for _ in range(3):
+        out = sae.training_forward(x + 0.1 * torch.randn_like(x))
+        mins.append(float(sae.threshold))
+    # after n updates the estimate is the (weighted) mean of the batch minima seen so far, not a blend with -1
+    assert 0 < mins[0] and all(m > 0 for m in mins)
+    held = torch.randn(4000, 12)
+    t = sae.calibrate(held)
+    assert t == pytest.approx(float(sae.threshold)) and sae.calibrated
+    l0 = float((sae.encode(held) != 0).sum(1).float().mean())
+    assert l0 == pytest.approx(4.0, rel=0.01)
+
+
+def test_batchtopk_inference_l0_is_k_after_300_steps():
+    """Issue 18: held-out L0 within 10% of k at 300 steps, and training and inference reconstructions agree."""
+    data = synthetic(100_000, 16, 48, active=3, seed=2)
+    held = data.sample(4000, seed=3)
+    sae = fastsae.BatchTopKSAE(16, 96, 4)
+    train(sae, data, steps=300, batch_size=256, progress=False)
+    f = sae.encode(held)
+    assert float((f != 0).sum(1).float().mean()) == pytest.approx(4.0, rel=0.1)
+    # the batch top-k of the whole held-out set (what training computes) against the thresholded code
+    sae.train()
+    pre = torch.relu((held - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    top = torch.topk(pre.reshape(-1), 4000 * 4).indices
+    batch_code = torch.zeros_like(pre).reshape(-1)
+    batch_code[top] = pre.reshape(-1)[top]
+    x_batch = batch_code.reshape(pre.shape) @ sae.W_dec + sae.b_dec
+    x_inf = sae.decode(f)
+    rel = float((x_batch - x_inf).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+    assert rel < 0.01, rel
+
+
+def test_duplicates_are_the_weaker_of_co_firing_pairs_with_close_decoder_rows():
+    W = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    W[3] = W[1] + 0.05 * torch.randn(8)  # a near copy of latent 1
+    values = torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 0.5]])
+    indices = torch.tensor([[1, 3, 0], [1, 3, 5]])
+    fires = torch.tensor([0, 9, 0, 4, 0, 1])
+    dup = _duplicates(W, values, indices, fires, 0.7)
+    assert dup.tolist() == [False, False, False, True, False, False]
+    # latents that never fire together are not duplicates, however close their rows
+    assert not _duplicates(W, values[:, :1], indices[:, :1], fires, 0.7).any()
+
+
+def test_resampling_revives_dead_latents_towards_the_residual_and_resets_their_adam_rows():
+    torch.manual_seed(0)
+    data = synthetic(20_000, 16, 40, active=3, seed=4)
+    sae = fastsae.TopKSAE(16, 64, 3)
+    with torch.no_grad():
+        sae.W_enc[:, :10] = -5.0 * sae.W_enc[:, :10].abs()  # latents 0..9 can never win the top-k: dead
+        sae.b_enc[:10] = -10
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.training_forward(data.x[:256]).loss.backward()
+    opt.step()
+    probe = data.x[:2048]
+    n = Resampler(every=1, until=10, probe=probe, seed=0)(sae, opt, step=1)
+    assert n >= 10
+    _, idx = sae.encode_sparse(probe)
+    assert torch.isin(torch.arange(10), idx.unique()).all()  # every revived latent fires again
+    assert float(sae.b_enc[:10].abs().max()) == 0.0
+    sq = opt.state[sae.W_dec]["exp_avg_sq"]
+    assert torch.allclose(sq[:10], sq[:10][0].expand(10, -1)) and float(sq[:10].abs().sum()) > 0
+    assert float(opt.state[sae.W_dec]["exp_avg"][:10].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_resume_is_exact_across_resampling_and_the_controllers(tmp_path, arch):
+    data = synthetic(20_000, 12, 24, active=2, seed=5)
+
+    def make():
+        torch.manual_seed(3)
+        if arch == "jumprelu":
+            return fastsae.JumpReLUSAE(12, 48, target_l0=2.0)
+        return fastsae.TopKSAE(12, 48, 2)
+
+    kw = dict(steps=200, batch_size=64, progress=False, resample_every=40)
+    full = make()
+    train(full, data, **kw)
+    part = make()
+    with pytest.raises(KeyboardInterrupt):
+        train(part, data, checkpoint_dir=tmp_path, checkpoint_every=70,
+              callback=lambda r: (_ for _ in ()).throw(KeyboardInterrupt) if r["step"] == 140 else None,
+              log_every=70, **kw)
+    resumed = make()
+    result = train(resumed, data, checkpoint_dir=tmp_path, resume=True, log_every=70, **kw)
+    assert result.final["resampled"] > 0
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_input_scale_is_the_centred_rms_norm():
+    x = torch.randn(5000, 8) + 10.0  # a mean offset far larger than the variation
+    s = estimate_input_scale(x)
+    centred = (x.double() - x.double().mean(0)).pow(2).sum(1).mean()
+    assert s == pytest.approx(float(1 / centred.sqrt()), rel=1e-9)

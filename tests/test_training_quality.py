@@ -1,0 +1,61 @@
+"""Issue 18: every architecture trains to a good SAE with its defaults, judged by what it recovers of a known
+dictionary (features matched at cosine > 0.9, MCC), its held-out FVU and its L0 — not by the loss alone.
+
+Small versions of the built-in job (32 dims, 64 true features, 1,500 steps of 512) so the suite stays fast; the
+full-size numbers are in benchmarks/results/*/quality.md (``python -m benchmarks quality``)."""
+import pytest
+import torch
+
+import fastsae
+from fastsae.data import realistic, synthetic
+from fastsae.train import train
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+D_IN, N_FEATURES, D_SAE, STEPS, BATCH = 32, 64, 128, 1500, 512
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return synthetic(100_000, D_IN, N_FEATURES, active=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return realistic(100_000, D_IN, N_FEATURES, active=3, seed=0)
+
+
+def _fit(sae, data):
+    torch.manual_seed(0)
+    train(sae, data, steps=STEPS, batch_size=BATCH, progress=False)
+    return data.evaluate(sae, n=8192)
+
+
+def test_jumprelu_defaults_recover_the_clean_dictionary(clean):
+    torch.manual_seed(0)
+    m = _fit(fastsae.JumpReLUSAE(D_IN, D_SAE), clean)
+    assert m["recovery"] >= 0.95 and m["fvu"] <= 0.15, m
+    assert clean.true_l0 / 2 <= m["l0"] <= 2 * clean.true_l0, m
+    assert m["uniqueness"] >= 0.9, m
+
+
+def test_topk_defaults_recover_the_clean_dictionary(clean):
+    torch.manual_seed(0)
+    m = _fit(fastsae.TopKSAE(D_IN, D_SAE, 6), clean)
+    assert m["recovery"] >= 0.95 and m["fvu"] <= 0.15, m
+
+
+def test_jumprelu_target_l0_on_realistic_data(real):
+    """Mean offset, Zipf frequencies, heavy tails, correlated and hierarchical features, noise: JumpReLU asked for
+    the true L0. (At this size and budget its L0 is still above the target at the end; at the full size it is
+    within 3% of it: see benchmarks/results/*/quality.md.)"""
+    torch.manual_seed(0)
+    m = _fit(fastsae.JumpReLUSAE(D_IN, D_SAE, target_l0=round(real.true_l0, 2)), real)
+    assert m["mcc"] >= 0.8 and m["fvu"] <= 0.1 and m["l0"] <= 2 * real.true_l0, m
+    assert m["recovery"] >= 0.35 and m["uniqueness"] >= 0.9, m
+
+
+def test_topk_at_the_true_l0_on_realistic_data(real):
+    torch.manual_seed(0)
+    m = _fit(fastsae.TopKSAE(D_IN, D_SAE, 3), real)
+    assert m["recovery"] >= 0.8 and m["mcc"] >= 0.9 and m["fvu"] <= 0.2, m
