@@ -38,14 +38,16 @@ from fastsae.sae import ARCHITECTURES
 ALL = ("jumprelu", "topk", "batchtopk", "relu", "gated")
 
 
-def fresh(arch: str, d_in: int, d_sae: int, k: int, backend: str, seed: int):
+def fresh(arch: str, d_in: int, d_sae: int, k: int, backend: str, seed: int, target_l0=None):
     torch.manual_seed(seed)
     cls = ARCHITECTURES[arch]
-    return cls(d_in, d_sae, k, backend=backend) if arch in ("topk", "batchtopk") else cls(d_in, d_sae, backend=backend)
+    if arch in ("topk", "batchtopk"):
+        return cls(d_in, d_sae, k, backend=backend)
+    return cls(d_in, d_sae, backend=backend, **({} if target_l0 is None else dict(target_l0=target_l0)))
 
 
 def run_fastsae(arch, backend, data, args):
-    sae = fresh(arch, args.d_in, args.d_sae, args.k, backend, args.seed)
+    sae = fresh(arch, args.d_in, args.d_sae, args.k, backend, args.seed, args.target_l0)
     trace = []
     t_prev = [time.perf_counter()]
     ops = sae.ops()
@@ -155,6 +157,10 @@ def main(argv=None):
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=32, help="TopK / BatchTopK k")
     p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--target-l0", type=float, default=None,
+                   help="JumpReLU / ReLU / Gated: build with target_l0 (its controller or target-L0 loss sets the "
+                        "sparsity; a JumpReLU then starts at L0 ≈ 2 × target, init_l0='auto'); default: the "
+                        "library's λ, from a dense start")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--n-features", type=int, default=2048, help="true features of the synthetic data")
     p.add_argument("--active", type=float, default=16.0, help="mean active true features per sample")
@@ -169,6 +175,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, "
           f"batch={args.batch}, steps={args.steps}, float32; synthetic data: {n} samples, {args.n_features} "
           f"features, ~{args.active:g} active")
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = {}
     for arch in args.archs:
         for provider in args.providers:
@@ -204,7 +211,7 @@ def main(argv=None):
         f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                 f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, {args.steps} "
                 f"steps, float32, synthetic data ({args.n_features} features, ~{args.active:g} active); load "
-                f"average {load:.1f} at the end. Step time vs L0: `{os.path.basename(args.out)}.png`.\n\n")
+                f"average {load0:.1f} at the start, {load:.1f} at the end. Step time vs L0: `{os.path.basename(args.out)}.png`.\n\n")
         f.write("\n".join(lines) + "\n")
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.writer(f)

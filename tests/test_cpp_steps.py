@@ -483,3 +483,26 @@ def test_training_run_across_switches_matches_eager(monkeypatch, arch, dtype):
     torch.testing.assert_close(torch.tensor(runs["cpp"][0]), torch.tensor(runs["eager"][0]), **tol)
     for k, v in runs["eager"][1].items():
         torch.testing.assert_close(runs["cpp"][1][k], v, **tol, msg=k)
+
+
+@pytest.mark.parametrize("arch,kw", [("jumprelu", dict(target_l0=12.0)),  # quadratic target-L0, init_l0="auto"
+                                     ("jumprelu", dict(target_l0=12.0, sparsity_loss="tanh")),  # eager fallback
+                                     ("jumprelu", dict(ste_to_input=True)),  # eager fallback
+                                     ("relu", dict(target_l0=12.0)), ("gated", dict(target_l0=12.0))])
+def test_train_with_the_sparsity_controllers_matches_eager(monkeypatch, arch, kw):
+    """fastsae.train with issue-18's recipes (target-L0 controllers driving a tensor λ, the data-driven θ
+    initialisation, the recipes the fused kernels hand to the reference) on cpp follows eager, float64, through
+    the first (dense) step and the sparse steps after it."""
+    called = _spy(monkeypatch)
+    data = torch.randn(6 * 64, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    states = {}
+    for backend in ("eager", "cpp"):
+        sae = _module(arch, dtype=torch.float64, **kw)
+        sae.backend = backend
+        with override_crossover(0.9):  # the first step (no history: all 96 latents) dense, then sparse
+            fastsae.train(sae, data, steps=6, batch_size=64, seed=0, progress=False)
+        states[backend] = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    fused = not (kw.get("sparsity_loss") == "tanh" or kw.get("ste_to_input"))
+    assert (called == [f"{arch}_sae_dense"] + [f"{arch}_sae"] * 5) if fused else called == []
+    for k, v in states["eager"].items():
+        torch.testing.assert_close(states["cpp"][k], v, atol=1e-9, rtol=1e-9, msg=k)
