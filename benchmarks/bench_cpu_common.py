@@ -37,6 +37,9 @@ def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, densi
     if arch.endswith("-fresh"):
         return sae
     with torch.no_grad():
+        # unit encoder columns whatever the architecture's initial norm (a JumpReLU starts at 0.1): the
+        # pre-activations' scale against ε, hence the θ-window's size, stays that of a trained SAE
+        sae.W_enc.div_(sae.W_enc.norm(dim=0, keepdim=True).clamp_min(1e-12))
         sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc) / d_in ** 0.5)
         x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
         if base == "jumprelu":
@@ -53,17 +56,23 @@ def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, densi
     return sae
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
+#: ``wall``: elapsed time; ``cpu``: this process's CPU time (all its threads), for a busy shared machine, where
+#: other jobs' time slices inflate elapsed time but not the CPU work a step costs (use it with 1 thread)
+CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
+
+
+def time_interleaved(fns: dict, repeats: int, clock: str = "wall") -> dict:
     """Median seconds of each function over ``repeats`` rounds after a warm-up; each round runs every function
-    once, so the load of a shared machine moves them together."""
+    once, so the load of a shared machine moves them together. ``clock``: a key of :data:`CLOCKS`."""
+    now = CLOCKS[clock]
     for f in fns.values():
         f()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             f()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
 
 

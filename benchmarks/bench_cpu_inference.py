@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the process's CPU time instead of elapsed time (a busy machine; with --threads 1)")
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager columns")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "inference.md"))
     args = p.parse_args(argv)
@@ -68,7 +70,7 @@ def main(argv=None):
                        forward=lambda: sae(x), encode=lambda: sae.encode(x))
             if not args.no_eager:
                 fns.update(eager_encode_sparse=lambda: eager.encode_sparse(x), eager_forward=lambda: eager(x))
-            t = time_interleaved(fns, args.repeats)
+            t = time_interleaved(fns, args.repeats, args.clock)
             t.setdefault("eager_encode_sparse", float("nan"))
             t.setdefault("eager_forward", float("nan"))
             values, _ = sae.encode_sparse(x)
@@ -78,11 +80,12 @@ def main(argv=None):
             del sae, eager
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cmd = "python benchmarks/bench_cpu_inference.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with open(args.out, "w") as f:
         f.write("# Inference (no_grad) on CPU: cpp backend vs the bare encoder GEMM and eager\n\n")
         f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                 f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, float32, median "
-                f"of {args.repeats} interleaved rounds.\n\n")
+                f"of {args.repeats} interleaved rounds, {args.clock} clock; load average {load:.1f} at the end.\n\n")
         f.write(HEADER + "\n" + RULE + "\n" + "".join(fmt(r) + "\n" for r in rows))
     print(f"wrote {args.out}")
 

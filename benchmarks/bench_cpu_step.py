@@ -100,7 +100,7 @@ def bench(args):
                 x_in = (x - cpp.b_dec if cpp.apply_b_dec_to_input else x).detach()
                 W, b = cpp.W_enc.detach(), (cpp.b_gate if arch == "gated" else cpp.b_enc).detach()
             fns = dict(gemm=lambda: torch.addmm(b, x_in, W), **steps)
-            t = time_interleaved(fns, args.repeats)
+            t = time_interleaved(fns, args.repeats, args.clock)
             mem = {} if args.no_memory else {k: peak_bytes(f) for k, f in steps.items()}
             row = dict(arch=arch, d_sae=d_sae, sparsity=sparsity_label(arch, cpp, out, x), path=path,
                        eager=t["eager"], cpp=t["cpp"], sparsify=t.get("sparsify"), gemm=t["gemm"],
@@ -136,6 +136,8 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the process's CPU time instead of elapsed time (a busy machine; with --threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory profiles")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "step_cpp.md"))
     args = p.parse_args(argv)
@@ -152,7 +154,7 @@ def main(argv=None):
         f.write("# One training step (forward + backward), CPU, cpp backend vs eager and the encoder GEMM\n\n")
         f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                 f"{args.threads} threads, d_in={args.d_in}, batch={args.batch}, float32, median of {args.repeats} "
-                f"interleaved rounds; load average {load:.1f} at the end.\n\n")
+                f"interleaved rounds, {args.clock} clock; load average {load:.1f} at the end.\n\n")
         f.write(HEADER + "\n" + RULE + "\n")
         for r in rows:
             f.write(fmt_row(r) + "\n")
