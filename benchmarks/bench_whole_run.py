@@ -170,7 +170,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "whole_run"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    n = min(args.steps * args.batch, 262144)
+    # fastsae.data.synthetic holds ~27 KB per sample while it draws them (its dense [n, n_features] codes):
+    # 65536 samples (~2 GB) cycled through; 262144 ran out of the shared machine's memory
+    n = min(args.steps * args.batch, 65536)
     data = synthetic(n, args.d_in, args.n_features, active=args.active, seed=args.seed)
     print(f"torch {torch.__version__}, {args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, "
           f"batch={args.batch}, steps={args.steps}, float32; synthetic data: {n} samples, {args.n_features} "
