@@ -1,8 +1,11 @@
 """What the CPU benchmark scripts share (not a benchmark itself): the batch, SAEs set to a chosen sparsity from the
-batch's own pre-activations, interleaved timing, and peak memory."""
+batch's own pre-activations, interleaved timing, peak memory, and the results file."""
 from __future__ import annotations
 
+import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -88,3 +91,17 @@ def peak_bytes(fn) -> int:
         cur += e.nbytes()  # > 0 allocation, < 0 free
         peak = max(peak, cur)
     return peak
+
+
+def write_table(out: str, title: str, argv, settings: str, lines) -> None:
+    """``out``: a markdown file with ``title``, the command that made it (this script and ``argv``, default the
+    process's arguments), torch, the processor, ``settings``, the load average at the end, then ``lines``."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "<script>"
+    cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with open(out, "w") as f:
+        f.write(f"# {title}\n\n`{cmd.strip()}` — torch {torch.__version__}, "
+                f"{platform.processor() or platform.machine()}, {settings}; load average {load:.1f} at the end.\n\n")
+        f.write("".join(line + "\n" for line in lines))
+    print(f"wrote {out}")

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 import torch
 
-from bench_cpu_common import build as build_sae, make_batch, time_interleaved
+from bench_cpu_common import build as build_sae, make_batch, time_interleaved, write_table
 
 ARCHS = ("jumprelu", "topk", "batchtopk", "relu", "gated")
 
@@ -78,16 +77,9 @@ def main(argv=None):
             rows.append(row)
             print(fmt(row), flush=True)
             del sae, eager
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    cmd = "python benchmarks/bench_cpu_inference.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    with open(args.out, "w") as f:
-        f.write("# Inference (no_grad) on CPU: cpp backend vs the bare encoder GEMM and eager\n\n")
-        f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    write_table(args.out, "Inference (no_grad) on CPU: cpp backend vs the bare encoder GEMM and eager", argv,
                 f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, float32, median "
-                f"of {args.repeats} interleaved rounds, {args.clock} clock; load average {load:.1f} at the end.\n\n")
-        f.write(HEADER + "\n" + RULE + "\n" + "".join(fmt(r) + "\n" for r in rows))
-    print(f"wrote {args.out}")
+                f"of {args.repeats} interleaved rounds, {args.clock} clock", [HEADER, RULE] + [fmt(r) for r in rows])
 
 
 if __name__ == "__main__":

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
 
 import fastsae
-from bench_cpu_common import build as build_sae, make_batch, peak_bytes, time_interleaved
+from bench_cpu_common import build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
 
 ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "gated")
 
@@ -147,18 +146,9 @@ def main(argv=None):
     print(HEADER)
     print(RULE)
     rows = bench(args)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    cmd = "python benchmarks/bench_cpu_step.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    with open(args.out, "w") as f:
-        f.write("# One training step (forward + backward), CPU, cpp backend vs eager and the encoder GEMM\n\n")
-        f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-                f"{args.threads} threads, d_in={args.d_in}, batch={args.batch}, float32, median of {args.repeats} "
-                f"interleaved rounds, {args.clock} clock; load average {load:.1f} at the end.\n\n")
-        f.write(HEADER + "\n" + RULE + "\n")
-        for r in rows:
-            f.write(fmt_row(r) + "\n")
-    print(f"wrote {args.out}")
+    write_table(args.out, "One training step (forward + backward), CPU, cpp backend vs eager and the encoder GEMM",
+                argv, f"{args.threads} threads, d_in={args.d_in}, batch={args.batch}, float32, median of "
+                f"{args.repeats} interleaved rounds, {args.clock} clock", [HEADER, RULE] + [fmt_row(r) for r in rows])
 
 
 if __name__ == "__main__":
