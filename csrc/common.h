@@ -49,6 +49,9 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* op, const c
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "], got ", t.sizes());
 }
 
+// An output in its own storage and dtype (rows of one [k, d_sae] scratch tensor would alias each other).
+inline at::Tensor own(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype, false, true); }
+
 // The dtype JumpReLU's window test runs in: float32-or-wider, as reference._kernel_window.
 inline at::ScalarType wide_type(at::ScalarType a, at::ScalarType b) {
   return (a == at::kDouble || b == at::kDouble) ? at::kDouble : at::kFloat;
@@ -76,7 +79,57 @@ inline void axpy(acc_t* y, acc_t a, const scalar_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<acc_t>(x[i]);
 }
 
+// dot(g, w) with the partial sums of dot, and acc += v·g in the same pass over g.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_axpy(const scalar_t* g, const scalar_t* w, acc_t* acc, acc_t v, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) {
+      const acc_t gi = static_cast<acc_t>(g[i + t]);
+      part[t] += gi * static_cast<acc_t>(w[i + t]);
+      acc[i + t] += v * gi;
+    }
+  acc_t s = 0;
+  for (; i < n; ++i) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    s += gi * static_cast<acc_t>(w[i]);
+    acc[i] += v * gi;
+  }
+  for (int t = 0; t < L; ++t) s += part[t];
+  return s;
+}
+
+// y1 += a1·x, y2 += a2·x in one pass over x.
+template <typename scalar_t, typename acc_t>
+inline void axpy2(acc_t* y1, acc_t a1, acc_t* y2, acc_t a2, const scalar_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    y1[i] += a1 * xi;
+    y2[i] += a2 * xi;
+  }
+}
+
+// Σ a[i]·b[i] with b already in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_mixed(const scalar_t* a, const acc_t* b, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) part[t] += static_cast<acc_t>(a[i + t]) * b[i + t];
+  acc_t s = 0;
+  for (; i < n; ++i) s += static_cast<acc_t>(a[i]) * b[i];
+  for (int t = 0; t < L; ++t) s += part[t];
+  return s;
+}
+
 // float32, the training dtype: the multi-ISA versions from simd.cpp.
+template <>
+inline float dot_mixed<float, float>(const float* a, const float* b, int64_t n) {
+  return dot_f32(a, b, n);
+}
 template <>
 inline float dot<float, float>(const float* a, const float* b, int64_t n) {
   return dot_f32(a, b, n);
@@ -84,6 +137,14 @@ inline float dot<float, float>(const float* a, const float* b, int64_t n) {
 template <>
 inline void axpy<float, float>(float* y, float a, const float* x, int64_t n) {
   axpy_f32(y, a, x, n);
+}
+template <>
+inline float dot_axpy<float, float>(const float* g, const float* w, float* acc, float v, int64_t n) {
+  return dot_axpy_f32(g, w, acc, v, n);
+}
+template <>
+inline void axpy2<float, float>(float* y1, float a1, float* y2, float a2, const float* x, int64_t n) {
+  axpy2_f32(y1, a1, y2, a2, x, n);
 }
 
 // Work-sharing over [0, n) in tasks of `grain` indices: threads pull the next task from a shared
@@ -112,6 +173,7 @@ inline void parallel_tasks(int64_t n, int64_t grain, const F& f) {
 struct ByLatent {
   std::vector<int64_t> start;  // [n_latents + 1]
   std::vector<int64_t> entry;  // [nnz], entry ids grouped by latent
+  std::vector<int64_t> row;    // [nnz], each grouped entry's row (group_by_latent_rows only)
 };
 
 inline ByLatent group_by_latent(const int64_t* cols, int64_t nnz, int64_t n_latents) {
@@ -125,12 +187,34 @@ inline ByLatent group_by_latent(const int64_t* cols, int64_t nnz, int64_t n_late
   return g;
 }
 
-// Rows per chunk of the encoder GEMM: a [chunk, d_sae] slab of pre-activations stays in cache
-// while it is thresholded/selected, and the dense [B, d_sae] is never materialised at once.
+// The same for CSR entries by row (row_ptr [rows + 1]), also recording each grouped entry's row, so a
+// per-latent loop reads (entry, row) in sequence instead of looking the row up per entry.
+inline ByLatent group_by_latent_rows(const int64_t* row_ptr, int64_t rows, const int64_t* cols, int64_t nnz,
+                                     int64_t n_latents) {
+  ByLatent g;
+  g.start.assign(n_latents + 1, 0);
+  for (int64_t e = 0; e < nnz; ++e) ++g.start[cols[e] + 1];
+  for (int64_t j = 0; j < n_latents; ++j) g.start[j + 1] += g.start[j];
+  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
+  g.entry.resize(nnz);
+  g.row.resize(nnz);
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t e = row_ptr[b]; e < row_ptr[b + 1]; ++e) {
+      const int64_t at = fill[cols[e]]++;
+      g.entry[at] = e;
+      g.row[at] = b;
+    }
+  return g;
+}
+
+// Rows per slab of the encoder GEMM: a [rows, d_sae] slab of pre-activations stays in cache while it is
+// thresholded/selected, and the dense [B, d_sae] is never materialised at once. At least four slabs when the
+// batch allows, so two threads each take several (for_each_slab). A function of (B, d_sae) only: the GEMM's
+// shapes, hence its bits, never depend on the thread count.
 inline int64_t encode_chunk_rows(int64_t B, int64_t d_sae) {
   // Measured: slabs much below ~256 rows make the GEMM itself slower than the memory they save.
   const int64_t target = (int64_t(1) << 22);  // ~4M elements (16 MB in float32) per slab
-  int64_t rows = target / (d_sae > 0 ? d_sae : 1);
+  int64_t rows = std::min(target / (d_sae > 0 ? d_sae : 1), (B + 3) / 4);
   rows = rows < 256 ? 256 : rows;
   return rows > B ? (B > 0 ? B : 1) : rows;
 }

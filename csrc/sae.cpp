@@ -1,222 +1,188 @@
 // Fused sparse SAE training steps (DESIGN.md §2): the only dense [B, d_sae] work is the encoder
-// GEMM, run in row slabs that stay in cache; each slab is immediately compacted into a CSR list of
-// the entries the backward needs, and nothing of size [B, d_sae] survives the forward.
+// GEMM, run in row slabs that stay in cache; each slab is immediately compacted into per-row lists of
+// the entries the backward needs (and those rows decoded while their entries are at hand), and nothing
+// of size [B, d_sae] survives the forward.
 //
-//   JumpReLU: entries = active ∪ window (|pre - θ| < ε/2). An inactive window entry carries value 0,
-//             so decode skips it, but the backward still computes ∂L/∂f there for the θ-gradient.
-//   TopK:     entries = the k selected latents of each row (relu'd values).
+//   JumpReLU:  entries = active ∪ window (|pre - θ| < ε/2). An inactive window entry carries value 0,
+//              so decode skips it, but the backward still computes ∂L/∂f there for the θ-gradient.
+//   TopK:      the k selected latents of each row (relu'd values).
+//   BatchTopK: the B·k largest relu'd pre-activations of the batch: a global bound rises slab by slab
+//              (the (B·k)-th largest value seen so far can only be below the final one), so only
+//              entries above it are kept; the exact B·k are selected at the end.
+//   ReLU:      pre > 0; sparsity_b = Σ f_bj · w_j (w = decoder row norms) is computed here too.
+//   Gated:     open gates π_gate > 0; one GEMM z = x_in · W_gate serves gate and magnitude
+//              (π_mag = exp(r_mag)·z + b_mag), and x̂, x̂_frozen (relu(π_gate) through the same decoder
+//              rows) and the L1 of relu(π_gate) are all sums over the open gates.
 //
-// Backward (sparse_sae_backward): SDDMM ∂L/∂f_e = grad_x_hat[b] · W_dec[j] at every entry, then the
-// entries are regrouped by latent (counting sort) so grad_W_dec rows, grad_W_enc columns, grad_b_enc
-// and grad_θ are each reduced by one thread in a fixed order: no atomics, and the same bits for any
-// thread count.
+// Backward: csrc/backward.h, one engine with a rule per architecture.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstring>
-#include <type_traits>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <mutex>
 
+#include "backward.h"
 #include "common.h"
+#include "encoder.h"
 #include "topk.h"
 
 namespace fastsae {
 
 namespace {
 
-constexpr uint8_t kActive = 1;  // pre > θ: f = pre, gradient reaches the encoder
-constexpr uint8_t kWindow = 2;  // |pre - θ| / ε < 1/2: the θ pseudo-derivatives are nonzero
-
-struct SaeDims {
-  int64_t B, d_in, d_sae;
-};
-
-SaeDims check_sae_args(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
-                       const at::Tensor& W_dec, const at::Tensor& b_dec, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [B, d_in], got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point");
-  const int64_t B = x.size(0), d_in = x.size(1);
-  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(0) == d_in, op, ": W_enc must be [d_in=", d_in, ", d_sae], got ",
-              W_enc.sizes());
-  const int64_t d_sae = W_enc.size(1);
-  check_vector(b_enc, d_sae, op, "b_enc");
-  TORCH_CHECK(W_dec.dim() == 2 && W_dec.size(0) == d_sae && W_dec.size(1) == d_in, op, ": W_dec must be [", d_sae,
-              ", ", d_in, "], got ", W_dec.sizes());
-  check_vector(b_dec, d_in, op, "b_dec");
-  check_same_dtype(W_enc, x, op, "W_enc", "x");
-  check_same_dtype(b_enc, x, op, "b_enc", "x");
-  check_same_dtype(W_dec, x, op, "W_dec", "x");
-  check_same_dtype(b_dec, x, op, "b_dec", "x");
-  return {B, d_in, d_sae};
-}
-
-at::Tensor encoder_input(const at::Tensor& x, const at::Tensor& b_dec, bool apply_b_dec_to_input) {
-  return apply_b_dec_to_input ? at::sub(x, b_dec).contiguous() : x.contiguous();
-}
-
-// Threshold/bandwidth in the wide dtype, with the kernel's own check that ε > 0 (a NaN or
-// non-positive ε would break the candidate pre-filter below).
-std::pair<at::Tensor, at::Tensor> latent_params(const at::Tensor& threshold, const at::Tensor& bandwidth,
-                                                int64_t d_sae, at::ScalarType compute, const char* op) {
-  check_vector(threshold, d_sae, op, "threshold");
-  check_vector(bandwidth, d_sae, op, "bandwidth");
-  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()) && at::isFloatingType(bandwidth.scalar_type()), op,
-              ": threshold and bandwidth must be floating point");
-  const auto wide = wide_type(compute, threshold.scalar_type());
-  auto th = threshold.to(wide).contiguous();
-  auto eps = bandwidth.to(wide).contiguous();
-  TORCH_CHECK(d_sae == 0 || eps.gt(0).all().item<bool>(), op, ": bandwidth must be > 0 everywhere");
-  return {th, eps};
-}
-
-// x_hat[b] = b_dec + Σ_{e in row b} vals[e] · W_dec[cols[e]]
-template <typename scalar_t>
-void decode_rows(int64_t B, int64_t d_in, const int64_t* row_ptr, const int64_t* cols, const scalar_t* vals,
-                 const scalar_t* W, const scalar_t* bias, scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(d_in);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t i = 0; i < d_in; ++i) acc[i] = static_cast<acc_t>(bias[i]);
-      for (int64_t e = row_ptr[b]; e < row_ptr[b + 1]; ++e) {
-        const acc_t a = static_cast<acc_t>(vals[e]);
-        if (a == acc_t(0)) continue;  // inactive window entries
-        axpy<scalar_t, acc_t>(acc.data(), a, W + cols[e] * d_in, d_in);
-      }
-      for (int64_t i = 0; i < d_in; ++i) out[b * d_in + i] = static_cast<scalar_t>(acc[i]);
-    }
-  });
-}
-
-// Σ a[i]·b[i] with b already in the accumulation type (float32: the multi-ISA dot).
-template <typename scalar_t, typename acc_t>
-acc_t dot_mixed(const scalar_t* a, const acc_t* b, int64_t n) {
-  acc_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * b[i];
-  return s;
-}
-template <>
-float dot_mixed<float, float>(const float* a, const float* b, int64_t n) {
-  return dot_f32(a, b, n);
-}
-
-template <typename T>
-at::Tensor vector_to_tensor(const std::vector<T>& v, const at::TensorOptions& opt) {
-  auto t = at::empty({static_cast<int64_t>(v.size())}, opt);
-  if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(T));
-  return t;
+at::Tensor fired_from(const std::vector<int64_t>& cols, const std::vector<uint8_t>* flags, int64_t d_sae,
+                      const at::TensorOptions& opt) {
+  auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
+  bool* fp = fired.data_ptr<bool>();
+  for (size_t e = 0; e < cols.size(); ++e)
+    if (!flags || ((*flags)[e] & kActive)) fp[cols[e]] = true;
+  return fired;
 }
 
 }  // namespace
 
+// ---- the batch-wide top-k selection (training, and inference before calibration) -------------------
+
+// Kept entries of relu(x_in · W + b) [B, d_sae]: the n_keep = min(B·k, B·d_sae) largest, as CSR by row
+// in latent order. Entries <= 0 are never kept (they carry no value and no gradient). Ties at the
+// boundary are broken by the lower flat index, so the result is a deterministic function of the batch.
+template <typename scalar_t>
+void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& b, int64_t k,
+                        std::vector<int64_t>& row_ptr, std::vector<int64_t>& cols, std::vector<scalar_t>& vals) {
+  using key_t = at::opmath_type<scalar_t>;
+  struct Cand {
+    int64_t flat;  // row * d_sae + col
+    key_t v;
+  };
+  const int64_t B = x_in.size(0), d_sae = W.size(1);
+  const int64_t n_keep = std::min(B * k, B * d_sae);
+  // Candidates are appended (and pruned) under `mu`. `lo` only rises: every value it takes is the n_keep-th
+  // largest of a subset of the batch, so never above the final one.
+  std::vector<Cand> all;
+  std::mutex mu;
+  std::atomic<key_t> lo{key_t(0)};  // keep v > lo
+  auto prune = [&] {  // under mu
+    std::vector<key_t> tmp(all.size());
+    for (size_t e = 0; e < all.size(); ++e) tmp[e] = all[e].v;
+    std::nth_element(tmp.begin(), tmp.begin() + (n_keep - 1), tmp.end(), std::greater<key_t>());
+    const key_t p = tmp[n_keep - 1];
+    all.erase(std::remove_if(all.begin(), all.end(), [&](const Cand& c) { return c.v < p; }), all.end());
+    lo.store(std::max(lo.load(), std::nextafter(p, -std::numeric_limits<key_t>::infinity())));
+  };
+  for_each_slab(x_in, W, b, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
+    const scalar_t* pp = pre.data_ptr<scalar_t>();
+    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+      const key_t bound = lo.load();
+      std::vector<int64_t> cand(d_sae);
+      std::vector<Cand> local;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = pp + r * d_sae;
+        const int64_t nc = candidates_above<scalar_t, key_t>(row, bound, d_sae, cand.data());
+        for (int64_t t = 0; t < nc; ++t) local.push_back({(r0 + r) * d_sae + cand[t], static_cast<key_t>(row[cand[t]])});
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      all.insert(all.end(), local.begin(), local.end());
+    });
+    std::lock_guard<std::mutex> lock(mu);
+    if (n_keep > 0 && static_cast<int64_t>(all.size()) > 2 * n_keep) prune();
+  });
+  // The exact n_keep: rank by value, ties by the lower flat index.
+  auto better = [](const Cand& a, const Cand& c) { return a.v > c.v || (a.v == c.v && a.flat < c.flat); };
+  if (static_cast<int64_t>(all.size()) > n_keep) {
+    if (n_keep > 0) {
+      std::nth_element(all.begin(), all.begin() + (n_keep - 1), all.end(), better);
+      all.resize(n_keep);
+    } else {
+      all.clear();
+    }
+  }
+  // CSR by row, latents in order: a counting sort by row, then each row's few entries by latent.
+  row_ptr.assign(B + 1, 0);
+  for (const Cand& c : all) ++row_ptr[c.flat / d_sae + 1];
+  for (int64_t r = 0; r < B; ++r) row_ptr[r + 1] += row_ptr[r];
+  std::vector<Cand> by_row(all.size());
+  {
+    std::vector<int64_t> fill(row_ptr.begin(), row_ptr.end() - 1);
+    for (const Cand& c : all) by_row[fill[c.flat / d_sae]++] = c;
+  }
+  cols.resize(all.size());
+  vals.resize(all.size());
+  parallel_tasks(B, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::sort(by_row.begin() + row_ptr[r], by_row.begin() + row_ptr[r + 1],
+                [](const Cand& a, const Cand& c) { return a.flat < c.flat; });
+      for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+        cols[e] = by_row[e].flat - r * d_sae;
+        vals[e] = static_cast<scalar_t>(by_row[e].v);
+      }
+    }
+  });
+}
+
+template void batch_topk_entries<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                        std::vector<int64_t>&, std::vector<int64_t>&, std::vector<float>&);
+template void batch_topk_entries<double>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                         std::vector<int64_t>&, std::vector<int64_t>&, std::vector<double>&);
+template void batch_topk_entries<at::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                               std::vector<int64_t>&, std::vector<int64_t>&,
+                                               std::vector<at::BFloat16>&);
+
+// ---- forwards -----------------------------------------------------------------------------------------
+
 // (x_hat [B, d_in], l0 [B] float32, fired [d_sae] bool, row_ptr [B+1], cols [nnz], values [nnz], flags [nnz] uint8)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_sae_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
-    const at::Tensor& b_dec, const at::Tensor& threshold, const at::Tensor& bandwidth, bool apply_b_dec_to_input) {
+    const at::Tensor& b_dec, const at::Tensor& threshold, const at::Tensor& bandwidth, bool apply_b_dec_to_input,
+    bool /*straight_through: used by the backward*/) {
   const char* op = "jumprelu_sae";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
   auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
-  auto row_ptr = at::empty({B + 1}, opt.dtype(at::kLong));
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
-  auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
   auto x_hat = at::empty({B, d_in}, opt);
-  at::Tensor cols_t, vals_t, flags_t;
-
+  at::Tensor row_ptr, cols, vals, flags, fired;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "jumprelu_sae", [&] {
-    auto body = [&](auto wide_tag) {
+    dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
       using wide_t = decltype(wide_tag);
-      const wide_t* tp = th.data_ptr<wide_t>();
-      const wide_t* ep = eps.data_ptr<wide_t>();
-      // A cheap superset test: every active or window entry has pre >= θ - ε (the window is ε/2
-      // wide), so the exact (division) test runs only on the few entries that pass it.
-      std::vector<wide_t> lo(d_sae);
-      for (int64_t j = 0; j < d_sae; ++j) lo[j] = tp[j] - ep[j];
-      int64_t* rp = row_ptr.data_ptr<int64_t>();
+      using acc_t = at::opmath_type<scalar_t>;
+      const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), eps.data_ptr<wide_t>(), d_sae);
+      const scalar_t* W = Wd.data_ptr<scalar_t>();
+      const scalar_t* bias = bd.data_ptr<scalar_t>();
+      scalar_t* xh = x_hat.data_ptr<scalar_t>();
       float* l0p = l0.data_ptr<float>();
-      rp[0] = 0;
-      std::vector<int64_t> cols;
-      std::vector<scalar_t> vals;
-      std::vector<uint8_t> flags;
-      const int64_t chunk = encode_chunk_rows(B, d_sae);
-      auto slab = at::empty({chunk, d_sae}, opt);
-      // One scan per row: candidate test, exact test on the few candidates, entry list kept per
-      // row (column << 2 | flags); then the row lists are concatenated into the CSR arrays.
-      std::vector<std::vector<int64_t>> row_entries(chunk);
-      for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-        const int64_t rows = std::min(chunk, B - r0);
-        auto pre = slab.narrow(0, 0, rows);
-        at::addmm_out(pre, b_enc, x_in.narrow(0, r0, rows), W_enc);
-        const scalar_t* pp = pre.data_ptr<scalar_t>();
-        parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
-          std::vector<int64_t> cand(d_sae);
-          for (int64_t r = begin; r < end; ++r) {
-            const scalar_t* row = pp + r * d_sae;
-            int64_t nc = 0;
-            for (int64_t j = 0; j < d_sae; ++j) {  // branch-free compaction of the candidates
-              cand[nc] = j;
-              nc += static_cast<wide_t>(row[j]) >= lo[j];
-            }
-            auto& out = row_entries[r];
-            out.clear();
-            int64_t act = 0;
-            for (int64_t c = 0; c < nc; ++c) {
-              const int64_t j = cand[c];
-              const wide_t v = static_cast<wide_t>(row[j]);
-              const bool a = v > tp[j];
-              const wide_t u = (v - tp[j]) / ep[j];
-              const bool w = u > wide_t(-0.5) && u < wide_t(0.5);
-              if (!(a || w)) continue;
-              out.push_back((j << 2) | (a ? kActive : 0) | (w ? kWindow : 0));
-              act += a;
-            }
-            l0p[r0 + r] = static_cast<float>(act);
-          }
-        });
-        const int64_t base = static_cast<int64_t>(cols.size());
-        int64_t total = base;
-        for (int64_t r = 0; r < rows; ++r) {
-          total += static_cast<int64_t>(row_entries[r].size());
-          rp[r0 + r + 1] = total;
+      CsrBuilder<scalar_t> csr(B, false, true);
+      auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
+        const int64_t nc = candidates<scalar_t, wide_t>(row, sel.lo.data(), d_sae, cand);
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t j = cand[c];
+          const uint8_t f = sel.classify(static_cast<wide_t>(row[j]), j);
+          if (f) out.push_back({j, (f & kActive) ? row[j] : scalar_t(0), scalar_t(0), f});
         }
-        cols.resize(total);
-        vals.resize(total);
-        flags.resize(total);
-        parallel_tasks(rows, 32, [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const scalar_t* row = pp + r * d_sae;
-            int64_t e = rp[r0 + r];
-            for (const int64_t packed : row_entries[r]) {
-              const int64_t j = packed >> 2;
-              const uint8_t f = static_cast<uint8_t>(packed & 3);
-              cols[e] = j;
-              vals[e] = (f & kActive) ? row[j] : scalar_t(0);
-              flags[e] = f;
-              ++e;
-            }
-          }
-        });
-      }
-      bool* fp = fired.data_ptr<bool>();
-      for (size_t e = 0; e < cols.size(); ++e)
-        if (flags[e] & kActive) fp[cols[e]] = true;
-      cols_t = vector_to_tensor(cols, opt.dtype(at::kLong));
-      vals_t = vector_to_tensor(vals, opt);
-      flags_t = vector_to_tensor(flags, opt.dtype(at::kByte));
-      decode_rows<scalar_t>(B, d_in, rp, cols_t.data_ptr<int64_t>(), vals_t.data_ptr<scalar_t>(),
-                            Wd.data_ptr<scalar_t>(), bd.data_ptr<scalar_t>(), x_hat.data_ptr<scalar_t>());
-    };
-    if (th.scalar_type() == at::kDouble)
-      body(double{});
-    else
-      body(float{});
+      };
+      auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
+        int64_t act = 0;
+        for (int64_t t = 0; t < n; ++t) act += e[t].flags & kActive;
+        l0p[b] = static_cast<float>(act);
+        decode_entries<scalar_t, acc_t>(d_in, e, n, W, bias, acc, xh + b * d_in);
+      };
+      compact_rows<scalar_t>(x_in, W_enc, b_enc, csr, keep, post);
+      csr.finish(opt, d_sae, [](const Entry<scalar_t>& e) { return (e.flags & kActive) != 0; });
+      fired = csr.fired;
+      row_ptr = csr.row_ptr;
+      cols = csr.cols;
+      vals = csr.v0;
+      flags = csr.flags;
+    });
   });
-  return {x_hat, l0, fired, row_ptr, cols_t, vals_t, flags_t};
+  return {x_hat, l0, fired, row_ptr, cols, vals, flags};
 }
 
 // (x_hat [B, d_in], values [B, k], indices [B, k], l0 [B] float32, fired [d_sae] bool)
@@ -224,12 +190,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
     const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input) {
   const char* op = "topk_sae";
-  const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
-  const int64_t B = D.B, d_in = D.d_in, d_sae = D.d_sae;
-  TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto Wd = W_dec.contiguous();
-  auto bd = b_dec.contiguous();
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_k(k, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
   const auto opt = x.options();
   auto values = at::empty({B, k}, opt);
   auto indices = at::empty({B, k}, opt.dtype(at::kLong));
@@ -237,18 +203,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
   auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
   auto x_hat = at::empty({B, d_in}, opt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "topk_sae", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     scalar_t* vp = values.data_ptr<scalar_t>();
     int64_t* ip = indices.data_ptr<int64_t>();
     float* l0p = l0.data_ptr<float>();
-    const int64_t chunk = encode_chunk_rows(B, d_sae);
-    auto slab = at::empty({chunk, d_sae}, opt);
-    for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-      const int64_t rows = std::min(chunk, B - r0);
-      auto pre = slab.narrow(0, 0, rows);
-      at::addmm_out(pre, b_enc, x_in.narrow(0, r0, rows), W_enc);
+    const scalar_t* W = Wd.data_ptr<scalar_t>();
+    const scalar_t* bias = bd.data_ptr<scalar_t>();
+    scalar_t* xh = x_hat.data_ptr<scalar_t>();
+    for_each_slab(x_in, W_enc, b_enc, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
       const scalar_t* pp = pre.data_ptr<scalar_t>();
       parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
         TopK<scalar_t> sel(k);
+        std::vector<acc_t> acc(d_in);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r0 + r;
           sel.run(pp + r * d_sae, d_sae, vp + b * k, ip + b * k);
@@ -260,32 +226,183 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
             act += v > scalar_t(0);
           }
           l0p[b] = static_cast<float>(act);
+          decode_row<scalar_t, acc_t>(d_in, ip + b * k, vp + b * k, k, W, bias, acc.data(), xh + b * d_in);
         }
       });
-    }
+    });
     bool* fp = fired.data_ptr<bool>();
     for (int64_t e = 0; e < B * k; ++e)
       if (vp[e] > scalar_t(0)) fp[ip[e]] = true;
-    std::vector<int64_t> rp(B + 1);
-    for (int64_t b = 0; b <= B; ++b) rp[b] = b * k;
-    decode_rows<scalar_t>(B, d_in, rp.data(), ip, vp, Wd.data_ptr<scalar_t>(), bd.data_ptr<scalar_t>(),
-                          x_hat.data_ptr<scalar_t>());
   });
   return {x_hat, values, indices, l0, fired};
 }
 
-// Gradients of a sparse SAE forward given its CSR entries.
-// JumpReLU (flags given): g_pre = ∂L/∂f at active entries; grad_θ_j = Σ_window -(θ_j/ε_j) ∂L/∂f - (1/ε_j) ∂L/∂l0_b.
-// TopK (flags absent): g_pre = (∂L/∂f + grad_values) at entries with value > 0 (relu).
-// Returns (grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_W_dec [d_sae, d_in], grad_b_dec [d_in],
-//          grad_threshold [d_sae] in threshold's dtype, or [0] without flags).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sae_backward_cpu(
-    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_l0,
-    const std::optional<at::Tensor>& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
-    const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input, const at::Tensor& row_ptr,
-    const at::Tensor& cols, const at::Tensor& values, const std::optional<at::Tensor>& flags,
-    const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& bandwidth) {
-  const char* op = "sparse_sae_backward";
+// (x_hat, l0, fired, row_ptr, cols, values, min_kept [1], or [0] when nothing is kept)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batchtopk_sae_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
+    const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input) {
+  const char* op = "batchtopk_sae";
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_k(k, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
+  const auto opt = x.options();
+  auto l0 = at::empty({B}, opt.dtype(at::kFloat));
+  auto x_hat = at::empty({B, d_in}, opt);
+  at::Tensor row_ptr, cols, vals, fired, min_kept;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batchtopk_sae", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<int64_t> rp, cs;
+    std::vector<scalar_t> vs;
+    batch_topk_entries<scalar_t>(x_in, W_enc, b_enc, k, rp, cs, vs);
+    const scalar_t* W = Wd.data_ptr<scalar_t>();
+    const scalar_t* bias = bd.data_ptr<scalar_t>();
+    scalar_t* xh = x_hat.data_ptr<scalar_t>();
+    float* l0p = l0.data_ptr<float>();
+    parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d_in);
+      for (int64_t b = begin; b < end; ++b) {
+        l0p[b] = static_cast<float>(rp[b + 1] - rp[b]);
+        decode_row<scalar_t, acc_t>(d_in, cs.data() + rp[b], vs.data() + rp[b], rp[b + 1] - rp[b], W, bias,
+                                    acc.data(), xh + b * d_in);
+      }
+    });
+    fired = fired_from(cs, nullptr, d_sae, opt);
+    if (vs.empty()) {
+      min_kept = at::empty({0}, opt);
+    } else {
+      acc_t m = static_cast<acc_t>(vs[0]);
+      for (const scalar_t v : vs) m = std::min(m, static_cast<acc_t>(v));
+      min_kept = at::full({1}, static_cast<double>(m), opt);
+    }
+    row_ptr = vector_to_tensor(rp, opt.dtype(at::kLong));
+    cols = vector_to_tensor(cs, opt.dtype(at::kLong));
+    vals = vector_to_tensor(vs, opt);
+  });
+  return {x_hat, l0, fired, row_ptr, cols, vals, min_kept};
+}
+
+// (x_hat, sparsity [B] = Σ_j f_bj·w_j, l0 [B] float32, fired, row_ptr, cols, values)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
+    const at::Tensor& b_dec, const at::Tensor& latent_weight, bool apply_b_dec_to_input) {
+  const char* op = "relu_sae";
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
+  const auto opt = x.options();
+  auto l0 = at::empty({B}, opt.dtype(at::kFloat));
+  auto x_hat = at::empty({B, d_in}, opt);
+  auto sparsity = at::empty({B}, opt);
+  at::Tensor row_ptr, cols, vals, fired;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto w_t = latent_vector(latent_weight, d_sae, c10::CppTypeToScalarType<acc_t>::value, op, "latent_weight");
+    const acc_t* w = w_t.data_ptr<acc_t>();
+    const scalar_t* W = Wd.data_ptr<scalar_t>();
+    const scalar_t* bias = bd.data_ptr<scalar_t>();
+    scalar_t* xh = x_hat.data_ptr<scalar_t>();
+    scalar_t* sp = sparsity.data_ptr<scalar_t>();
+    float* l0p = l0.data_ptr<float>();
+    CsrBuilder<scalar_t> csr(B, false, false);
+    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
+      const int64_t nc = candidates_above<scalar_t, acc_t>(row, acc_t(0), d_sae, cand);
+      for (int64_t c = 0; c < nc; ++c) out.push_back({cand[c], row[cand[c]], scalar_t(0), kActive});
+    };
+    auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
+      acc_t s = 0;
+      for (int64_t t = 0; t < n; ++t) s += static_cast<acc_t>(e[t].v0) * w[e[t].col];
+      sp[b] = static_cast<scalar_t>(s);
+      l0p[b] = static_cast<float>(n);
+      decode_entries<scalar_t, acc_t>(d_in, e, n, W, bias, acc, xh + b * d_in);
+    };
+    compact_rows<scalar_t>(x_in, W_enc, b_enc, csr, keep, post);
+    csr.finish(opt, d_sae, [](const Entry<scalar_t>&) { return true; });
+    fired = csr.fired;
+    row_ptr = csr.row_ptr;
+    cols = csr.cols;
+    vals = csr.v0;
+  });
+  return {x_hat, sparsity, l0, fired, row_ptr, cols, vals};
+}
+
+// (x_hat, x_hat_frozen, sparsity [B] = Σ relu(π_gate), l0 [B] float32, fired, row_ptr, cols,
+//  values = relu(π_mag) at the open gates, gate_values = π_gate there)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+gated_sae_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Tensor& b_gate, const at::Tensor& r_mag,
+              const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input) {
+  const char* op = "gated_sae";
+  const SaeInputs in = prepare_sae(x, W_gate, b_gate, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
+  check_gated(r_mag, b_mag, x, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const at::Tensor& Wd = in.W_dec;
+  const at::Tensor& bd = in.b_dec;
+  const auto opt = x.options();
+  auto l0 = at::empty({B}, opt.dtype(at::kFloat));
+  auto x_hat = at::empty({B, d_in}, opt);
+  auto x_hat_frozen = at::empty({B, d_in}, opt);
+  auto sparsity = at::empty({B}, opt);
+  at::Tensor row_ptr, cols, vals, gvals, fired;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto bg = b_gate.contiguous(), rm = r_mag.contiguous(), bm = b_mag.contiguous();
+    const GatedSelect<acc_t> sel(bg.data_ptr<scalar_t>(), rm.data_ptr<scalar_t>(), bm.data_ptr<scalar_t>(), d_sae);
+    const scalar_t* W = Wd.data_ptr<scalar_t>();
+    const scalar_t* bias = bd.data_ptr<scalar_t>();
+    scalar_t* xh = x_hat.data_ptr<scalar_t>();
+    scalar_t* xf = x_hat_frozen.data_ptr<scalar_t>();
+    scalar_t* sp = sparsity.data_ptr<scalar_t>();
+    float* l0p = l0.data_ptr<float>();
+    CsrBuilder<scalar_t> csr(B, true, false);
+    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
+      const int64_t nc = candidates<scalar_t, acc_t>(row, sel.lo.data(), d_sae, cand);
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t j = cand[c];
+        const acc_t z = static_cast<acc_t>(row[j]);
+        if (sel.gate(z, j))
+          out.push_back({j, static_cast<scalar_t>(sel.mag(z, j)), static_cast<scalar_t>(sel.pi_gate(z, j)), kActive});
+      }
+    };
+    auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
+      acc_t s = 0;
+      int64_t act = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        s += static_cast<acc_t>(e[t].v1);
+        act += static_cast<acc_t>(e[t].v0) > acc_t(0);
+      }
+      sp[b] = static_cast<scalar_t>(s);
+      l0p[b] = static_cast<float>(act);
+      decode_entries2<scalar_t, acc_t>(d_in, e, n, W, bias, acc, acc + d_in, xh + b * d_in, xf + b * d_in);
+    };
+    compact_rows<scalar_t>(x_in, W_gate, at::Tensor(), csr, keep, post);
+    csr.finish(opt, d_sae, [](const Entry<scalar_t>& e) { return static_cast<acc_t>(e.v0) > acc_t(0); });
+    fired = csr.fired;
+    row_ptr = csr.row_ptr;
+    cols = csr.cols;
+    vals = csr.v0;
+    gvals = csr.v1;
+  });
+  return {x_hat, x_hat_frozen, sparsity, l0, fired, row_ptr, cols, vals, gvals};
+}
+
+// ---- backwards ------------------------------------------------------------------------------------
+
+namespace {
+
+struct CsrArgs {
+  int64_t B, d_in, d_sae, nnz;
+  at::Tensor row_ptr, cols;
+};
+
+CsrArgs check_backward_args(const at::Tensor& grad_x_hat, const at::Tensor& x, const at::Tensor& W_enc,
+                            const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& row_ptr,
+                            const at::Tensor& cols, const at::Tensor& values, const char* op) {
   TORCH_CHECK(x.dim() == 2 && W_enc.dim() == 2, op, ": x must be [B, d_in] and W_enc [d_in, d_sae]");
   const int64_t B = x.size(0), d_in = x.size(1), d_sae = W_enc.size(1);
   TORCH_CHECK(W_enc.size(0) == d_in, op, ": W_enc must be [d_in=", d_in, ", d_sae], got ", W_enc.sizes());
@@ -298,163 +415,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
   TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong, op, ": cols must be a 1-D int64 tensor");
   const int64_t nnz = cols.size(0);
   check_vector(values, nnz, op, "values");
-  auto rp_t = row_ptr.contiguous();
-  check_row_ptr(rp_t, B, nnz, op);
-  auto cols_c = cols.contiguous();
-  check_index_range(cols_c, d_sae, op, "cols");
+  auto rp = row_ptr.contiguous();
+  check_row_ptr(rp, B, nnz, op);
+  auto cc = cols.contiguous();
+  check_index_range(cc, d_sae, op, "cols");
+  return {B, d_in, d_sae, nnz, rp, cc};
+}
+
+at::Tensor optional_rows(const std::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype, const char* op,
+                         const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  check_vector(*t, n, op, name);
+  return t->to(dtype).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// The shared tail of every sparse backward: the engine, then grad_b_enc / grad_b_dec.
+// Returns (grad_W_enc, grad_W_dec, grad_b_dec, genc_sum (acc dtype), scalars [kScalars, d_sae] (wide dtype)).
+template <typename scalar_t, typename wide_t, typename Rule>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_sparse_backward(
+    const CsrArgs& a, const at::Tensor& gx, const at::Tensor& gx2, const at::Tensor& x_in, const at::Tensor& W_enc,
+    const at::Tensor& W_dec, bool apply_b_dec_to_input, const Rule& rule) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto opt = x_in.options();
+  at::Tensor gWe = at::empty({a.d_in, a.d_sae}, opt);
+  at::Tensor gWd = at::empty({a.d_sae, a.d_in}, opt);
+  at::Tensor gbd = at::empty({a.d_in}, opt);
+  at::Tensor genc = at::empty({a.d_sae}, opt.dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor scal = at::empty({Rule::kScalars, a.d_sae}, opt.dtype(c10::CppTypeToScalarType<wide_t>::value));
+  at::Tensor We = W_enc.contiguous();
+  sparse_backward<scalar_t, wide_t, Rule>(a.B, a.d_in, a.d_sae, a.row_ptr.data_ptr<int64_t>(),
+                                          a.cols.data_ptr<int64_t>(), a.nnz, gx.data_ptr<scalar_t>(),
+                                          ptr_or_null<scalar_t>(gx2), x_in.data_ptr<scalar_t>(),
+                                          W_dec.data_ptr<scalar_t>(), rule, gWe.data_ptr<scalar_t>(),
+                                          gWd.data_ptr<scalar_t>(), genc.data_ptr<acc_t>(), scal.data_ptr<wide_t>());
+  decoder_bias_grad<scalar_t>(a.B, a.d_in, a.d_sae, gx.data_ptr<scalar_t>(), We.data_ptr<scalar_t>(),
+                              genc.data_ptr<acc_t>(), apply_b_dec_to_input, gbd.data_ptr<scalar_t>());
+  return {gWe, gWd, gbd, genc, scal};
+}
+
+}  // namespace
+
+// Gradients of jumprelu_sae (flags given) or topk_sae / batchtopk_sae (no flags) from their CSR entries.
+// JumpReLU: ∂L/∂f = SDDMM + grad_values at every entry; g_pre = ∂L/∂f at active entries (plus, with
+// straight_through, (1/ε)·∂L/∂l0 at window entries); grad_θ_j = Σ_window -(θ_j/ε_j) ∂L/∂f - (1/ε_j) ∂L/∂l0_b.
+// TopK: g_pre = ∂L/∂f + grad_values at entries with value > 0 (relu).
+// Returns (grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_threshold in threshold's dtype or [0]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sae_backward_cpu(
+    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_l0,
+    const std::optional<at::Tensor>& grad_values, const at::Tensor& x, const at::Tensor& W_enc,
+    const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input, const at::Tensor& row_ptr,
+    const at::Tensor& cols, const at::Tensor& values, const std::optional<at::Tensor>& flags,
+    const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& bandwidth, bool straight_through) {
+  const char* op = "sparse_sae_backward";
+  const CsrArgs a = check_backward_args(grad_x_hat, x, W_enc, W_dec, b_dec, row_ptr, cols, values, op);
   const bool jump = flags.has_value();
-  at::Tensor fl, gl0, gv, th, eps;
+  at::Tensor fl, th, eps, gl0;
   if (jump) {
     TORCH_CHECK(threshold.has_value() && bandwidth.has_value(), op, ": flags need threshold and bandwidth");
-    check_vector(*flags, nnz, op, "flags");
+    check_vector(*flags, a.nnz, op, "flags");
     TORCH_CHECK(flags->scalar_type() == at::kByte, op, ": flags must be uint8");
     fl = flags->contiguous();
-    std::tie(th, eps) = latent_params(*threshold, *bandwidth, d_sae, x.scalar_type(), op);
-    if (grad_l0.has_value()) {
-      check_vector(*grad_l0, B, op, "grad_l0");
-      gl0 = grad_l0->to(th.scalar_type()).contiguous();
+    std::tie(th, eps) = latent_params(*threshold, *bandwidth, a.d_sae, x.scalar_type(), op);
+    gl0 = optional_rows(grad_l0, a.B, th.scalar_type(), op, "grad_l0");
+  }
+  auto gv = optional_rows(grad_values, a.nnz, x.scalar_type(), op, "grad_values");
+  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  auto gx = grad_x_hat.contiguous();
+  auto Wd = W_dec.contiguous();
+  auto vals = values.contiguous();
+  at::Tensor gWe, gWd, gbd, genc, scal;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sparse_sae_backward", [&] {
+    if (jump) {
+      dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
+        using wide_t = decltype(wide_tag);
+        const JumpRule<scalar_t, wide_t> rule{vals.data_ptr<scalar_t>(), fl.data_ptr<uint8_t>(), th.data_ptr<wide_t>(),
+                                              eps.data_ptr<wide_t>(), ptr_or_null<wide_t>(gl0),
+                                              ptr_or_null<scalar_t>(gv), straight_through};
+        std::tie(gWe, gWd, gbd, genc, scal) = run_sparse_backward<scalar_t, wide_t>(
+            a, gx, at::Tensor(), x_in, W_enc, Wd, apply_b_dec_to_input, rule);
+      });
+    } else {
+      using acc_t = at::opmath_type<scalar_t>;
+      const ReluRule<scalar_t> rule{vals.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gv), nullptr, nullptr};
+      std::tie(gWe, gWd, gbd, genc, scal) = run_sparse_backward<scalar_t, acc_t>(
+          a, gx, at::Tensor(), x_in, W_enc, Wd, apply_b_dec_to_input, rule);
     }
-  } else if (grad_values.has_value()) {
-    check_vector(*grad_values, nnz, op, "grad_values");
-    gv = grad_values->to(x.scalar_type()).contiguous();
+  });
+  auto grad_th = jump ? own(scal[0], threshold->scalar_type()) : at::empty({0}, x.options());
+  return {gWe, genc.to(x.scalar_type()), gWd, gbd, grad_th};
+}
+
+// (grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_latent_weight) of relu_sae.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_backward_cpu(
+    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_sparsity, const at::Tensor& x,
+    const at::Tensor& W_enc, const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& latent_weight,
+    bool apply_b_dec_to_input, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values) {
+  const char* op = "relu_sae_backward";
+  const CsrArgs a = check_backward_args(grad_x_hat, x, W_enc, W_dec, b_dec, row_ptr, cols, values, op);
+  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  auto gx = grad_x_hat.contiguous();
+  auto Wd = W_dec.contiguous();
+  auto vals = values.contiguous();
+  at::Tensor gWe, gWd, gbd, genc, scal;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    auto w = latent_vector(latent_weight, a.d_sae, acc_type, op, "latent_weight");
+    auto gsp = optional_rows(grad_sparsity, a.B, acc_type, op, "grad_sparsity");
+    const ReluRule<scalar_t> rule{vals.data_ptr<scalar_t>(), nullptr, w.data_ptr<acc_t>(), ptr_or_null<acc_t>(gsp)};
+    std::tie(gWe, gWd, gbd, genc, scal) =
+        run_sparse_backward<scalar_t, acc_t>(a, gx, at::Tensor(), x_in, W_enc, Wd, apply_b_dec_to_input, rule);
+  });
+  return {gWe, genc.to(x.scalar_type()), gWd, gbd, own(scal[0], latent_weight.scalar_type())};
+}
+
+// (grad_W_gate, grad_b_gate, grad_r_mag, grad_b_mag, grad_W_dec, grad_b_dec) of gated_sae. grad_x_hat_frozen
+// reaches relu(π_gate) through the detached decoder: no gradient to W_dec or b_dec from it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_sae_backward_cpu(
+    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_x_hat_frozen,
+    const std::optional<at::Tensor>& grad_sparsity, const at::Tensor& x, const at::Tensor& W_gate,
+    const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
+    bool apply_b_dec_to_input, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values) {
+  const char* op = "gated_sae_backward";
+  const CsrArgs a = check_backward_args(grad_x_hat, x, W_gate, W_dec, b_dec, row_ptr, cols, values, op);
+  check_gated(r_mag, b_mag, x, a.d_sae, op);
+  at::Tensor gx2;
+  if (grad_x_hat_frozen.has_value()) {
+    TORCH_CHECK(grad_x_hat_frozen->sizes() == grad_x_hat.sizes(), op, ": grad_x_hat_frozen must be [", a.B, ", ",
+                a.d_in, "], got ", grad_x_hat_frozen->sizes());
+    gx2 = grad_x_hat_frozen->to(x.scalar_type()).contiguous();
   }
   auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
   auto gx = grad_x_hat.contiguous();
   auto Wd = W_dec.contiguous();
-  auto We = W_enc.contiguous();
   auto vals = values.contiguous();
-  const auto opt = x.options();
-  auto grad_W_enc = at::empty({d_in, d_sae}, opt);
-  auto grad_b_enc = at::empty({d_sae}, opt);
-  auto grad_W_dec = at::empty({d_sae, d_in}, opt);
-  auto grad_b_dec = at::empty({d_in}, opt);
-  at::Tensor grad_th = jump ? at::empty({d_sae}, th.options()) : at::empty({0}, opt);
-
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sparse_sae_backward", [&] {
+  at::Tensor gWe, gWd, gbd, genc, scal;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto body = [&](auto wide_tag) {
-      using wide_t = decltype(wide_tag);
-      const int64_t* rp = rp_t.data_ptr<int64_t>();
-      const int64_t* cp = cols_c.data_ptr<int64_t>();
-      const scalar_t* vp = vals.data_ptr<scalar_t>();
-      const scalar_t* gxp = gx.data_ptr<scalar_t>();
-      const scalar_t* Wdp = Wd.data_ptr<scalar_t>();
-      const scalar_t* xp = x_in.data_ptr<scalar_t>();
-      const uint8_t* fp = jump ? fl.data_ptr<uint8_t>() : nullptr;
-      const wide_t* tp = jump ? th.data_ptr<wide_t>() : nullptr;
-      const wide_t* ep = jump ? eps.data_ptr<wide_t>() : nullptr;
-      const wide_t* gl0p = gl0.defined() ? gl0.data_ptr<wide_t>() : nullptr;
-      const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
-
-      // 1. Per entry: SDDMM, encoder gradient g_pre, θ term. Also each entry's row.
-      // Per-entry buffers come from the ATen allocator, so memory profiles of a step include them.
-      at::Tensor gpre_t = at::empty({nnz}, opt.dtype(c10::CppTypeToScalarType<acc_t>::value));
-      at::Tensor gth_t = at::empty({jump ? nnz : 0}, opt.dtype(c10::CppTypeToScalarType<wide_t>::value));
-      at::Tensor row_of_t = at::empty({nnz}, opt.dtype(at::kLong));
-      acc_t* gpre = gpre_t.data_ptr<acc_t>();
-      wide_t* gth = gth_t.data_ptr<wide_t>();
-      int64_t* row_of = row_of_t.data_ptr<int64_t>();
-      parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const scalar_t* g = gxp + b * d_in;
-          for (int64_t e = rp[b]; e < rp[b + 1]; ++e) {
-            row_of[e] = b;
-            const int64_t j = cp[e];
-            if (jump) {
-              const acc_t gf = dot<scalar_t, acc_t>(g, Wdp + j * d_in, d_in);
-              gpre[e] = (fp[e] & kActive) ? gf : acc_t(0);
-              wide_t t = 0;
-              if (fp[e] & kWindow) {
-                t = -(tp[j] / ep[j]) * static_cast<wide_t>(gf);
-                if (gl0p) t -= (wide_t(1) / ep[j]) * gl0p[b];
-              }
-              gth[e] = t;
-            } else if (vp[e] > scalar_t(0)) {
-              acc_t gf = dot<scalar_t, acc_t>(g, Wdp + j * d_in, d_in);
-              if (gvp) gf += static_cast<acc_t>(gvp[e]);
-              gpre[e] = gf;
-            } else {
-              gpre[e] = acc_t(0);  // relu'd away: no gradient reaches pre
-            }
-          }
-        }
-      });
-
-      // 2. Regroup by latent; 3. per-latent reductions, LB latents per task so grad_W_enc (stored
-      // [d_in, d_sae]) is written in contiguous runs of LB instead of one element per cache line.
-      const ByLatent by = group_by_latent(cp, nnz, d_sae);
-      constexpr int64_t LB = 16;
-      const int64_t nblocks = (d_sae + LB - 1) / LB;
-      scalar_t* gWe = grad_W_enc.data_ptr<scalar_t>();
-      scalar_t* gWd = grad_W_dec.data_ptr<scalar_t>();
-      scalar_t* gbe = grad_b_enc.data_ptr<scalar_t>();
-      wide_t* gthp = jump ? grad_th.data_ptr<wide_t>() : nullptr;
-      std::vector<acc_t> gbe_acc(d_sae);
-      parallel_tasks(nblocks, 4, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> encT(LB * d_in);
-        std::vector<acc_t> dec(d_in);
-        for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t j0 = blk * LB, j1 = std::min(d_sae, j0 + LB);
-          std::fill(encT.begin(), encT.end(), acc_t(0));
-          for (int64_t j = j0; j < j1; ++j) {
-            std::fill(dec.begin(), dec.end(), acc_t(0));
-            acc_t* enc = encT.data() + (j - j0) * d_in;
-            acc_t sb = 0;
-            wide_t st = 0;
-            for (int64_t s = by.start[j]; s < by.start[j + 1]; ++s) {
-              const int64_t e = by.entry[s];
-              const int64_t b = row_of[e];
-              const acc_t v = static_cast<acc_t>(vp[e]);
-              if (v != acc_t(0)) axpy<scalar_t, acc_t>(dec.data(), v, gxp + b * d_in, d_in);
-              const acc_t g = gpre[e];
-              if (g != acc_t(0)) axpy<scalar_t, acc_t>(enc, g, xp + b * d_in, d_in);
-              sb += g;
-              if (jump) st += gth[e];
-            }
-            for (int64_t i = 0; i < d_in; ++i) gWd[j * d_in + i] = static_cast<scalar_t>(dec[i]);
-            gbe_acc[j] = sb;
-            gbe[j] = static_cast<scalar_t>(sb);
-            if (jump) gthp[j] = st;
-          }
-          const int64_t nb = j1 - j0;
-          for (int64_t i = 0; i < d_in; ++i) {
-            scalar_t* dst = gWe + i * d_sae + j0;
-            for (int64_t jj = 0; jj < nb; ++jj) dst[jj] = static_cast<scalar_t>(encT[jj * d_in + i]);
-          }
-        }
-      });
-
-      // 4. grad_b_dec = Σ_b grad_x_hat[b]  (- W_enc @ Σ_b g_pre_b when b_dec is subtracted from x),
-      // each element reduced by one thread in a fixed order.
-      scalar_t* gbd = grad_b_dec.data_ptr<scalar_t>();
-      const scalar_t* Wep = We.data_ptr<scalar_t>();
-      at::parallel_for(0, d_in, 16, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(end - begin, acc_t(0));
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t i = begin; i < end; ++i) acc[i - begin] += static_cast<acc_t>(gxp[b * d_in + i]);
-        for (int64_t i = begin; i < end; ++i) {
-          acc_t a = acc[i - begin];
-          if (apply_b_dec_to_input) {
-            const scalar_t* wrow = Wep + i * d_sae;
-            a -= dot_mixed<scalar_t, acc_t>(wrow, gbe_acc.data(), d_sae);
-          }
-          gbd[i] = static_cast<scalar_t>(a);
-        }
-      });
-    };
-    if (jump && th.scalar_type() == at::kDouble)
-      body(double{});
-    else
-      body(float{});
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    auto scale = r_mag.to(acc_type).exp().contiguous();
+    auto bm = b_mag.to(acc_type).contiguous();
+    auto gsp = optional_rows(grad_sparsity, a.B, acc_type, op, "grad_sparsity");
+    const GatedRule<scalar_t> rule{vals.data_ptr<scalar_t>(), scale.data_ptr<acc_t>(), bm.data_ptr<acc_t>(),
+                                   ptr_or_null<acc_t>(gsp)};
+    std::tie(gWe, gWd, gbd, genc, scal) =
+        run_sparse_backward<scalar_t, acc_t>(a, gx, gx2, x_in, W_gate, Wd, apply_b_dec_to_input, rule);
   });
-  if (jump) grad_th = grad_th.to(threshold->scalar_type());
-  return {grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_th};
+  const auto dt = x.scalar_type();
+  return {gWe, own(scal[0], dt), own(scal[2], dt), own(scal[1], dt), gWd, gbd};
 }
 
 TORCH_LIBRARY_IMPL(fastsae, CPU, m) {
   m.impl("jumprelu_sae", &jumprelu_sae_cpu);
   m.impl("topk_sae", &topk_sae_cpu);
+  m.impl("batchtopk_sae", &batchtopk_sae_cpu);
+  m.impl("relu_sae", &relu_sae_cpu);
+  m.impl("gated_sae", &gated_sae_cpu);
   m.impl("sparse_sae_backward", &sparse_sae_backward_cpu);
+  m.impl("relu_sae_backward", &relu_sae_backward_cpu);
+  m.impl("gated_sae_backward", &gated_sae_backward_cpu);
 }
 
 }  // namespace fastsae

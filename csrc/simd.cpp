@@ -29,4 +29,34 @@ FASTSAE_CLONES void axpy_f32(float* y, float a, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// Same partial sums (hence the same bits) as dot_f32.
+// acc never aliases g or w (an accumulator buffer): __restrict__ lets the compiler keep the partial sums in
+// registers across the stores.
+FASTSAE_CLONES float dot_axpy_f32(const float* __restrict__ g, const float* __restrict__ w, float* __restrict__ acc,
+                                  float v, int64_t n) {
+  constexpr int L = 32;
+  float part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int t = 0; t < L; ++t) {
+      part[t] += g[i + t] * w[i + t];
+      acc[i + t] += v * g[i + t];
+    }
+  float s = 0;
+  for (; i < n; ++i) {
+    s += g[i] * w[i];
+    acc[i] += v * g[i];
+  }
+  for (int t = 0; t < L; ++t) s += part[t];
+  return s;
+}
+
+FASTSAE_CLONES void axpy2_f32(float* __restrict__ y1, float a1, float* __restrict__ y2, float a2,
+                              const float* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y1[i] += a1 * x[i];
+    y2[i] += a2 * x[i];
+  }
+}
+
 }  // namespace fastsae

@@ -5,4 +5,9 @@ namespace fastsae {
 // Defined in simd.cpp with per-ISA clones.
 float dot_f32(const float* a, const float* b, int64_t n);
 void axpy_f32(float* y, float a, const float* x, int64_t n);
+// dot(g, w) and, over the same pass through g, acc += v·g (the sparse backward's SDDMM fused with the
+// decoder-gradient scatter: each row of grad_x_hat is read once for both).
+float dot_axpy_f32(const float* g, const float* w, float* acc, float v, int64_t n);
+// y1 += a1·x and y2 += a2·x over one pass through x (two decodes sharing the decoder rows).
+void axpy2_f32(float* y1, float a1, float* y2, float a2, const float* x, int64_t n);
 }  // namespace fastsae

@@ -8,16 +8,153 @@ Adding a backend is a new file plus one line in ``_REGISTRY``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference as ref
 
 NAMES = ("triton", "cpp", "eager")
+
+# ----------------------------------------------------------------------------------------------
+# Dense or sparse: the density-aware dispatch of the fused training steps
+# ----------------------------------------------------------------------------------------------
+
+#: Measured crossovers, the one place they live: for each (backend, device kind) and architecture, the
+#: density — entries the sparse kernels keep per row (JumpReLU: active ∪ window; ReLU: active; Gated: open
+#: gates; TopK / BatchTopK: k), as a fraction of d_sae — up to which the sparse step is faster than the dense
+#: one (the GEMMs of the eager formulation with fused elementwise passes). Above it a backend runs the dense
+#: step: same math, and never slower than eager. ``python benchmarks/bench_cpu_crossover.py`` measures the cpp
+#: row and prints it in this form; a GPU backend adds rows keyed by :func:`device_kind` (e.g.
+#: ``("triton", "cuda-sm90")``, falling back to ``("triton", "cuda")``). Override per process with
+#: :func:`set_crossover` / :func:`override_crossover` or the environment variable ``FASTSAE_CROSSOVER``
+#: (``"0.05"``, ``"jumprelu=0.1,relu=0.08"``, ``"dense"`` or ``"sparse"``).
+CROSSOVERS: dict[tuple[str, str], dict[str, float]] = {
+    # benchmarks/results/cpu/crossover.md (AMD EPYC, 2 threads, d_in 512, d_sae 8192, batch 2048)
+    ("cpp", "cpu"): dict(jumprelu=0.12, relu=0.11, gated=0.19, topk=0.09, batchtopk=0.26),
+}
+#: Used where the table has no row for a backend and device kind.
+DEFAULT_CROSSOVER = 0.05
+
+_NAMED = {"dense": 0.0, "sparse": math.inf}
+_overrides: dict[tuple[str, str, str], float] = {}
+
+
+def device_kind(device: Union[str, torch.device]) -> str:
+    """The key of a device in :data:`CROSSOVERS`: ``"cpu"``, or ``"cuda-sm<major><minor>"`` for a CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    return device.type
+
+
+def _parse_crossover(value) -> float:
+    if isinstance(value, str) and value.strip().lower() in _NAMED:
+        return _NAMED[value.strip().lower()]
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"a crossover must be a number >= 0, 'dense' or 'sparse', got {value!r}") from None
+    if not v >= 0:
+        raise ValueError(f"a crossover must be a number >= 0, 'dense' or 'sparse', got {value!r}")
+    return v
+
+
+def _env_crossovers() -> dict[str, float]:
+    text = os.environ.get("FASTSAE_CROSSOVER", "").strip()
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        arch, sep, value = part.rpartition("=")
+        out[arch.strip() if sep else "*"] = _parse_crossover(value)
+    return out
+
+
+def get_crossover(backend: str, device: Union[str, torch.device], arch: str) -> float:
+    """The crossover density ``backend`` uses for ``arch`` on ``device`` (overrides first, then
+    ``FASTSAE_CROSSOVER``, then the measured :data:`CROSSOVERS`, then :data:`DEFAULT_CROSSOVER`)."""
+    kind = device_kind(device)
+    for key in ((backend, kind, arch), (backend, kind, "*"), (backend, "*", arch), (backend, "*", "*"),
+                ("*", "*", arch), ("*", "*", "*")):
+        if key in _overrides:
+            return _overrides[key]
+    env = _env_crossovers()
+    if arch in env or "*" in env:
+        return env.get(arch, env.get("*"))
+    device_type = torch.device(device).type
+    for key in ((backend, kind), (backend, device_type)):
+        if key in CROSSOVERS and arch in CROSSOVERS[key]:
+            return CROSSOVERS[key][arch]
+    return DEFAULT_CROSSOVER
+
+
+def set_crossover(value, *, arch: Optional[str] = None, backend: Optional[str] = None,
+                  device_kind: Optional[str] = None) -> None:
+    """Override the crossover for this process: a density in ``[0, inf]``, ``"dense"`` (0: always the dense
+    step) or ``"sparse"`` (inf: always the sparse kernels), or ``None`` to remove the override. ``arch``,
+    ``backend`` and ``device_kind`` narrow it (default: all)."""
+    key = (backend or "*", device_kind or "*", arch or "*")
+    if value is None:
+        _overrides.pop(key, None)
+    else:
+        _overrides[key] = _parse_crossover(value)
+
+
+@contextlib.contextmanager
+def override_crossover(value, **scope):
+    """``with override_crossover("sparse"): ...`` — :func:`set_crossover` for the duration of a block."""
+    key = (scope.get("backend") or "*", scope.get("device_kind") or "*", scope.get("arch") or "*")
+    before = _overrides.get(key)
+    set_crossover(value, **scope)
+    try:
+        yield
+    finally:
+        if before is None:
+            _overrides.pop(key, None)
+        else:
+            _overrides[key] = before
+
+
+class Density:
+    """Which formulation (sparse kernels or dense GEMMs) a backend runs for each SAE's next training step.
+
+    The choice compares the previous step's kept entries per row with the crossover. State is keyed by the
+    SAE's encoder weight (held weakly), so it follows the module without living in it. A step with no
+    history counts as fully dense (a fresh SAE fires on about half its latents). ``entries`` may be a
+    tensor: a GPU backend records its device-side count and it is read only at the next decision.
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._last = WeakIdKeyDictionary()
+
+    def sparse(self, arch: str, W_enc: Tensor) -> bool:
+        """True when the next step of the SAE owning ``W_enc [d_in, d_sae]`` should run the sparse kernels."""
+        d_sae = W_enc.shape[1]
+        last = self._last.get(W_enc)
+        per_row = float(d_sae) if last is None else float(last[0]) / max(last[1], 1)
+        return self.sparse_at(arch, W_enc, per_row)
+
+    def sparse_at(self, arch: str, W_enc: Tensor, per_row: float) -> bool:
+        """The same choice for a known density (``per_row`` entries per row), e.g. TopK's ``k``."""
+        return per_row <= get_crossover(self.backend, W_enc.device, arch) * W_enc.shape[1]
+
+    def record(self, W_enc: Tensor, entries: Union[int, Tensor], rows: int) -> None:
+        """This step kept ``entries`` (active ∪ window, ...) over ``rows`` rows."""
+        self._last[W_enc] = (entries, rows)
+
+    def last(self, W_enc: Tensor) -> Optional[float]:
+        """The previous step's entries per row, or ``None``."""
+        last = self._last.get(W_enc)
+        return None if last is None else float(last[0]) / max(last[1], 1)
 
 
 class BackendUnavailable(RuntimeError):
@@ -29,6 +166,16 @@ class Backend:
 
     Shapes follow reference.py: ``x [B, d_in]``; ``bandwidth`` is always a ``[d_sae]`` tensor here
     (the public boundary expands a scalar), ``threshold`` a ``[d_sae]`` tensor.
+
+    Training steps (``*_sae``) return a :class:`reference.SAEForward`. A backend with a sparse and a dense
+    formulation of a step asks ``self.density.sparse(arch, W_enc)`` (or ``sparse_at(arch, W_enc, k)`` for a
+    known density) which to run, and reports what the sparse kernels keep (or would keep) with
+    ``self.density.record(W_enc, entries, rows)``; the crossover comes from :data:`CROSSOVERS` under
+    ``(self.name, device_kind(device))``. Both formulations must compute the same math.
+
+    Inference (``encode``, ``encode_sparse``, ``reconstruct``) takes a :class:`fastsae.inference.Encoder`
+    describing any architecture; a backend that fuses it must fall back (``super()``) when autograd would
+    record the call (``enc.needs_grad(x)``).
     """
 
     name = "eager"
@@ -85,6 +232,34 @@ class Backend:
                                  apply_b_dec_to_input) -> ref.MatryoshkaForward:
         # No fused kernel yet: the eager path is already sparse after the encoder GEMM (prefix running sums).
         return ref.matryoshka_batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, widths, apply_b_dec_to_input)
+
+    @property
+    def density(self) -> Density:
+        """The dense-or-sparse choice of this backend's fused training steps (see :class:`Density`)."""
+        d = self.__dict__.get("_density")
+        if d is None:
+            d = self.__dict__["_density"] = Density(self.name)
+        return d
+
+    # -- inference: an SAE's code and reconstruction (fastsae/inference.py) -------------------
+    # ``enc`` is an :class:`fastsae.inference.Encoder`, ``x [B, d_in]`` in the encoder's dtype. A backend
+    # with fused kernels writes no dense [B, d_sae] tensor for encode_sparse / reconstruct.
+    def encode(self, enc, x: Tensor) -> Tensor:
+        """Dense code ``f [B, d_sae]``."""
+        from . import inference
+
+        return inference.dense_code(enc, x)
+
+    def encode_sparse(self, enc, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Padded ``(values [B, K], indices [B, K] int64)`` of the nonzero entries (TopK: ``k``, sorted)."""
+        from . import inference
+
+        return inference.sparse_code(enc, x)
+
+    def reconstruct(self, enc, x: Tensor, W_dec: Tensor) -> Tensor:
+        """``x̂ = decode(code) + b_dec`` ``[B, d_in]`` (the decoder bias is ``enc.b_dec``)."""
+        values, indices = self.encode_sparse(enc, x)
+        return self.sparse_decode(values, indices, W_dec, enc.b_dec)
 
     def __repr__(self) -> str:
         return f"<fastsae backend {self.name!r}>"

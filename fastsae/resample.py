@@ -48,6 +48,15 @@ __all__ = ["Resampler", "DEFAULT_DUPLICATE_COS"]
 DEFAULT_DUPLICATE_COS = 0.7
 #: rows of the probe searched for co-firing duplicate pairs (O(rows · L0²) pairs)
 _PAIR_ROWS = 2048
+#: at most this many candidate pairs (rows · K²) per search: a fresh JumpReLU fires on half its latents, and
+#: 2048 rows · 2048² pairs (d_sae 4096) took ~20 GB; at trained sparsity (K ≤ 128) all _PAIR_ROWS rows fit
+_PAIR_BUDGET = 2**25
+
+
+def _pair_rows(K: int) -> int:
+    """Probe rows searched for duplicates when the code has ``K`` entries per row (0: a code this dense has no
+    meaningful co-firing, every latent fires with most others)."""
+    return min(_PAIR_ROWS, _PAIR_BUDGET // max(K * K, 1))
 
 
 @dataclass
@@ -74,8 +83,8 @@ class Resampler:
         fires = torch.zeros(sae.d_sae, dtype=torch.long, device=values.device)
         fires.index_add_(0, indices[active], torch.ones_like(indices[active]))
         dead = fires == 0
-        candidates = dead | _duplicates(sae.W_dec, values[:_PAIR_ROWS], indices[:_PAIR_ROWS], fires,
-                                        self.duplicate_cos)
+        rows = _pair_rows(indices.shape[-1])
+        candidates = dead | _duplicates(sae.W_dec, values[:rows], indices[:rows], fires, self.duplicate_cos)
         idx = candidates.nonzero().squeeze(1)
         if idx.numel() == 0 or bool(candidates.all()):
             return 0

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from .backends import Backend, check_name, get as get_backend
+from .inference import dense_to_padded, encoder_of  # noqa: F401  (dense_to_padded: kept importable from here)
 from . import reference as ref
 from . import adaptive as adaptive_rule
 from . import sparsity as sparsity_control
@@ -115,7 +116,7 @@ class SAE(nn.Module):
 
     def _dense_code(self, x: Tensor) -> Tensor:
         """``[B, d_sae]`` activations for a flattened input in the parameters' dtype."""
-        raise NotImplementedError
+        return self.ops(x.device).encode(encoder_of(self), x)
 
     # -- public API ---------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
@@ -135,7 +136,7 @@ class SAE(nn.Module):
         return values.reshape(*lead, K).to(x.dtype), indices.reshape(*lead, K)
 
     def _sparse_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return dense_to_padded(self._dense_code(x))
+        return self.ops(x.device).encode_sparse(encoder_of(self), x)
 
     def decode(self, f: Tensor) -> Tensor:
         """``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``, in ``f``'s dtype."""
@@ -143,13 +144,12 @@ class SAE(nn.Module):
         check.last_dim("f", f, self.d_sae, "d_sae")
         check.module_device(self, f=f)
         f2 = f.reshape(-1, self.d_sae).to(self.dtype)
-        return (f2 @ self.W_dec + self.b_dec).reshape(*f.shape[:-1], self.d_in).to(f.dtype)
+        return torch.addmm(self.b_dec, f2, self.W_dec).reshape(*f.shape[:-1], self.d_in).to(f.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction ``x̂ = decode(encode(x))``, computed through the sparse code."""
         x2, lead = self._flatten(x)
-        values, indices = self._sparse_code(x2)
-        x_hat = self.ops(x2.device).sparse_decode(values, indices, self.W_dec, self.b_dec)
+        x_hat = self.ops(x2.device).reconstruct(encoder_of(self), x2, self.W_dec)
         return x_hat.reshape(*lead, self.d_in).to(x.dtype)
 
     def training_forward(
@@ -350,25 +350,6 @@ class SAE(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"
 
 
-def dense_to_padded(f: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense ``[B, d_sae]`` -> padded ``(values, indices) [B, K]`` of the nonzero entries, K = max row count.
-
-    Each row's active latents come first, in latent order; the rest is padding (value 0, index 0).
-    One pass over ``f`` plus O(nnz) work: no sort over ``d_sae``.
-    """
-    B = f.shape[0]
-    rows, cols = (f != 0).nonzero(as_tuple=True)  # row-major order
-    counts = torch.bincount(rows, minlength=B)
-    K = int(counts.max()) if B else 0
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=f.device) - starts[rows]
-    values = f.new_zeros(B, K)
-    indices = torch.zeros(B, K, dtype=torch.long, device=f.device)
-    values[rows, slot] = f[rows, cols]
-    indices[rows, slot] = cols
-    return values, indices
-
-
 class JumpReLUSAE(SAE):
     """JumpReLU SAE (Rajamanoharan et al. 2024): ``f = pre · H(pre - θ)``, L0 penalty via pseudo-derivatives.
 
@@ -505,9 +486,6 @@ class JumpReLUSAE(SAE):
         if p is None:  # AttributeError (not KeyError) so that hasattr() and nn.Module registration work
             raise AttributeError("threshold")
         return p
-
-    def _dense_code(self, x):
-        return self.ops(x.device).jumprelu(self._pre(x), self.threshold, self.bandwidth)
 
     @property
     def controls_sparsity(self) -> bool:
@@ -667,14 +645,6 @@ class TopKSAE(SAE):
         self.dead_after = check.positive_int("dead_after", dead_after)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
 
-    def _sparse_code(self, x):
-        ops = self.ops(x.device)
-        return ops.topk(F.relu(self._pre(x)), self.k)
-
-    def _dense_code(self, x):
-        values, indices = self._sparse_code(x)
-        return ref.topk_scatter(values, indices, self.d_sae)
-
     def _sae_forward(self, ops, x) -> ref.SAEForward:
         return ops.topk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.apply_b_dec_to_input)
 
@@ -751,17 +721,6 @@ class BatchTopKSAE(TopKSAE):
     def calibrated(self) -> bool:
         return bool(self.threshold >= 0)
 
-    def _dense_code(self, x):
-        pre = F.relu(self._pre(x))
-        if self.calibrated:
-            return pre * (pre > self.threshold)
-        n_keep = min(x.shape[0] * self.k, pre.numel())
-        vals, idx = torch.topk(pre.reshape(-1), n_keep, sorted=False)
-        return torch.zeros_like(pre).reshape(-1).scatter(0, idx, vals).reshape(pre.shape)
-
-    def _sparse_code(self, x):
-        return dense_to_padded(self._dense_code(x))
-
     def _sae_forward(self, ops, x):
         if self.training:
             self._forwards += 1
@@ -825,9 +784,6 @@ class ReLUSAE(SAE):
         self._init_sparsity(sparsity_coefficient, target_l0)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
 
-    def _dense_code(self, x):
-        return F.relu(self._pre(x))
-
     def _training_forward(self, x, dead_mask, coefficient):
         out = self.ops(x.device).relu_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
                                           self.apply_b_dec_to_input)
@@ -867,12 +823,6 @@ class GatedSAE(SAE):
         self.b_gate = nn.Parameter(torch.zeros(d_sae, **factory))
         self.r_mag = nn.Parameter(torch.zeros(d_sae, **factory))
         self.b_mag = nn.Parameter(torch.zeros(d_sae, **factory))
-
-    def _dense_code(self, x):
-        x_in = self._encoder_input(x)
-        gate = (x_in @ self.W_enc + self.b_gate) > 0
-        mag = F.relu(x_in @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag)
-        return gate.to(mag.dtype) * mag
 
     def _training_forward(self, x, dead_mask, coefficient):
         args = (x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec, self.apply_b_dec_to_input)

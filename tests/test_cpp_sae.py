@@ -174,8 +174,8 @@ def _run_both(arch, x, p, th=None, bw=None):
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_sae_one_and_two_threads_identical(arch):
-    x, p = params(300, 40, 530, dtype=torch.float32)
-    th, bw = jump_params(530, torch.float32)
+    x, p = params(1100, 24, 330, dtype=torch.float32)  # four slabs: taken in parallel by two threads
+    th, bw = jump_params(330, torch.float32)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -248,13 +248,17 @@ def test_backend_falls_back_when_x_needs_grad():
 
 
 def test_module_training_step_uses_the_fused_op(monkeypatch):
-    """JumpReLUSAE/TopKSAE on the cpp backend reach the C++ training ops (not the eager fallback)."""
+    """JumpReLUSAE/TopKSAE on the cpp backend reach the C++ training ops (not the eager fallback); JumpReLU's
+    first step (no density history) is the dense one, the next the sparse one below the crossover."""
+    from fastsae.backends import override_crossover
     from fastsae.ops import cpp
 
     called = []
-    for name in ("jumprelu_sae", "topk_sae"):
+    for name in ("jumprelu_sae", "jumprelu_sae_dense", "topk_sae"):
         orig = getattr(cpp, name)
         monkeypatch.setattr(cpp, name, lambda *a, _o=orig, _n=name: called.append(_n) or _o(*a))
-    for sae in (fastsae.JumpReLUSAE(8, 30, backend="cpp"), fastsae.TopKSAE(8, 30, 4, backend="cpp")):
-        sae.training_forward(torch.randn(5, 8)).loss.backward()
-    assert called == ["jumprelu_sae", "topk_sae"]
+    jump = fastsae.JumpReLUSAE(8, 30, backend="cpp")
+    for sae in (jump, jump, fastsae.TopKSAE(8, 30, 4, backend="cpp")):
+        with override_crossover("sparse") if called else override_crossover(None):
+            sae.training_forward(torch.randn(5, 8)).loss.backward()
+    assert called == ["jumprelu_sae_dense", "jumprelu_sae", "topk_sae"]

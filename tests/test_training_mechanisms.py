@@ -9,7 +9,7 @@ import torch
 import fastsae
 from fastsae import sparsity as sparsity_control
 from fastsae.data import synthetic
-from fastsae.resample import Resampler, _duplicates
+from fastsae.resample import Resampler, _duplicates, _pair_rows
 from fastsae.train import estimate_input_scale, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +95,25 @@ def test_duplicates_are_the_weaker_of_co_firing_pairs_with_close_decoder_rows():
     assert dup.tolist() == [False, False, False, True, False, False]
     # latents that never fire together are not duplicates, however close their rows
     assert not _duplicates(W, values[:, :1], indices[:, :1], fires, 0.7).any()
+
+
+def test_duplicate_search_is_bounded_on_a_dense_code(monkeypatch):
+    """A fresh JumpReLU's code has thousands of entries per row: the pair search looks at fewer rows (none when
+    one row alone is over the budget) instead of allocating rows · K² pairs; a sparse code keeps every row."""
+    from fastsae import resample
+
+    assert _pair_rows(64) == resample._PAIR_ROWS
+    assert 0 < _pair_rows(1024) < resample._PAIR_ROWS and _pair_rows(1024) * 1024 ** 2 <= resample._PAIR_BUDGET
+    assert _pair_rows(8192) == 0
+    monkeypatch.setattr(resample, "_PAIR_BUDGET", 3 * 40 * 40)  # three rows of a 40-entry code
+    seen = []
+    monkeypatch.setattr(resample, "_duplicates", lambda W, v, i, f, c: seen.append(i.shape) or _duplicates(W, v, i, f, c))
+    torch.manual_seed(0)
+    sae = fastsae.JumpReLUSAE(16, 40, threshold_init=0.0)  # θ = 0: about half the latents fire on every row
+    probe = torch.randn(64, 16)
+    Resampler(every=1, until=10, probe=probe, seed=0)(sae, torch.optim.Adam(sae.parameters()), step=1)
+    K = sae.encode_sparse(probe)[1].shape[-1]
+    assert K > 10 and seen == [torch.Size([min(64, 3 * 40 * 40 // K ** 2), K])]
 
 
 def test_resampling_revives_dead_latents_towards_the_residual_and_resets_their_adam_rows():

@@ -1,0 +1,230 @@
+"""A whole training run on CPU: ``fastsae.train`` from a freshly built module, per architecture, the cpp backend
+against the eager one (and SAELens's training SAEs where sae-lens imports), on the same data and batches.
+
+    python benchmarks/bench_whole_run.py                         # d_in 256, d_sae 4096, batch 2048, 300 steps
+    python benchmarks/bench_whole_run.py --archs jumprelu --steps 500 --d-sae 8192
+
+A run starts dense (a fresh JumpReLU fires on about half its latents; ReLU and Gated start dense too) and gets
+sparse as the sparsity penalty warms up: the dispatcher (fastsae.backends.Density) moves from the dense to the
+sparse formulation on its own. Every SAE is the library's default for its architecture (``ARCHITECTURES[arch](d_in,
+d_sae[, k])``) and ``fastsae.train`` runs with its defaults (learning rate, warm-ups, input scaling, b_dec
+initialisation), so the numbers follow the library as its defaults change. Data: ``fastsae.data.synthetic``
+(true features in superposition), the same seed for every provider.
+
+Reported per run: total wall time of ``train``, tokens/s over the run, the speed-up against eager, final L0 and
+FVU; per step (logged every step): the step time against the step's L0, drawn in one PNG. ``saelens`` runs
+SAELens's training SAE of the same architecture (its own defaults and coefficient warm-ups) under a plain Adam
+loop on the same batches; it is skipped, with the reason, when sae-lens does not import.
+
+Written to ``benchmarks/results/cpu/whole_run.md``, ``whole_run.csv`` and ``whole_run.png``. Timings on a shared
+machine move with its load: each provider's run is one measurement, so re-run to see the spread.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import time
+
+import torch
+
+import fastsae
+from fastsae.backends import get_crossover
+from fastsae.data import synthetic
+from fastsae.sae import ARCHITECTURES
+
+ALL = ("jumprelu", "topk", "batchtopk", "relu", "gated")
+
+
+def fresh(arch: str, d_in: int, d_sae: int, k: int, backend: str, seed: int, target_l0=None):
+    torch.manual_seed(seed)
+    cls = ARCHITECTURES[arch]
+    if arch in ("topk", "batchtopk"):
+        return cls(d_in, d_sae, k, backend=backend)
+    return cls(d_in, d_sae, backend=backend, **({} if target_l0 is None else dict(target_l0=target_l0)))
+
+
+def run_fastsae(arch, backend, data, args):
+    sae = fresh(arch, args.d_in, args.d_sae, args.k, backend, args.seed, args.target_l0)
+    trace = []
+    t_prev = [time.perf_counter()]
+    ops = sae.ops()
+    crossover = get_crossover(ops.name, sae.device, arch) * sae.d_sae
+    fixed = getattr(sae, "k", None) if arch in ("topk", "batchtopk") else None
+    before = [None]  # entries per row the dispatcher saw before the step (None: no history, the dense step)
+
+    def record(rec):
+        now = time.perf_counter()
+        seen = fixed if fixed is not None else before[0]
+        sparse = backend != "eager" and seen is not None and seen <= crossover
+        trace.append(dict(step=rec["step"], l0=rec["l0"], seconds=now - t_prev[0], fvu=rec["fvu"], sparse=sparse))
+        before[0] = ops.density.last(sae.W_enc)
+        t_prev[0] = now
+
+    t0 = time.perf_counter()
+    result = fastsae.train(sae, data, steps=args.steps, batch_size=args.batch, seed=args.seed, progress=False,
+                           log_every=1, callback=record)
+    total = time.perf_counter() - t0
+    return dict(seconds=total, tokens=result.tokens, trace=trace, final_l0=trace[-1]["l0"],
+                final_fvu=trace[-1]["fvu"])
+
+
+def run_saelens(arch, data, args):
+    """SAELens's training SAE (its defaults), Adam at fastsae's default lr, the same batches. None if unavailable."""
+    try:
+        from sae_lens.saes import batchtopk_sae, gated_sae, jumprelu_sae, standard_sae, topk_sae
+        from sae_lens.saes.sae import TrainStepInput
+    except Exception as e:  # ImportError or a broken dependency of theirs
+        return f"skipped: sae-lens not importable ({type(e).__name__}: {str(e)[:80]})"
+    classes = dict(jumprelu=(jumprelu_sae.JumpReLUTrainingSAE, jumprelu_sae.JumpReLUTrainingSAEConfig),
+                   topk=(topk_sae.TopKTrainingSAE, topk_sae.TopKTrainingSAEConfig),
+                   batchtopk=(batchtopk_sae.BatchTopKTrainingSAE, batchtopk_sae.BatchTopKTrainingSAEConfig),
+                   relu=(standard_sae.StandardTrainingSAE, standard_sae.StandardTrainingSAEConfig),
+                   gated=(gated_sae.GatedTrainingSAE, gated_sae.GatedTrainingSAEConfig))
+    cls, cfg_cls = classes[arch]
+    cfg = dict(d_in=args.d_in, d_sae=args.d_sae, dtype="float32", device="cpu")
+    if arch in ("topk", "batchtopk"):
+        cfg["k"] = args.k
+    torch.manual_seed(args.seed)
+    sae = cls(cfg_cls(**cfg))
+    from fastsae.train import default_hyperparameters
+
+    hp = default_hyperparameters(fresh(arch, args.d_in, args.d_sae, args.k, "eager", args.seed))
+    opt = torch.optim.Adam(sae.parameters(), lr=hp["lr"], betas=hp["betas"])
+    coefficients = sae.get_coefficients()
+    scale = 1.0 / math.sqrt(float(data.x[:16384].double().pow(2).sum(-1).mean()))
+    from fastsae.data import as_source, batches
+
+    it = batches(as_source(data), args.batch, seed=args.seed)
+    trace = []
+    t0 = t_prev = time.perf_counter()
+    for step in range(args.steps):
+        x = next(it).float() * scale
+        coef = {}
+        for name, c in coefficients.items():
+            value = float(getattr(c, "value", c))
+            warm = getattr(c, "warm_up_steps", 0) or 0
+            coef[name] = value * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        opt.zero_grad()
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coef, dead_neuron_mask=None,
+                                                       n_training_steps=step, is_logging_step=False))
+        out.loss.backward()
+        opt.step()
+        with torch.no_grad():
+            l0 = float((out.feature_acts > 0).float().sum(-1).mean())
+        now = time.perf_counter()
+        trace.append(dict(step=step + 1, l0=l0, seconds=now - t_prev, fvu=float("nan"), sparse=False))
+        t_prev = now
+    return dict(seconds=time.perf_counter() - t0, tokens=args.steps * args.batch, trace=trace,
+                final_l0=trace[-1]["l0"], final_fvu=float("nan"))
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = sorted({a for a, _ in results}, key=ALL.index)
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.6), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for (a, provider), r in results.items():
+            if a != arch or isinstance(r, str):
+                continue
+            tr = r["trace"][1:]  # the first step carries the one-off start-up
+            for sparse, marker in ((False, "o"), (True, "^")):
+                pts = [t for t in tr if t["sparse"] == sparse]
+                if pts:
+                    label = provider + (" (sparse steps)" if sparse else " (dense steps)" if provider != "eager" else "")
+                    ax.scatter([t["l0"] for t in pts], [1e3 * t["seconds"] for t in pts], s=6, marker=marker,
+                               label=label, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("L0 (active latents per row)")
+        ax.set_ylabel("step time (ms)")
+        ax.set_title(arch)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", nargs="+", default=list(ALL), choices=ALL)
+    p.add_argument("--d-in", type=int, default=256)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32, help="TopK / BatchTopK k")
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--target-l0", type=float, default=None,
+                   help="JumpReLU / ReLU / Gated: build with target_l0 (its controller or target-L0 loss sets the "
+                        "sparsity; a JumpReLU then starts at L0 ≈ 2 × target, init_l0='auto'); default: the "
+                        "library's λ, from a dense start")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--n-features", type=int, default=2048, help="true features of the synthetic data")
+    p.add_argument("--active", type=float, default=16.0, help="mean active true features per sample")
+    p.add_argument("--providers", nargs="+", default=["cpp", "eager", "saelens"], choices=["cpp", "eager", "saelens"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "whole_run"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # fastsae.data.synthetic holds ~27 KB per sample while it draws them (its dense [n, n_features] codes):
+    # 65536 samples (~2 GB) cycled through; 262144 ran out of the shared machine's memory
+    n = min(args.steps * args.batch, 65536)
+    data = synthetic(n, args.d_in, args.n_features, active=args.active, seed=args.seed)
+    print(f"torch {torch.__version__}, {args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, "
+          f"batch={args.batch}, steps={args.steps}, float32; synthetic data: {n} samples, {args.n_features} "
+          f"features, ~{args.active:g} active")
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results = {}
+    for arch in args.archs:
+        for provider in args.providers:
+            if provider == "saelens":
+                r = run_saelens(arch, data, args)
+            else:
+                r = run_fastsae(arch, provider, data, args)
+            results[(arch, provider)] = r
+            if isinstance(r, str):
+                print(f"{arch:10s} {provider:8s} {r}", flush=True)
+            else:
+                print(f"{arch:10s} {provider:8s} {r['seconds']:8.1f} s  {r['tokens'] / r['seconds']:10.0f} tokens/s  "
+                      f"first L0 {r['trace'][0]['l0']:.0f}, final L0 {r['final_l0']:.1f}", flush=True)
+    header = ("| arch | provider | total s | tokens/s | speed-up vs eager | first-step L0 | final L0 | final FVU | "
+              "sparse steps |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for (arch, provider), r in results.items():
+        if isinstance(r, str):
+            lines.append(f"| {arch} | {provider} | {r} | | | | | | |")
+            continue
+        eager = results.get((arch, "eager"))
+        speed = f"{eager['seconds'] / r['seconds']:.2f}x" if isinstance(eager, dict) else "-"
+        sparse = sum(t["sparse"] for t in r["trace"])
+        lines.append(f"| {arch} | {provider} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | {speed} | "
+                     f"{r['trace'][0]['l0']:.0f} | {r['final_l0']:.1f} | {r['final_fvu']:.3f} | "
+                     f"{sparse} of {len(r['trace'])} |")
+    print("\n".join(lines))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    cmd = "python benchmarks/bench_whole_run.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with open(args.out + ".md", "w") as f:
+        f.write("# A whole training run from a fresh module, CPU: fastsae (cpp) vs eager\n\n")
+        f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+                f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, {args.steps} "
+                f"steps, float32, synthetic data ({args.n_features} features, ~{args.active:g} active); load "
+                f"average {load0:.1f} at the start, {load:.1f} at the end. Step time vs L0: `{os.path.basename(args.out)}.png`.\n\n")
+        f.write("\n".join(lines) + "\n")
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arch", "provider", "step", "l0", "step_seconds", "sparse"])
+        for (arch, provider), r in results.items():
+            if not isinstance(r, str):
+                for t in r["trace"]:
+                    w.writerow([arch, provider, t["step"], f"{t['l0']:.3f}", f"{t['seconds']:.5f}", int(t["sparse"])])
+    plot(results, args.out + ".png")
+    print(f"wrote {args.out}.md, .csv, .png")
+
+
+if __name__ == "__main__":
+    main()

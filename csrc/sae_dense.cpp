@@ -1,0 +1,433 @@
+// Dense formulations of the fused training steps, for the phase of a run where most latents fire (a
+// fresh JumpReLU fires on about half of them; ReLU and Gated start dense too). There the compact
+// entry lists would be larger than the dense tensors, so the step is the five (Gated: seven) GEMMs of
+// the eager reference, with every elementwise stage fused into one pass after the encoder GEMM and
+// one after ∂L/∂f = grad_x_hat · W_decᵀ — and the per-element gradients are the very formulas the
+// sparse engine applies at its entries (csrc/backward.h), so both paths compute the same math.
+// The dispatcher (fastsae/backends.py) picks this path from the previous step's density.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "backward.h"
+#include "common.h"
+#include "encoder.h"
+
+namespace fastsae {
+
+namespace {
+
+// f(begin, end) on row ranges; fired_task[j] |= ... is OR-ed into `fired` at the end of each task.
+template <typename F>
+void rows_with_fired(int64_t B, int64_t d_sae, bool* fired, F&& f) {
+  std::mutex mu;
+  parallel_tasks(B, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> local(d_sae, 0);
+    f(begin, end, local.data());
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t j = 0; j < d_sae; ++j) fired[j] = fired[j] || local[j];
+  });
+}
+
+// f(c0, c1) for blocks of latent columns: every per-latent reduction runs over the rows in order, in one task.
+template <typename F>
+void column_blocks(int64_t d_sae, F&& f) {
+  constexpr int64_t CB = 256;
+  parallel_tasks((d_sae + CB - 1) / CB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) f(blk * CB, std::min(d_sae, (blk + 1) * CB));
+  });
+}
+
+at::Tensor count_tensor(int64_t n, const at::TensorOptions& opt) { return at::full({}, n, opt.dtype(at::kLong)); }
+
+template <typename scalar_t>
+at::Tensor finish_grad_b_dec(const at::Tensor& gx, const at::Tensor& W_enc, const at::Tensor& genc,
+                             bool apply_b_dec_to_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = gx.size(0), d_in = gx.size(1), d_sae = W_enc.size(1);
+  auto out = at::empty({d_in}, gx.options());
+  auto We = W_enc.contiguous();
+  decoder_bias_grad<scalar_t>(B, d_in, d_sae, gx.data_ptr<scalar_t>(), We.data_ptr<scalar_t>(),
+                              genc.data_ptr<acc_t>(), apply_b_dec_to_input, out.data_ptr<scalar_t>());
+  return out;
+}
+
+}  // namespace
+
+// (x_hat, l0, fired, entries = #(active ∪ window), pre, f)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_sae_dense_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
+    const at::Tensor& b_dec, const at::Tensor& threshold, const at::Tensor& bandwidth, bool apply_b_dec_to_input,
+    bool /*straight_through: used by the backward*/) {
+  const char* op = "jumprelu_sae_dense";
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
+  const at::Tensor& x_in = in.x_in;
+  const auto opt = x.options();
+  auto pre = at::addmm(b_enc, x_in, W_enc);
+  auto f = at::empty_like(pre);
+  auto l0 = at::empty({B}, opt.dtype(at::kFloat));
+  auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
+  std::atomic<int64_t> entries{0};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "jumprelu_sae_dense", [&] {
+    dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
+      using wide_t = decltype(wide_tag);
+      const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), eps.data_ptr<wide_t>(), d_sae);
+      const scalar_t* pp = pre.data_ptr<scalar_t>();
+      scalar_t* fp = f.data_ptr<scalar_t>();
+      float* l0p = l0.data_ptr<float>();
+      rows_with_fired(B, d_sae, fired.data_ptr<bool>(), [&](int64_t begin, int64_t end, uint8_t* fired_local) {
+        int64_t ent = 0;
+        for (int64_t b = begin; b < end; ++b) {
+          const scalar_t* row = pp + b * d_sae;
+          scalar_t* out = fp + b * d_sae;
+          int64_t act = 0;
+          for (int64_t j = 0; j < d_sae; ++j) {
+            const uint8_t fl = sel.classify(static_cast<wide_t>(row[j]), j);
+            const bool a = fl & kActive;
+            out[j] = a ? row[j] : scalar_t(0);
+            act += a;
+            ent += fl != 0;
+            fired_local[j] |= a;
+          }
+          l0p[b] = static_cast<float>(act);
+        }
+        entries += ent;
+      });
+    });
+  });
+  auto x_hat = at::addmm(b_dec, f, W_dec);
+  return {x_hat, l0, fired, count_tensor(entries, opt), pre, f};
+}
+
+// (grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_threshold) of jumprelu_sae_dense; grad_f is a
+// gradient reaching f directly (e.g. a penalty on the activations), added to grad_x_hat · W_decᵀ.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_sae_dense_backward_cpu(
+    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_l0, const std::optional<at::Tensor>& grad_f,
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& W_dec, const at::Tensor& b_dec,
+    bool apply_b_dec_to_input, const at::Tensor& pre, const at::Tensor& f, const at::Tensor& threshold,
+    const at::Tensor& bandwidth, bool straight_through) {
+  const char* op = "jumprelu_sae_dense_backward";
+  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
+  const int64_t B = D.B, d_sae = D.d_sae;
+  TORCH_CHECK(pre.sizes() == f.sizes() && pre.dim() == 2 && pre.size(0) == B && pre.size(1) == d_sae, op,
+              ": pre and f must be [", B, ", ", d_sae, "]");
+  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
+  auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
+  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  auto gx = grad_x_hat.contiguous();
+  auto g = at::mm(gx, W_dec.t());  // ∂L/∂f, overwritten with ∂L/∂pre
+  if (grad_f.has_value()) {
+    TORCH_CHECK(grad_f->sizes() == g.sizes(), op, ": grad_f must be [", B, ", ", d_sae, "]");
+    g.add_(*grad_f);
+  }
+  auto p = pre.contiguous();
+  at::Tensor gbe, gth, genc;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "jumprelu_sae_dense_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
+      using wide_t = decltype(wide_tag);
+      const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), eps.data_ptr<wide_t>(), d_sae);
+      at::Tensor gl0;
+      if (grad_l0.has_value()) {
+        check_vector(*grad_l0, B, op, "grad_l0");
+        gl0 = grad_l0->to(th.scalar_type()).contiguous();
+      }
+      const wide_t* gl0p = gl0.defined() ? gl0.data_ptr<wide_t>() : nullptr;
+      const wide_t* tp = th.data_ptr<wide_t>();
+      const wide_t* ep = eps.data_ptr<wide_t>();
+      const scalar_t* pp = p.data_ptr<scalar_t>();
+      scalar_t* gp = g.data_ptr<scalar_t>();
+      genc = at::empty({d_sae}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      gth = at::empty({d_sae}, th.options());
+      acc_t* gencp = genc.data_ptr<acc_t>();
+      wide_t* gthp = gth.data_ptr<wide_t>();
+      column_blocks(d_sae, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> sb(c1 - c0, acc_t(0));
+        std::vector<wide_t> st(c1 - c0, wide_t(0));
+        for (int64_t b = 0; b < B; ++b) {
+          const wide_t l = gl0p ? gl0p[b] : wide_t(0);
+          const scalar_t* prow = pp + b * d_sae;
+          scalar_t* grow = gp + b * d_sae;
+          for (int64_t j = c0; j < c1; ++j) {
+            const uint8_t fl = sel.classify(static_cast<wide_t>(prow[j]), j);
+            const acc_t ge = jump_entry<acc_t, wide_t>(fl, static_cast<acc_t>(grow[j]), tp[j], ep[j], l,
+                                                       straight_through, st[j - c0]);
+            grow[j] = static_cast<scalar_t>(ge);
+            sb[j - c0] += ge;
+          }
+        }
+        for (int64_t j = c0; j < c1; ++j) {
+          gencp[j] = sb[j - c0];
+          gthp[j] = st[j - c0];
+        }
+      });
+      gbe = genc.to(x.scalar_type());
+    });
+  });
+  auto gWd = at::mm(f.t(), gx);
+  auto gWe = at::mm(x_in.t(), g);
+  at::Tensor gbd;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "jumprelu_sae_dense_backward",
+                                 [&] { gbd = finish_grad_b_dec<scalar_t>(gx, W_enc, genc, apply_b_dec_to_input); });
+  return {gWe, gbe, gWd, gbd, gth.to(threshold.scalar_type())};
+}
+
+// (x_hat, sparsity [B] = Σ_j f_bj·w_j, l0, fired, entries = #(f > 0), f)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_dense_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
+    const at::Tensor& b_dec, const at::Tensor& latent_weight, bool apply_b_dec_to_input) {
+  const char* op = "relu_sae_dense";
+  const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor& x_in = in.x_in;
+  const auto opt = x.options();
+  auto f = at::addmm(b_enc, x_in, W_enc);  // relu'd in place
+  auto l0 = at::empty({B}, opt.dtype(at::kFloat));
+  auto sparsity = at::empty({B}, opt);
+  auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
+  std::atomic<int64_t> entries{0};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_dense", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto w_t = latent_vector(latent_weight, d_sae, c10::CppTypeToScalarType<acc_t>::value, op, "latent_weight");
+    const acc_t* w = w_t.data_ptr<acc_t>();
+    scalar_t* fp = f.data_ptr<scalar_t>();
+    scalar_t* sp = sparsity.data_ptr<scalar_t>();
+    float* l0p = l0.data_ptr<float>();
+    rows_with_fired(B, d_sae, fired.data_ptr<bool>(), [&](int64_t begin, int64_t end, uint8_t* fired_local) {
+      int64_t ent = 0;
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* row = fp + b * d_sae;
+        acc_t s = 0;
+        int64_t act = 0;
+        for (int64_t j = 0; j < d_sae; ++j) {
+          const acc_t v = static_cast<acc_t>(row[j]);
+          const bool a = v > acc_t(0);
+          if (a) s += v * w[j];  // the sparse kernel's sum, term for term
+          row[j] = a ? row[j] : scalar_t(0);
+          act += a;
+          fired_local[j] |= a;
+        }
+        sp[b] = static_cast<scalar_t>(s);
+        l0p[b] = static_cast<float>(act);
+        ent += act;
+      }
+      entries += ent;
+    });
+  });
+  auto x_hat = at::addmm(b_dec, f, W_dec);
+  return {x_hat, sparsity, l0, fired, count_tensor(entries, opt), f};
+}
+
+// (grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_latent_weight) of relu_sae_dense.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_dense_backward_cpu(
+    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_sparsity, const at::Tensor& x,
+    const at::Tensor& W_enc, const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& latent_weight,
+    bool apply_b_dec_to_input, const at::Tensor& f) {
+  const char* op = "relu_sae_dense_backward";
+  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
+  const int64_t B = D.B, d_sae = D.d_sae;
+  TORCH_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op, ": f must be [", B, ", ", d_sae, "]");
+  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
+  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  auto gx = grad_x_hat.contiguous();
+  auto g = at::mm(gx, W_dec.t());
+  auto fc = f.contiguous();
+  at::Tensor genc, gw;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_dense_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    auto w_t = latent_vector(latent_weight, d_sae, acc_type, op, "latent_weight");
+    at::Tensor gsp;
+    if (grad_sparsity.has_value()) {
+      check_vector(*grad_sparsity, B, op, "grad_sparsity");
+      gsp = grad_sparsity->to(acc_type).contiguous();
+    }
+    const acc_t* w = w_t.data_ptr<acc_t>();
+    const acc_t* gspp = gsp.defined() ? gsp.data_ptr<acc_t>() : nullptr;
+    const scalar_t* fp = fc.data_ptr<scalar_t>();
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    genc = at::empty({d_sae}, x.options().dtype(acc_type));
+    gw = at::empty({d_sae}, x.options().dtype(acc_type));
+    acc_t* gencp = genc.data_ptr<acc_t>();
+    acc_t* gwp = gw.data_ptr<acc_t>();
+    column_blocks(d_sae, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> sb(c1 - c0, acc_t(0)), sw(c1 - c0, acc_t(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* frow = fp + b * d_sae;
+        scalar_t* grow = gp + b * d_sae;
+        for (int64_t j = c0; j < c1; ++j) {
+          const acc_t v = static_cast<acc_t>(frow[j]);
+          acc_t ge = 0;
+          if (v > acc_t(0)) {
+            const acc_t gf = static_cast<acc_t>(grow[j]);
+            ge = gspp ? relu_entry<acc_t>(v, gf, gspp[b], w[j], sw[j - c0]) : gf;
+          }
+          grow[j] = static_cast<scalar_t>(ge);
+          sb[j - c0] += ge;
+        }
+      }
+      for (int64_t j = c0; j < c1; ++j) {
+        gencp[j] = sb[j - c0];
+        gwp[j] = sw[j - c0];
+      }
+    });
+  });
+  auto gWd = at::mm(fc.t(), gx);
+  auto gWe = at::mm(x_in.t(), g);
+  at::Tensor gbd;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_dense_backward",
+                                 [&] { gbd = finish_grad_b_dec<scalar_t>(gx, W_enc, genc, apply_b_dec_to_input); });
+  return {gWe, genc.to(x.scalar_type()), gWd, gbd, gw.to(latent_weight.scalar_type())};
+}
+
+// (x_hat, x_hat_frozen, sparsity [B] = Σ relu(π_gate), l0, fired, entries = #(open gates), f, gate = relu(π_gate))
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_sae_dense_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Tensor& b_gate, const at::Tensor& r_mag,
+                    const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
+                    bool apply_b_dec_to_input) {
+  const char* op = "gated_sae_dense";
+  const SaeInputs in = prepare_sae(x, W_gate, b_gate, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  check_gated(r_mag, b_mag, x, d_sae, op);
+  const at::Tensor& x_in = in.x_in;
+  const auto opt = x.options();
+  auto gate = at::mm(x_in, W_gate);  // z, overwritten with relu(π_gate)
+  auto f = at::empty_like(gate);
+  auto l0 = at::empty({B}, opt.dtype(at::kFloat));
+  auto sparsity = at::empty({B}, opt);
+  auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
+  std::atomic<int64_t> entries{0};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae_dense", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto bg = b_gate.contiguous(), rm = r_mag.contiguous(), bm = b_mag.contiguous();
+    const GatedSelect<acc_t> sel(bg.data_ptr<scalar_t>(), rm.data_ptr<scalar_t>(), bm.data_ptr<scalar_t>(), d_sae);
+    scalar_t* zp = gate.data_ptr<scalar_t>();
+    scalar_t* fp = f.data_ptr<scalar_t>();
+    scalar_t* sp = sparsity.data_ptr<scalar_t>();
+    float* l0p = l0.data_ptr<float>();
+    rows_with_fired(B, d_sae, fired.data_ptr<bool>(), [&](int64_t begin, int64_t end, uint8_t* fired_local) {
+      int64_t ent = 0;
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* zrow = zp + b * d_sae;
+        scalar_t* frow = fp + b * d_sae;
+        acc_t s = 0;
+        int64_t act = 0;
+        for (int64_t j = 0; j < d_sae; ++j) {
+          const acc_t z = static_cast<acc_t>(zrow[j]);
+          const bool on = sel.gate(z, j);
+          const scalar_t fv = on ? static_cast<scalar_t>(sel.mag(z, j)) : scalar_t(0);
+          const scalar_t q = on ? static_cast<scalar_t>(sel.pi_gate(z, j)) : scalar_t(0);
+          frow[j] = fv;
+          zrow[j] = q;
+          if (on) s += static_cast<acc_t>(q);
+          const bool a = static_cast<acc_t>(fv) > acc_t(0);
+          act += a;
+          ent += on;
+          fired_local[j] |= a;
+        }
+        sp[b] = static_cast<scalar_t>(s);
+        l0p[b] = static_cast<float>(act);
+      }
+      entries += ent;
+    });
+  });
+  auto x_hat = at::addmm(b_dec, f, W_dec);
+  auto x_hat_frozen = at::addmm(b_dec, gate, W_dec);
+  return {x_hat, x_hat_frozen, sparsity, l0, fired, count_tensor(entries, opt), f, gate};
+}
+
+// (grad_W_gate, grad_b_gate, grad_r_mag, grad_b_mag, grad_W_dec, grad_b_dec) of gated_sae_dense.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_sae_dense_backward_cpu(
+    const at::Tensor& grad_x_hat, const std::optional<at::Tensor>& grad_x_hat_frozen,
+    const std::optional<at::Tensor>& grad_sparsity, const at::Tensor& x, const at::Tensor& W_gate,
+    const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
+    bool apply_b_dec_to_input, const at::Tensor& f, const at::Tensor& gate) {
+  const char* op = "gated_sae_dense_backward";
+  const SaeDims D = check_sae_args(x, W_gate, at::Tensor(), W_dec, b_dec, op);
+  const int64_t B = D.B, d_sae = D.d_sae;
+  TORCH_CHECK(f.sizes() == gate.sizes() && f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op,
+              ": f and gate must be [", B, ", ", d_sae, "]");
+  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
+  check_gated(r_mag, b_mag, x, d_sae, op);
+  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
+  auto gx = grad_x_hat.contiguous();
+  auto g = at::mm(gx, W_dec.t());
+  at::Tensor g2;
+  if (grad_x_hat_frozen.has_value()) {
+    TORCH_CHECK(grad_x_hat_frozen->sizes() == x.sizes(), op, ": grad_x_hat_frozen must have the shape of x");
+    g2 = at::mm(grad_x_hat_frozen->to(x.scalar_type()), W_dec.t());
+  }
+  auto fc = f.contiguous(), qc = gate.contiguous();
+  at::Tensor genc, scal;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae_dense_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    auto scale = r_mag.to(acc_type).exp().contiguous();
+    auto bm = b_mag.to(acc_type).contiguous();
+    at::Tensor gsp;
+    if (grad_sparsity.has_value()) {
+      check_vector(*grad_sparsity, B, op, "grad_sparsity");
+      gsp = grad_sparsity->to(acc_type).contiguous();
+    }
+    const acc_t* sc = scale.data_ptr<acc_t>();
+    const acc_t* bmp = bm.data_ptr<acc_t>();
+    const acc_t* gspp = gsp.defined() ? gsp.data_ptr<acc_t>() : nullptr;
+    const scalar_t* fp = fc.data_ptr<scalar_t>();
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* g2p = g2.defined() ? g2.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    genc = at::empty({d_sae}, x.options().dtype(acc_type));
+    scal = at::empty({3, d_sae}, x.options().dtype(acc_type));
+    acc_t* gencp = genc.data_ptr<acc_t>();
+    acc_t* sp = scal.data_ptr<acc_t>();
+    column_blocks(d_sae, [&](int64_t c0, int64_t c1) {
+      const int64_t n = c1 - c0;
+      std::vector<acc_t> sb(n, acc_t(0)), s3(3 * n, acc_t(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t o = b * d_sae;
+        for (int64_t j = c0; j < c1; ++j) {
+          acc_t ge = 0;
+          if (static_cast<acc_t>(qp[o + j]) > acc_t(0)) {
+            const acc_t d2 = g2p ? static_cast<acc_t>(g2p[o + j]) : acc_t(0);
+            const acc_t g_gate = gspp ? d2 + gspp[b] : d2;
+            acc_t s[3] = {s3[j - c0], s3[n + j - c0], s3[2 * n + j - c0]};
+            ge = gated_entry<acc_t>(static_cast<acc_t>(fp[o + j]), static_cast<acc_t>(gp[o + j]), g_gate, sc[j],
+                                    bmp[j], s);
+            s3[j - c0] = s[0];
+            s3[n + j - c0] = s[1];
+            s3[2 * n + j - c0] = s[2];
+          }
+          gp[o + j] = static_cast<scalar_t>(ge);
+          sb[j - c0] += ge;
+        }
+      }
+      for (int64_t j = c0; j < c1; ++j) {
+        gencp[j] = sb[j - c0];
+        for (int k = 0; k < 3; ++k) sp[k * d_sae + j] = s3[k * n + j - c0];
+      }
+    });
+  });
+  auto gWd = at::mm(fc.t(), gx);
+  auto gWe = at::mm(x_in.t(), g);
+  at::Tensor gbd;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae_dense_backward",
+                                 [&] { gbd = finish_grad_b_dec<scalar_t>(gx, W_gate, genc, apply_b_dec_to_input); });
+  const auto dt = x.scalar_type();
+  return {gWe, own(scal[0], dt), own(scal[2], dt), own(scal[1], dt), gWd, gbd};
+}
+
+TORCH_LIBRARY_IMPL(fastsae, CPU, m) {
+  m.impl("jumprelu_sae_dense", &jumprelu_sae_dense_cpu);
+  m.impl("jumprelu_sae_dense_backward", &jumprelu_sae_dense_backward_cpu);
+  m.impl("relu_sae_dense", &relu_sae_dense_cpu);
+  m.impl("relu_sae_dense_backward", &relu_sae_dense_backward_cpu);
+  m.impl("gated_sae_dense", &gated_sae_dense_cpu);
+  m.impl("gated_sae_dense_backward", &gated_sae_dense_backward_cpu);
+}
+
+}  // namespace fastsae
