@@ -8,7 +8,9 @@ loaded from SAELens, sparsify and Gemma Scope files, which load into the same mo
 - ``"gated"``: ``f = H(π_gate) · relu(π_mag)``, ``π_gate = x_in W_gate + b_gate``, ``π_mag = x_in (exp(r_mag) ⊙
   W_gate) + b_mag``.
 - ``"topk"``: relu of each row's ``k`` largest pre-activations.
-- ``"batchtopk"``: the ``B·k`` largest relu'd pre-activations of the batch (BatchTopK before calibration).
+- ``"batchtopk"``: the ``B·k`` largest relu'd pre-activations of the batch (BatchTopK or Matryoshka BatchTopK
+  before calibration).
+- ``"abstopk"``: each row's ``k`` pre-activations of largest magnitude, sign kept (AbsTopK).
 
 ``x_in = x - b_dec`` when ``apply_b_dec_to_input``. The functions here are the eager implementation (the
 default of ``Backend.encode`` / ``encode_sparse`` / ``reconstruct``); backends with fused kernels override them.
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from . import reference as ref
 
-KINDS = ("threshold", "gated", "topk", "batchtopk")
+KINDS = ("threshold", "gated", "topk", "batchtopk", "abstopk")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Encoder:
     apply_b_dec_to_input: bool
     threshold: Optional[Tensor] = None  # [d_sae] ("threshold")
     bandwidth: Optional[Tensor] = None  # [d_sae] JumpReLU's ε: the eager path keeps θ's pseudo-gradient
-    k: Optional[int] = None  # "topk", "batchtopk"
+    k: Optional[int] = None  # "topk", "batchtopk", "abstopk"
     r_mag: Optional[Tensor] = None  # [d_sae] ("gated")
     b_mag: Optional[Tensor] = None  # [d_sae] ("gated")
 
@@ -58,14 +60,16 @@ class Encoder:
 def encoder_of(sae) -> Encoder:
     """The :class:`Encoder` of a fastsae module (by its ``architecture``)."""
     common = dict(W_enc=sae.W_enc, b_dec=sae.b_dec, apply_b_dec_to_input=sae.apply_b_dec_to_input)
-    arch = sae.architecture
+    arch = getattr(sae, "base_architecture", sae.architecture)  # a transcoder encodes like its architecture
     if arch == "jumprelu":
         return Encoder("threshold", b_enc=sae.b_enc, threshold=sae.threshold, bandwidth=sae.bandwidth, **common)
     if arch == "relu":
         return Encoder("threshold", b_enc=sae.b_enc, threshold=sae.b_enc.new_zeros(sae.d_sae), **common)
-    if arch == "batchtopk" and sae.calibrated:
-        return Encoder("threshold", b_enc=sae.b_enc, threshold=sae.threshold.expand(sae.d_sae), **common)
-    if arch in ("topk", "batchtopk"):
+    if arch in ("batchtopk", "matryoshka_batchtopk"):  # Matryoshka's inference is BatchTopK's
+        if sae.calibrated:
+            return Encoder("threshold", b_enc=sae.b_enc, threshold=sae.threshold.expand(sae.d_sae), **common)
+        return Encoder("batchtopk", b_enc=sae.b_enc, k=sae.k, **common)
+    if arch in ("topk", "abstopk"):
         return Encoder(arch, b_enc=sae.b_enc, k=sae.k, **common)
     if arch == "gated":
         return Encoder("gated", b_enc=sae.b_gate, r_mag=sae.r_mag, b_mag=sae.b_mag, **common)
@@ -89,7 +93,7 @@ def dense_code(enc: Encoder, x: Tensor) -> Tensor:
         gate = (x_in @ enc.W_enc + enc.b_enc) > 0
         mag = F.relu(x_in @ (enc.W_enc * torch.exp(enc.r_mag)) + enc.b_mag)
         return gate.to(mag.dtype) * mag
-    if enc.kind == "topk":
+    if enc.kind in ("topk", "abstopk"):
         values, indices = sparse_code(enc, x)
         return ref.topk_scatter(values, indices, enc.d_sae)
     if enc.kind == "batchtopk":
@@ -105,6 +109,10 @@ def sparse_code(enc: Encoder, x: Tensor) -> tuple[Tensor, Tensor]:
     entries of :func:`dense_code` in latent order (:func:`dense_to_padded`)."""
     if enc.kind == "topk":
         return ref.topk(F.relu(_pre(enc, x)), enc.k)
+    if enc.kind == "abstopk":
+        pre = _pre(enc, x)
+        _, indices = ref.topk(pre.abs(), enc.k)
+        return pre.gather(1, indices), indices
     return dense_to_padded(dense_code(enc, x))
 
 

@@ -49,8 +49,11 @@ DEFAULT_DUPLICATE_COS = 0.7
 #: rows of the probe searched for co-firing duplicate pairs (O(rows · L0²) pairs)
 _PAIR_ROWS = 2048
 #: at most this many candidate pairs (rows · K²) per search: a fresh JumpReLU fires on half its latents, and
-#: 2048 rows · 2048² pairs (d_sae 4096) took ~20 GB; at trained sparsity (K ≤ 128) all _PAIR_ROWS rows fit
-_PAIR_BUDGET = 2**25
+#: 2048 rows · 2048² pairs (d_sae 4096) took ~20 GB, and 2^25 pairs still cost ~11 s of CPU per call at L0 ≈ 360;
+#: at trained sparsity (K ≤ 64) all _PAIR_ROWS rows fit
+_PAIR_BUDGET = 2**23
+#: decoder-row elements gathered at once for the per-row cosines ([rows, K, d_in] per chunk)
+_COS_ELEMENTS = 2**24
 
 
 def _pair_rows(K: int) -> int:
@@ -121,18 +124,25 @@ def _duplicates(W_dec: Tensor, values: Tensor, indices: Tensor, fires: Tensor, m
     K = indices.shape[-1]
     if K < 2 or indices.shape[0] == 0:
         return out
-    # Every pair of active latents on a row, as i * d_sae + j with i < j, deduplicated.
+    # Per row, the cosines of its active latents' decoder rows ([K, K], a batched GEMM over row chunks); only the
+    # close pairs (few) are deduplicated, never all rows · K² of them.
+    W = torch.nn.functional.normalize(W_dec.float(), dim=1)
     idx = torch.where(values != 0, indices, torch.full_like(indices, -1))
-    a, b = idx.unsqueeze(2).expand(-1, K, K), idx.unsqueeze(1).expand(-1, K, K)
-    keep = (a >= 0) & (b >= 0) & (a < b)
-    pairs = torch.unique(a[keep] * d_sae + b[keep])
+    upper = torch.ones(K, K, dtype=torch.bool, device=W.device).triu(1)
+    chunk = max(1, _COS_ELEMENTS // (K * W.shape[1]))
+    close = []
+    for a in range(0, idx.shape[0], chunk):
+        ia = idx[a:a + chunk]
+        Wr = W[ia.clamp_min(0)]  # [rows, K, d_in]
+        cos = Wr @ Wr.transpose(1, 2)
+        keep = (cos > min_cos) & upper & (ia >= 0).unsqueeze(2) & (ia >= 0).unsqueeze(1)
+        r, p, q = keep.nonzero(as_tuple=True)
+        i, j = ia[r, p], ia[r, q]
+        close.append(torch.minimum(i, j) * d_sae + torch.maximum(i, j))
+    pairs = torch.unique(torch.cat(close))
     if pairs.numel() == 0:
         return out
     i, j = pairs // d_sae, pairs % d_sae
-    W = torch.nn.functional.normalize(W_dec.float(), dim=1)
-    cos = (W[i] * W[j]).sum(1)
-    close = cos > min_cos
-    i, j = i[close], j[close]
     loser = torch.where(fires[i] < fires[j], i, j)
     out[loser] = True
     return out

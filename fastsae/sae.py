@@ -679,11 +679,6 @@ class AbsTopKSAE(TopKSAE):
 
     architecture = "abstopk"
 
-    def _sparse_code(self, x):
-        pre = self._pre(x)
-        _, indices = self.ops(x.device).topk(pre.abs(), self.k)
-        return pre.gather(1, indices), indices
-
     def _sae_forward(self, ops, x):
         return ops.abstopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.apply_b_dec_to_input)
 
@@ -734,9 +729,13 @@ class BatchTopKSAE(TopKSAE):
     def _update_threshold(self, out) -> None:
         if self.training and out.min_kept is not None:
             with torch.no_grad():
-                w = self._threshold_weight.mul_(self.threshold_decay).add_(1 - self.threshold_decay)
+                m = out.min_kept.float()
+                # a batch that kept nothing reports +inf (triton) and must not move the estimate: masked, no sync
+                seen = torch.isfinite(m).float()
+                w = self._threshold_weight.mul_(1 - seen * (1 - self.threshold_decay)).add_(seen * (1 - self.threshold_decay))
                 # θ ← θ + ((1 - decay) / w)·(m - θ): the running mean of m with Adam-style bias correction
-                self.threshold.add_((1 - self.threshold_decay) / w * (out.min_kept.float() - self.threshold))
+                step = seen * (1 - self.threshold_decay) / w.clamp_min(1e-12)
+                self.threshold.add_(step * (torch.where(seen > 0, m, self.threshold) - self.threshold))
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, batch_size: Optional[int] = None) -> float:
