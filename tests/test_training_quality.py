@@ -31,9 +31,10 @@ def _fit(sae, data):
     return data.evaluate(sae, n=8192)
 
 
-def test_jumprelu_defaults_recover_the_clean_dictionary(clean):
+@pytest.mark.parametrize("arch", ["jumprelu", "gated"])
+def test_defaults_recover_the_clean_dictionary(clean, arch):
     torch.manual_seed(0)
-    m = _fit(fastsae.JumpReLUSAE(D_IN, D_SAE), clean)
+    m = _fit(fastsae.sae.ARCHITECTURES[arch](D_IN, D_SAE), clean)
     assert m["recovery"] >= 0.95 and m["fvu"] <= 0.15, m
     assert clean.true_l0 / 2 <= m["l0"] <= 2 * clean.true_l0, m
     assert m["uniqueness"] >= 0.9, m
@@ -61,16 +62,8 @@ def test_topk_at_the_true_l0_on_realistic_data(real):
     assert m["recovery"] >= 0.8 and m["mcc"] >= 0.9 and m["fvu"] <= 0.2, m
 
 
-# -- the other architectures with their defaults (fit_encoder_scale at init, λ in units of the centred input scale,
+# -- ReLU and BatchTopK with their defaults (fit_encoder_scale at init, λ in units of the centred input scale,
 #    BatchTopK's TopK warm-up); on the clean data k = 2 × the true L0, as on the CLI job (k = 8, true L0 = 4)
-
-
-def test_gated_defaults_recover_the_clean_dictionary(clean):
-    torch.manual_seed(0)
-    m = _fit(fastsae.GatedSAE(D_IN, D_SAE), clean)
-    assert m["recovery"] >= 0.95 and m["fvu"] <= 0.15, m
-    assert clean.true_l0 / 2 <= m["l0"] <= 2 * clean.true_l0, m
-    assert m["uniqueness"] >= 0.9, m
 
 
 def test_relu_defaults_recover_the_clean_dictionary(clean):
