@@ -600,6 +600,7 @@ def train(
 
     resampler = _resampler(sae, source, steps, batch_size, resample_every, seed, state.scale, state.target_scale,
                            device, dist_ctx)
+    on_step = getattr(sae, "on_train_step", None) or (lambda step, steps: None)  # a latent-sharded module: none
     check = FiniteCheck(sae, state.step)
     interrupt = _Interrupt(ckpt_path is not None and dist_ctx.dp is None)
     bar = _progress(progress and dist_ctx.is_main, steps, state.step)
@@ -621,6 +622,7 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"] * lr_factor(step, steps, warmup, decay)
             coef = None if lam is None else lam * sparsity_factor(step, lam_warmup)
+            on_step(step, steps)
             try:
                 out = train_step(sae, optimizer, x, step=step, dead_mask=_dead_mask(state, dead_after),
                                  sparsity_coefficient=coef, reduce_gradients=dist_ctx.gradient_hook, check=check,

@@ -47,6 +47,35 @@ def test_jumprelu_threshold_init_from_data_gives_the_asked_l0():
     assert torch.equal(plain.threshold.detach(), before)
 
 
+@pytest.mark.parametrize("arch", ["relu", "gated", "batchtopk"])
+def test_fit_encoder_scale_removes_the_first_reconstructions_overshoot_and_keeps_the_code(arch):
+    """A fresh SAE (W_enc = W_decᵀ, biases 0) reconstructs several times its input; init_from_data scales W_enc
+    so that the least-squares multiple of the fresh reconstruction is 1, without changing which latents fire."""
+    torch.manual_seed(0)
+    data = synthetic(8192, 16, 64, active=3, seed=1)
+    x = data.x * estimate_input_scale(data.x)
+    cls = fastsae.sae.ARCHITECTURES[arch]
+    sae = cls(16, 128, 4) if arch == "batchtopk" else cls(16, 128)
+    assert sae.fit_encoder_scale_at_init
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+
+    def ls_multiple():
+        with torch.no_grad():
+            f = sae.encode(x)
+            y, t = f @ sae.W_dec, x - sae.b_dec
+            return float((t * y).sum() / y.pow(2).sum()), f != 0
+
+    before, fired = ls_multiple()
+    assert before < 0.8, before  # the fresh reconstruction overshoots
+    sae.init_from_data(x)
+    after, fired_after = ls_multiple()
+    assert after == pytest.approx(1.0, abs=1e-3)
+    assert torch.equal(fired, fired_after)
+    # TopK and JumpReLU keep their own initialisation
+    assert not fastsae.TopKSAE.fit_encoder_scale_at_init
+
+
 def test_batchtopk_running_threshold_is_bias_corrected_and_calibration_keeps_k_per_row():
     torch.manual_seed(0)
     sae = fastsae.BatchTopKSAE(12, 48, 4, threshold_decay=0.9)
