@@ -518,7 +518,7 @@ def train(
             too (never unpickled).
         callback: called with each metrics record (after that step's checkpoint, if any).
         latent_parallel: under torchrun, ranks that split the SAE's latents (default: env
-            ``FASTSAE_LATENT_PARALLEL`` or 1); the rest is data parallel (``fastsae/distributed.py``).
+            ``FASTSAE_LATENT_PARALLEL`` or 1); the rest is data parallel (``fastsae/distributed/``).
         resample_every: every this many steps, during the first 60% of the run, latents that fire on none of
             8,192 probe rows and the weaker of co-firing duplicate pairs are re-initialised towards badly
             reconstructed inputs (``fastsae/resample.py``; default ``steps // 10``; 0 turns it off; latent-sharded
@@ -884,7 +884,7 @@ def add_cli(sub) -> None:
         description="Train an SAE. With no options: a TopK SAE on synthetic sparse mixtures of known directions, "
                     "ending with a metrics table that includes feature recovery.")
     d = DEFAULT_JOB
-    p.add_argument("--arch", default=d["arch"], choices=["topk", "batchtopk", "jumprelu", "relu", "gated"])
+    p.add_argument("--arch", default=d["arch"], choices=list(CLI_ARCHITECTURES))
     p.add_argument("--width", type=int, default=None, help=f"d_sae (default {d['width']} on synthetic data, "
                    "else 16 x d_in)")
     p.add_argument("--k", type=int, default=None, help=f"active latents for topk/batchtopk (default {d['k']})")
@@ -924,13 +924,20 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+#: what ``fastsae train --arch`` builds; the ones in K_ARCHITECTURES take ``--k``, the others λ or ``--target-l0``
+CLI_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu", "gated", "abstopk", "matryoshka_batchtopk")
+K_ARCHITECTURES = ("topk", "batchtopk", "abstopk", "matryoshka_batchtopk")
+
+
 def build_sae(arch: str, d_in: int, width: int, *, k: Optional[int] = None, lam: Optional[float] = None,
               target_l0: Optional[float] = None, backend: str = "auto", dtype: torch.dtype = torch.float32) -> SAE:
     from .sae import ARCHITECTURES
 
     cls = ARCHITECTURES[arch]
     kw = dict(backend=backend, dtype=dtype)
-    if arch in ("topk", "batchtopk"):
+    if arch == "matryoshka_batchtopk":  # nested prefixes at 1/16, 1/4 and all of the width
+        kw["widths"] = sorted({max(1, width // 16), max(1, width // 4), width})
+    if arch in K_ARCHITECTURES:
         return cls(d_in, width, k if k is not None else DEFAULT_JOB["k"], **kw)
     if lam is not None:
         kw["sparsity_coefficient"] = lam
@@ -953,7 +960,7 @@ def _check_train_args(args) -> None:
                          ("target-l0", args.target_l0, "> 0")):
         if v is not None and not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
             raise ValueError(f"--{name} must be a finite number {low}, got {v}")
-    if args.target_l0 is not None and args.arch in ("topk", "batchtopk"):
+    if args.target_l0 is not None and args.arch in K_ARCHITECTURES:
         raise ValueError(f"--target-l0 is for jumprelu/relu/gated; --arch {args.arch} takes --k")
     if synthetic_data:
         if not (math.isfinite(args.active) and 0 < args.active <= args.n_features):

@@ -52,3 +52,14 @@ def test_train_jumprelu_on_a_shard_folder(tmp_path, capsys):
     assert "held-out FVU" in text and "feature recovery" not in text  # no true dictionary for real data
     sae = fastsae.load(tmp_path / "run" / "sae")
     assert isinstance(sae, fastsae.JumpReLUSAE) and sae.d_sae == 16 * 8 and sae.sparsity_coefficient == 0.01
+
+
+@pytest.mark.parametrize("arch, cls", [("abstopk", "AbsTopKSAE"), ("matryoshka_batchtopk", "MatryoshkaBatchTopKSAE")])
+def test_train_the_newer_architectures_from_the_command_line(tmp_path, capsys, arch, cls):
+    out = tmp_path / "run"
+    assert main(["train", "--arch", arch, "--steps", "10", "--out", str(out), *SMALL]) == 0
+    assert "held-out FVU" in capsys.readouterr().out
+    sae = fastsae.load(out / "sae")
+    assert type(sae).__name__ == cls and sae.k == 3 and sae.d_sae == 64
+    if arch == "matryoshka_batchtopk":
+        assert sae.widths == [4, 16, 64]  # nested prefixes at 1/16, 1/4 and all of --width
