@@ -996,6 +996,9 @@ class _Transcoder:
     """
 
     is_transcoder = True
+    #: the least-squares encoder rescale compares x̂ with x; a transcoder's output lives in another space, and
+    #: init_from_data sees only the inputs
+    fit_encoder_scale_at_init = False
 
     def __init__(self, d_in: int, d_sae: int, *args, d_out: Optional[int] = None, skip_connection: bool = False,
                  apply_b_dec_to_input: bool = False, **kwargs):
