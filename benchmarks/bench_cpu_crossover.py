@@ -1,6 +1,6 @@
 """Where the sparse kernels stop paying: one training step of each architecture on the cpp backend, forced to the
 sparse formulation and to the dense one, against eager, over a sweep of densities. Prints (and writes) the
-crossover row for ``fastsae.backends.CROSSOVERS``.
+crossover row for ``fastsae.dispatch.CROSSOVERS``.
 
     python benchmarks/bench_cpu_crossover.py                       # d_in 512, batch 2048, d_sae 8192, 2 threads
     python benchmarks/bench_cpu_crossover.py --d-sae 4096 --batch 1024 --repeats 3
@@ -21,7 +21,7 @@ import platform
 import torch
 
 from bench_cpu_common import build as build_sae, make_batch, time_interleaved
-from fastsae.backends import override_crossover
+from fastsae.dispatch import override_crossover
 
 DENSITIES = (0.004, 0.008, 0.016, 0.03, 0.05, 0.08, 0.12, 0.18, 0.27, 0.4)
 ARCHS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
@@ -94,7 +94,7 @@ def main(argv=None):
             del cpp, eager
     found = {a: crossover([r for r in rows if r["arch"] == a]) for a in args.archs}
     line = "    (\"cpp\", \"cpu\"): dict(" + ", ".join(f"{a}={v:.3g}" for a, v in found.items()) + "),"
-    print("\nmeasured crossovers (paste into fastsae/backends.py CROSSOVERS):\n" + line)
+    print("\nmeasured crossovers (paste into fastsae/dispatch.py CROSSOVERS):\n" + line)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cmd = "python benchmarks/bench_cpu_crossover.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
     with open(args.out, "w") as f:

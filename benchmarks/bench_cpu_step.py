@@ -15,7 +15,7 @@ Rows (the sparsity each is set to comes from the batch's own pre-activations):
   JumpReLU fires on about half its latents (the dispatcher runs the dense formulation there).
 - ``topk`` / ``batchtopk``: k = ``--k``, without AuxK (no dead latents).
 - ``relu`` / ``gated``: encoder / gate biases shifted per latent so each row has ~``--l0`` active latents.
-The ``cpp`` module takes one warm-up step first, so its dispatcher (fastsae.backends.Density) has the previous
+The ``cpp`` module takes one warm-up step first, so its dispatcher (fastsae.dispatch.Density) has the previous
 step's density, as in a run; ``path`` says which formulation it ran.
 
 ``gemm`` is ``torch.addmm(b_enc, x_in, W_enc)`` for the whole batch: the floor any encoder pays. Peak memory:

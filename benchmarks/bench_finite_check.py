@@ -15,7 +15,7 @@ import time
 import torch
 
 import fastsae
-from fastsae.train import FiniteCheck, train_step
+from fastsae.training import FiniteCheck, train_step
 
 
 class _NoCheck:

@@ -166,7 +166,7 @@ def sparsify_topk_loss(W_dec_ref):
 
 def check_correctness(device, small=False) -> list[str]:
     """Every triton path against eager at small odd sizes, float32, TF32 off. Returns failures."""
-    from fastsae.backends import get
+    from fastsae.dispatch import get
 
     failures = []
     matmul = torch.backends.cuda.matmul
@@ -261,7 +261,7 @@ def run(args) -> int:
 
         print(f"the triton backend is unavailable here: {importlib.import_module('fastsae.backends').status()['triton'][1]}")
         return 1
-    from fastsae.backends import get
+    from fastsae.dispatch import get
     from fastsae.ops import encode as enc
     from fastsae.ops.topk import recompute_gemm, select_rows
 

@@ -5,7 +5,7 @@ against the eager one (and SAELens's training SAEs where sae-lens imports), on t
     python benchmarks/bench_whole_run.py --archs jumprelu --steps 500 --d-sae 8192
 
 A run starts dense (a fresh JumpReLU fires on about half its latents; ReLU and Gated start dense too) and gets
-sparse as the sparsity penalty warms up: the dispatcher (fastsae.backends.Density) moves from the dense to the
+sparse as the sparsity penalty warms up: the dispatcher (fastsae.dispatch.Density) moves from the dense to the
 sparse formulation on its own. Every SAE is the library's default for its architecture (``ARCHITECTURES[arch](d_in,
 d_sae[, k])``) and ``fastsae.train`` runs with its defaults (learning rate, warm-ups, input scaling, b_dec
 initialisation), so the numbers follow the library as its defaults change. Data: ``fastsae.data.synthetic``
@@ -31,7 +31,7 @@ import time
 import torch
 
 import fastsae
-from fastsae.backends import get_crossover
+from fastsae.dispatch import get_crossover
 from fastsae.data import synthetic
 from fastsae.sae import ARCHITECTURES
 
@@ -89,7 +89,7 @@ def run_saelens(arch, data, args):
         cfg["k"] = args.k
     torch.manual_seed(args.seed)
     sae = cls(cfg_cls(**cfg))
-    from fastsae.train import default_hyperparameters
+    from fastsae.training import default_hyperparameters
 
     hp = default_hyperparameters(fresh(arch, args.d_in, args.d_sae, args.k, "eager", args.seed))
     opt = torch.optim.Adam(sae.parameters(), lr=hp["lr"], betas=hp["betas"])

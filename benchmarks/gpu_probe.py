@@ -230,7 +230,7 @@ class Probe:
     # ------------------------------------------------------------------------------------
     def steps(self, d_sae=None, B=None, strided=False):
         """(name, triton step, eager float32 step, params) per architecture; a step returns (loss, grads)."""
-        from fastsae.backends import get
+        from fastsae.dispatch import get
 
         x, W_enc, b_enc, W_dec, b_dec = self.params(d_sae, B)
         theta = self.thresholds(x, W_enc, b_enc)

@@ -29,7 +29,7 @@ import fastsae
 from fastsae.activations import harvest, load_model
 from fastsae.data import ShardSource
 from fastsae.evaluate import evaluate
-from fastsae.train import train
+from fastsae.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_pydoc import TEXT, default_model  # noqa: E402

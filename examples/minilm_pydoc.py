@@ -33,7 +33,7 @@ import torch
 import fastsae
 from fastsae.activations import harvest, hooked_tensor, iter_batches, load_model, resolve_hook
 from fastsae.evaluate import evaluate
-from fastsae.train import train
+from fastsae.training import train
 
 TEXT = "pydoc_data.topics:topics"
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import fastsae
 from fastsae.data import realistic
 from fastsae.synthetic import match_metrics
-from fastsae.train import train
+from fastsae.training import train
 
 HELD_OUT_SEED = 12345
 

@@ -72,7 +72,7 @@ def run_one(job):
     args, setting, seed, lam = job
     torch.set_num_threads(1)
     import fastsae
-    from fastsae.train import train
+    from fastsae.training import train
 
     data = make_data(args)
     torch.manual_seed(seed)  # the same initial weights for every setting of a seed

@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parent))
 import fastsae  # noqa: E402
 from fastsae import reference as ref  # noqa: E402
 from fastsae.data import realistic, synthetic  # noqa: E402
-from fastsae.train import train  # noqa: E402
+from fastsae.training import train  # noqa: E402
 
 #: constructor arguments and train() arguments per setting; "init" is applied to the fresh module
 SETTINGS = {
@@ -128,7 +128,7 @@ def run(setting: str, args) -> dict:
               f"no-hit {stats['no_hit_fraction']:.2f}  |recon/sparsity| {stats['grad_ratio_median']:.2f}  "
               f"θ {stats['theta_median']:.3f}  pre-std {stats['pre_std_median']:.3f}  λ {lam:.3g}", flush=True)
 
-    from fastsae.train import estimate_input_scale
+    from fastsae.training import estimate_input_scale
 
     sample = data.x[:16384].double()
     if SETTINGS[setting].get("uncentred"):  # the old convention, E‖s·x‖² = 1

@@ -13,7 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "info": "fastsae.cli:add_info",
-    "train": "fastsae.train:add_cli",
+    "train": "fastsae.training:add_cli",
     "harvest": "fastsae.activations:add_cli",
     "eval": "fastsae.evaluate:add_cli",
     "export": "fastsae.io:add_cli",
@@ -27,7 +27,7 @@ def cmd_info(args) -> int:
     import torch
 
     import fastsae
-    from fastsae.backends import status
+    from fastsae.dispatch import status
 
     print(f"fastsae {fastsae.__version__}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"CUDA available: {torch.cuda.is_available()}  threads: {torch.get_num_threads()}")

@@ -6,7 +6,7 @@ from typing import Optional, Union
 from torch import Tensor
 
 from . import _checks as check
-from .backends import check_name, get as get_backend
+from .dispatch import check_name, get as get_backend
 
 
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: Union[float, Tensor] = 1e-3, backend: str = "auto") -> Tensor:

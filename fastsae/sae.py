@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks as check
-from .backends import Backend, check_name, get as get_backend
+from .dispatch import Backend, check_name, get as get_backend
 from .inference import dense_to_padded, encoder_of  # noqa: F401  (dense_to_padded: kept importable from here)
 from . import reference as ref
 from . import adaptive as adaptive_rule

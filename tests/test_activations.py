@@ -278,7 +278,7 @@ def test_cli_harvest_from_saved_model(tmp_path, capsys):
 
 
 def test_stream_trains_an_sae_without_disk():
-    from fastsae.train import train
+    from fastsae.training import train
 
     model, tok = tiny_bert()
     texts = make_texts(8)

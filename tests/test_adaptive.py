@@ -149,7 +149,7 @@ def test_module_rejects_bad_bandwidth_options():
 def test_fastsae_train_adapts_the_bandwidth():
     """Through the real training loop (which calls observe after every step), on a bf16 SAE."""
     from fastsae.data import synthetic
-    from fastsae.train import train
+    from fastsae.training import train
 
     data = synthetic(4096, 16, 24, active=3, seed=0)
     sae = fastsae.JumpReLUSAE(16, 32, bandwidth="adaptive", adaptive=dict(eps_init=1e-3, eps_max=0.2),

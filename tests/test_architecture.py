@@ -21,12 +21,12 @@ PACKAGE = ROOT / "fastsae"
 #: Lowest first. A module may import its own layer and the layers below it (ARCHITECTURE.md says why).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ("fastsae._checks", "fastsae.reference", "fastsae.inference")),
-    ("backends", ("fastsae.backends", "fastsae._C", "fastsae.ops", "fastsae.ops.*")),
+    ("backends", ("fastsae.dispatch", "fastsae._C", "fastsae.ops", "fastsae.ops.*")),
     ("modules", ("fastsae.functional", "fastsae.adaptive", "fastsae.sparsity", "fastsae.sae")),
     ("io", ("fastsae.io", "fastsae.torchfile")),
     ("data", ("fastsae.data", "fastsae.synthetic", "fastsae.metrics", "fastsae.activations")),
     ("distributed", ("fastsae.distributed", "fastsae.distributed.*")),
-    ("training", ("fastsae.train", "fastsae.resample", "fastsae.evaluate")),
+    ("training", ("fastsae.training", "fastsae.resample", "fastsae.evaluate")),
     ("entry points", ("fastsae", "fastsae.__main__", "fastsae.cli", "fastsae.bench", "fastsae.bench.*")),
 ]
 
@@ -38,12 +38,8 @@ KNOWN_UPWARD_IMPORTS: dict[tuple[str, str], str] = {
                                    "branches changing sae.py and io.py land",
 }
 #: package attribute -> what removes it: a function bound on a package under the name of its submodule, so
-#: ``import fastsae.train as m`` gives the function.
-KNOWN_SHADOWED_MODULES: dict[str, str] = {
-    "fastsae.train": "the function train() shadows fastsae/train.py: rename the module (e.g. fastsae/training.py)",
-    "fastsae.backends": "the function backends() shadows fastsae/backends.py: rename the module "
-                        "(e.g. fastsae/dispatch.py)",
-}
+#: ``import fastsae.X as m`` gives the function.
+KNOWN_SHADOWED_MODULES: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -226,7 +222,7 @@ def test_the_rules_catch_what_they_are_for(tmp_path, monkeypatch):
     """The checks themselves: a two-module cycle, a hidden one, an upward import and a shadowing name."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
-    assert _layer("fastsae.io") > _layer("fastsae.sae") > _layer("fastsae.backends") > _layer("fastsae.reference")
+    assert _layer("fastsae.io") > _layer("fastsae.sae") > _layer("fastsae.dispatch") > _layer("fastsae.reference")
     assert _layer("fastsae.distributed.sharded") > _layer("fastsae.io")
     pkg = tmp_path / "fastsae"
     (pkg / "sub").mkdir(parents=True)

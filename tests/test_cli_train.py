@@ -7,7 +7,7 @@ import torch
 
 import fastsae
 from fastsae.cli import build_parser, main
-from fastsae.train import DEFAULT_JOB
+from fastsae.training import DEFAULT_JOB
 
 SMALL = ["--d-in", "16", "--n-features", "32", "--width", "64", "--k", "3", "--n-samples", "4000",
          "--batch-size", "128", "--no-progress"]

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import fastsae
 from fastsae import inference
-from fastsae.backends import get as get_backend
+from fastsae.dispatch import get as get_backend
 
 pytestmark = [pytest.mark.skipif("cpp" not in fastsae.backends(), reason="fastsae._C not built"),
               pytest.mark.usefixtures("one_thread")]

@@ -250,7 +250,7 @@ def test_backend_falls_back_when_x_needs_grad():
 def test_module_training_step_uses_the_fused_op(monkeypatch):
     """JumpReLUSAE/TopKSAE on the cpp backend reach the C++ training ops (not the eager fallback); JumpReLU's
     first step (no density history) is the dense one, the next the sparse one below the crossover."""
-    from fastsae.backends import override_crossover
+    from fastsae.dispatch import override_crossover
     from fastsae.ops import cpp
 
     called = []

@@ -6,7 +6,7 @@ import torch
 
 import fastsae
 from fastsae import reference as ref
-from fastsae.backends import override_crossover
+from fastsae.dispatch import override_crossover
 
 pytestmark = [pytest.mark.skipif("cpp" not in fastsae.backends(), reason="fastsae._C not built"),
               pytest.mark.usefixtures("one_thread")]

@@ -1,11 +1,11 @@
-"""The density-aware dispatch of fastsae/backends.py: where crossovers come from (table, environment, overrides)
+"""The density-aware dispatch of fastsae/dispatch.py: where crossovers come from (table, environment, overrides)
 and how a backend's Density turns the previous step's entries into the next step's choice."""
 import gc
 
 import pytest
 import torch
 
-from fastsae.backends import (CROSSOVERS, DEFAULT_CROSSOVER, Density, device_kind, get_crossover, override_crossover,
+from fastsae.dispatch import (CROSSOVERS, DEFAULT_CROSSOVER, Density, device_kind, get_crossover, override_crossover,
                               set_crossover)
 
 

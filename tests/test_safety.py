@@ -28,7 +28,7 @@ import fastsae
 from fastsae import io as fio
 from fastsae.cli import build_parser, main
 from fastsae.data import IterableSource, ShardSource
-from fastsae.train import CHECKPOINT, FiniteCheck, load_checkpoint, train, train_step
+from fastsae.training import CHECKPOINT, FiniteCheck, load_checkpoint, train, train_step
 
 from conftest import BACKENDS
 
@@ -305,7 +305,7 @@ def test_ranks_agree_on_non_finite_state(tmp_path):
         port = sk.getsockname()[1]
     code = textwrap.dedent(f'''
         import sys, torch, torch.distributed as dist, fastsae
-        from fastsae.train import FiniteCheck
+        from fastsae.training import FiniteCheck
         rank = int(sys.argv[1])
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 import fastsae
 from fastsae.data import synthetic
 from fastsae.metrics import evaluate
-from fastsae.train import (CHECKPOINT, estimate_input_scale, fold_input_scale, geometric_median, load_checkpoint,
+from fastsae.training import (CHECKPOINT, estimate_input_scale, fold_input_scale, geometric_median, load_checkpoint,
                            lr_factor, sparsity_factor, train)
 
 

@@ -10,7 +10,7 @@ import fastsae
 from fastsae import sparsity as sparsity_control
 from fastsae.data import synthetic
 from fastsae.resample import Resampler, _duplicates, _pair_rows
-from fastsae.train import estimate_input_scale, train
+from fastsae.training import estimate_input_scale, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import torch
 
 import fastsae
 from fastsae.data import realistic, synthetic
-from fastsae.train import train
+from fastsae.training import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 

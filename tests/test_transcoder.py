@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastsae
 from fastsae import reference as ref
 from fastsae.data import feature_recovery
-from fastsae.train import paired_rows
+from fastsae.training import paired_rows
 
 from conftest import BACKENDS
 

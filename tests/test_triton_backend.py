@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastsae
-backends_mod = importlib.import_module("fastsae.backends")  # fastsae.backends is also a function
+backends_mod = importlib.import_module("fastsae.dispatch")
 from fastsae import reference as ref
 
 pytestmark = pytest.mark.skipif("triton" not in fastsae.backends(),

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif("triton" not in fastsae.backends(),
                                 reason="triton backend unavailable (needs CUDA or TRITON_INTERPRET=1)")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-backends_mod = importlib.import_module("fastsae.backends")
+backends_mod = importlib.import_module("fastsae.dispatch")
 
 SCALAR_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
 DATA_SIZED = {"aten::nonzero", "aten::masked_select", "aten::unique_consecutive", "aten::_unique", "aten::_unique2",

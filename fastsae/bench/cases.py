@@ -1,6 +1,6 @@
 """What is benchmarked: the cases (op and step, at which sizes) and how each provider runs them.
 
-Every fastsae provider goes through the backend interface (``fastsae.backends.get`` via the modules'
+Every fastsae provider goes through the backend interface (``fastsae.dispatch.get`` via the modules'
 and functional API's ``backend=...``), so whatever a backend accelerates shows up here without a
 change to this file. ``compile`` is ``torch.compile`` of the eager reference. Peers (SAELens,
 sparsify) live in :mod:`fastsae.bench.peers` and receive copies of the same weights and batch.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fastsae
 from fastsae import reference as ref
-from fastsae.backends import BackendUnavailable, get as get_backend
+from fastsae.dispatch import BackendUnavailable, get as get_backend
 from fastsae.sae import ARCHITECTURES
 
 from .harness import Skip

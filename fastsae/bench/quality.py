@@ -127,7 +127,7 @@ def _target(knob: str, l0: float, default_lambda: float, multiplier: float):
 
 def fastsae_point(cls, knob: str, value, data, cfg: QualityConfig, arch: str = "") -> dict:
     """Train one fastsae SAE with its defaults and score it on held-out samples."""
-    from fastsae.train import train
+    from fastsae.training import train
 
     torch.manual_seed(cfg.seed)
     kw = {"k": {}, "target_l0": dict(target_l0=value), "lambda": dict(sparsity_coefficient=value)}[knob]

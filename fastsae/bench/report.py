@@ -66,7 +66,7 @@ def _git_dirty() -> Optional[list]:
     try:
         root = Path(__file__).resolve().parents[2]
         r = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc", "fastsae/ops",
-                            "fastsae/backends.py", "fastsae/reference.py", "fastsae/sae.py"],
+                            "fastsae/dispatch.py", "fastsae/reference.py", "fastsae/sae.py"],
                            capture_output=True, text=True, timeout=10)
         return [line[3:] for line in r.stdout.splitlines()] if r.returncode == 0 else None
     except Exception:
@@ -75,7 +75,7 @@ def _git_dirty() -> Optional[list]:
 
 def machine_info(device: torch.device, threads: int, command: str, peers: dict) -> dict:
     import fastsae
-    from fastsae.backends import status
+    from fastsae.dispatch import status
 
     info = dict(
         device=str(device),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ..backends import Backend
+from ..dispatch import Backend
 
 try:
     from .. import _C  # noqa: F401  (loading the .so registers torch.ops.fastsae.*)
@@ -493,7 +493,7 @@ class CppBackend(Backend):
     """Compiled C++ (OpenMP) kernels for CPU tensors; everything else falls back to the reference.
 
     Training steps run the sparse kernels or the dense ones, step by step, from the previous step's density
-    (``Backend.density``, crossovers in ``fastsae.backends.CROSSOVERS``): the same math either way.
+    (``Backend.density``, crossovers in ``fastsae.dispatch.CROSSOVERS``): the same math either way.
     """
 
     name = "cpp"

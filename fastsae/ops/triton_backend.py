@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from ..backends import Backend
+from ..dispatch import Backend
 
 
 def _triton_import_error():

@@ -271,7 +271,7 @@ class EagerBackend(Backend):
 
 # name -> "module:Class". One line per backend.
 _REGISTRY = {
-    "eager": "fastsae.backends:EagerBackend",
+    "eager": "fastsae.dispatch:EagerBackend",
     "cpp": "fastsae.ops.cpp:CppBackend",
     "triton": "fastsae.ops.triton_backend:TritonBackend",
 }

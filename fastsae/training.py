@@ -552,7 +552,7 @@ def train(
     if source.d_in is not None and source.d_in != width:
         raise ValueError(f"data has d_in={source.d_in} but the SAE has d_in={sae.d_in}" if width == sae.d_in else
                          f"data rows have {source.d_in} columns but the transcoder needs d_in + d_out = {sae.d_in} + "
-                         f"{sae.d_out} = {width} (input and target side by side; see fastsae.train.paired_rows)")
+                         f"{sae.d_out} = {width} (input and target side by side; see fastsae.training.paired_rows)")
 
     hp = default_hyperparameters(sae)
     lr = hp["lr"] if lr is None else float(lr)
