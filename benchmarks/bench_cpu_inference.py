@@ -14,6 +14,7 @@ process, the providers interleaved, ``--repeats`` rounds after a warm-up, median
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -29,12 +30,14 @@ RULE = "|" + "---|" * (HEADER.count("|") - 1)
 
 
 def fmt(r):
-    ms = lambda s: f"{1e3 * s:.0f}"  # noqa: E731
+    skipped = "skipped (--no-eager)"
+    ms = lambda s: skipped if math.isnan(s) else f"{1e3 * s:.0f}"  # noqa: E731
+    ratio = lambda a, b: skipped if math.isnan(a) else f"{a / b:.2f}x"  # noqa: E731
     g = r["gemm"]
-    return (f"| {r['arch']} | {r['l0']:.1f} | {ms(g)} | {ms(r['encode_sparse'])} | {r['encode_sparse'] / g:.2f}x | "
-            f"{ms(r['forward'])} | {r['forward'] / g:.2f}x | {ms(r['encode'])} | {r['encode'] / g:.2f}x | "
+    return (f"| {r['arch']} | {r['l0']:.1f} | {ms(g)} | {ms(r['encode_sparse'])} | {ratio(r['encode_sparse'], g)} | "
+            f"{ms(r['forward'])} | {ratio(r['forward'], g)} | {ms(r['encode'])} | {ratio(r['encode'], g)} | "
             f"{ms(r['eager_encode_sparse'])} | {ms(r['eager_forward'])} | "
-            f"{r['eager_encode_sparse'] / r['encode_sparse']:.2f}x | {r['eager_forward'] / r['forward']:.2f}x |")
+            f"{ratio(r['eager_encode_sparse'], r['encode_sparse'])} | {ratio(r['eager_forward'], r['forward'])} |")
 
 
 def main(argv=None):
