@@ -939,6 +939,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             widths.append(d_sae)
         self.widths = widths
 
+    @staticmethod
+    def nested_widths(d_sae: int) -> list:
+        """Prefixes at 1/16, 1/4 and all of ``d_sae`` (dictionary_learning's and SAELens's examples grow 4×): what
+        ``fastsae train`` and the quality benchmark build when no ``widths`` are given."""
+        return sorted({max(1, d_sae // 16), max(1, d_sae // 4), d_sae})
+
     def _sae_forward(self, ops, x):
         out = ops.matryoshka_batchtopk_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.widths,
                                            self.apply_b_dec_to_input)

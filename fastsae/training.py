@@ -935,8 +935,8 @@ def build_sae(arch: str, d_in: int, width: int, *, k: Optional[int] = None, lam:
 
     cls = ARCHITECTURES[arch]
     kw = dict(backend=backend, dtype=dtype)
-    if arch == "matryoshka_batchtopk":  # nested prefixes at 1/16, 1/4 and all of the width
-        kw["widths"] = sorted({max(1, width // 16), max(1, width // 4), width})
+    if arch == "matryoshka_batchtopk":
+        kw["widths"] = cls.nested_widths(width)
     if arch in K_ARCHITECTURES:
         return cls(d_in, width, k if k is not None else DEFAULT_JOB["k"], **kw)
     if lam is not None:

@@ -42,10 +42,17 @@ ARCH_CLASSES = {
     "gated": "GatedSAE",
     "relu": "ReLUSAE",
 }
+
+
+def _fastsae():
+    import fastsae  # imported when used, as everywhere in this module
+
+    return fastsae
+
+
 #: constructor arguments an architecture needs beyond its knob, from the config
 ARCH_EXTRA_ARGS = {
-    # nested prefixes at 1/16, 1/4 and the whole dictionary (dictionary_learning's and SAELens's examples grow 4×)
-    "matryoshka": lambda cfg: dict(widths=[max(1, cfg.d_sae // 16), max(2, cfg.d_sae // 4), cfg.d_sae]),
+    "matryoshka": lambda cfg: dict(widths=_fastsae().MatryoshkaBatchTopKSAE.nested_widths(cfg.d_sae)),
 }
 #: the architectures SAELens's trainer runs in the peer column
 SAELENS_ARCHS = ("jumprelu", "topk")
