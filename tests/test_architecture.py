@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ("fastsae._checks", "fastsae.reference", "fastsae.inference")),
     ("backends", ("fastsae.dispatch", "fastsae._C", "fastsae.ops", "fastsae.ops.*")),
     ("modules", ("fastsae.functional", "fastsae.adaptive", "fastsae.sparsity", "fastsae.sae")),
-    ("io", ("fastsae.io", "fastsae.torchfile")),
+    ("io", ("fastsae.io", "fastsae.io.*", "fastsae.torchfile")),
     ("data", ("fastsae.data", "fastsae.synthetic", "fastsae.metrics", "fastsae.activations")),
     ("distributed", ("fastsae.distributed", "fastsae.distributed.*")),
     ("training", ("fastsae.training", "fastsae.resample", "fastsae.evaluate")),
