@@ -44,6 +44,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .._saver import register_saver
+
 # The package's submodules, one job each; every name stays importable from fastsae.io, where it always was.
 from .files import (MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, atomic_write, atomic_write_bytes,  # noqa: F401
                     read_exact, read_json, read_safetensors, read_safetensors_header, write_safetensors)
@@ -86,6 +88,9 @@ def save(sae, path, format: str = "fastsae", metadata: Optional[dict] = None) ->
     write_safetensors(path / weights_name, {k: v.detach().contiguous() for k, v in tensors.items()})
     atomic_write_bytes(path / cfg_name, json.dumps(cfg, indent=2).encode())
     return path
+
+
+register_saver(save)  # SAE.save calls it: fastsae.sae imports no io (ARCHITECTURE.md, registries)
 
 
 def detect_format(path) -> str:
