@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks as check
+from ._saver import saver
 from .dispatch import Backend, check_name, get as get_backend
 from .inference import dense_to_padded, encoder_of  # noqa: F401  (dense_to_padded: kept importable from here)
 from . import reference as ref
@@ -384,9 +385,7 @@ class SAE(nn.Module):
         """Write the folder ``path/`` (atomically): ``format="fastsae"`` (``config.json`` + ``sae.safetensors``,
         exact), ``"saelens"`` (a SAELens 6.x folder) or ``"sparsify"`` (TopK); ``fastsae.load`` reads all three.
         ``metadata``: SAELens ``cfg.json`` metadata such as ``hook_name``. See :func:`fastsae.io.save`."""
-        from .io import save
-
-        save(self, path, format=format, metadata=metadata)
+        saver()(self, path, format=format, metadata=metadata)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"

@@ -301,7 +301,7 @@ def sc_latent(rank, world, out_dir):
     opt.step()  # an optimizer with state to round-trip
     expected = sharded(x)
     fd.save_sharded(sharded, path, optimizer=opt)
-    loaded = fastsae.load(path)  # the io.py hook recognises shards.json
+    loaded = fastsae.load(path)  # fastsae.io's format registry recognises shards.json
     _close(loaded(x), expected, "load_sharded outputs")
     resumed = fd.load_shard(path)
     for (n, p), q in zip(resumed.shard.named_parameters(), sharded.shard.parameters()):
