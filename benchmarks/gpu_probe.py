@@ -461,6 +461,10 @@ def main(argv=None) -> int:
     if "triton" not in fastsae.backends():
         print(f"the triton backend is unavailable: {fastsae.backends.__module__}")
         return 1
+    from fastsae.dispatch import set_crossover
+
+    # the probe checks the fused kernels at every size: the triton backend's dense formulation is eager's
+    set_crossover("sparse", backend="triton")
     probe = Probe(a.smoke)
     t0 = time.perf_counter()
     print(f"device {probe.device} dtype {probe.dtype} sizes B={probe.B} d_in={probe.d_in} d_sae={probe.d_sae} "

@@ -98,16 +98,22 @@ def test_topk_sae_matches_reference(arch, dtype, apply_b_dec, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_module_training_step_on_triton_matches_eager(mode):
-    """A JumpReLUSAE and a TopKSAE (float32, with AuxK) on backend='triton' give eager's loss and gradients."""
+    """A JumpReLUSAE (also with the tanh penalty and the straight-through gradient), a TopKSAE (with AuxK), a
+    ReLUSAE and a GatedSAE (float32) on backend='triton' give eager's loss and gradients."""
     x = torch.randn(17, 12, device=DEV)
-    for arch in ["jumprelu", "topk"]:
+    for arch in ["jumprelu", "jumprelu-tanh", "topk", "relu", "gated"]:
         grads = []
         for be in ["eager", "triton"]:
             torch.manual_seed(3)
             if arch == "jumprelu":
                 sae = fastsae.JumpReLUSAE(12, 45, bandwidth=0.05, threshold_init=0.05, backend=be, device=DEV)
-            else:
+            elif arch == "jumprelu-tanh":
+                sae = fastsae.JumpReLUSAE(12, 45, bandwidth=0.05, threshold_init=0.05, sparsity_loss="tanh",
+                                          ste_to_input=True, backend=be, device=DEV)
+            elif arch == "topk":
                 sae = fastsae.TopKSAE(12, 45, k=4, k_aux=3, backend=be, device=DEV)
+            else:
+                sae = fastsae.sae.ARCHITECTURES[arch](12, 45, backend=be, device=DEV)
             with torch.no_grad():
                 sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
                 sae.b_dec.add_(0.05 * torch.randn_like(sae.b_dec))
@@ -485,6 +491,12 @@ def test_opcheck_fastsae_triton_ops():
     torch.library.opcheck(decode.jumprelu_decode,
                           (pc.clone().requires_grad_(), idx, counts, th, eps, W, b, order, offsets))
     torch.library.opcheck(encode.encode_topk, (x, We.detach(), be.detach(), 4))
+    # padded lists with counts (ReLU / Gated), and the JumpReLU decode's straight-through backward
+    torch.library.opcheck(decode.sparse_decode, (pc.clone().requires_grad_(), idx, W, b, order, offsets, None, None,
+                                                 True, counts))
+    torch.library.opcheck(decode.sddmm, (torch.randn(B, D, **g), idx, W.detach(), None, True, counts))
+    torch.library.opcheck(decode.jumprelu_decode,
+                          (pc.clone().requires_grad_(), idx, counts, th, eps, W, b, order, offsets, True, True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels run on GPUs (the interpreter has no bf16)")
