@@ -5,6 +5,7 @@
     python benchmarks/bench_gpu.py --dtype float32 --d-sae 16384
     python benchmarks/bench_gpu.py --d-sae 65536 --write-table   # also store the encoder provider choice
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # no GPU: run every code path at toy sizes on CPU
+    python benchmarks/bench_gpu.py --crossover --d-sae 16384     # the triton row of fastsae.dispatch.CROSSOVERS
 
 What it does, in order:
 1. Refuses politely without CUDA (unless ``--smoke`` under ``TRITON_INTERPRET=1``).
@@ -21,6 +22,12 @@ What it does, in order:
 4. Writes ``benchmarks/results/<gpu-name>/bench_gpu.md`` and ``.csv`` (device, versions, command) and
    ``encoder_table.json``: the faster provider per (arch, B, d_in, d_sae, dtype). ``--write-table`` also
    merges it into ``fastsae/ops/encoder_table.json``, which ``encode.encoder_plan`` reads.
+
+The triton provider is the fused kernels (``set_crossover("sparse", backend="triton")``): the backend's dense
+formulation is eager's, timed as eager. ``--crossover`` instead times each architecture's triton step forced
+sparse and forced dense over a sweep of densities (SAEs set up as ``bench_cpu_crossover.py`` does), prints the
+table and the measured ``("triton", "cuda-sm<xy>")`` row for ``CROSSOVERS``, and writes
+``benchmarks/results/<gpu-name>/crossover.md``.
 
 Targets (from the issue): JumpReLU step >= 3x eager and >= 2x compiled, peak memory <= 1/3 of eager;
 TopK step >= 1.3x sparsify; fused encoder within 1.25x of the bare GEMM. The table says which are met.
@@ -185,11 +192,19 @@ def check_correctness(device, small=False) -> list[str]:
         theta = (0.3 * torch.rand(N, device=device)).requires_grad_()
         eps = 0.05 + 0.2 * torch.rand(N, device=device)
         params = [W_enc, b_enc, W_dec, b_dec]
+        r_mag = (0.3 * torch.randn(N, device=device)).requires_grad_()
+        b_mag = (0.1 * torch.randn(N, device=device)).requires_grad_()
         cases = {
             "jumprelu_sae": (lambda be, a: be.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta, eps, a),
                              params + [theta]),
+            "jumprelu_sae(ste, values)": (lambda be, a: be.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta, eps, a,
+                                                                       ste_to_input=True, need_values=True),
+                                          params + [theta]),
             "topk_sae": (lambda be, a: be.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, a), params),
             "batchtopk_sae": (lambda be, a: be.batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, a), params),
+            "relu_sae": (lambda be, a: be.relu_sae(x, W_enc, b_enc, W_dec, b_dec, a), params),
+            "gated_sae": (lambda be, a: be.gated_sae(x, W_enc, b_enc, r_mag, b_mag, W_dec, b_dec, a),
+                          params + [r_mag, b_mag]),
         }
         for name, (fn, ps) in cases.items():
             for apply_b_dec in (False, True):
@@ -197,6 +212,10 @@ def check_correctness(device, small=False) -> list[str]:
                 for be in (eag, tri):
                     out = fn(be, apply_b_dec)
                     loss = ref.mse(out.x_hat, x) + 0.3 * out.l0.mean()
+                    for extra in (out.sparsity, out.aux):
+                        loss = loss if extra is None else loss + 0.3 * extra.mean()
+                    if "values" in name:  # the tanh penalty on the code (eager's values are always there)
+                        loss = loss + ref.tanh_sparsity(out.values, out.indices, W_dec, 1.5, B)
                     outs.append((out, torch.autograd.grad(loss, ps, allow_unused=True)))
                 (oe, ge), (ot, gt) = outs
                 try:
@@ -261,10 +280,14 @@ def run(args) -> int:
 
         print(f"the triton backend is unavailable here: {importlib.import_module('fastsae.backends').status()['triton'][1]}")
         return 1
-    from fastsae.dispatch import get
+    from fastsae.dispatch import get, set_crossover
     from fastsae.ops import encode as enc
     from fastsae.ops.topk import recompute_gemm, select_rows
 
+    if args.crossover:
+        return crossover_sweep(args, device)
+    # the fused kernels, whatever the density: the backend's dense formulation is eager's, timed as "eager"
+    set_crossover("sparse", backend="triton")
     if args.smoke:
         args.d_in, args.d_sae, args.batch, args.l0, args.k = 24, [70], 33, 4, 4
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-interpreter-{platform.machine()}"
@@ -496,6 +519,64 @@ def _targets(r):
     return "; ".join(got)
 
 
+def crossover_sweep(args, device) -> int:
+    """Each architecture's triton step forced sparse and forced dense, by density: the measured crossover row."""
+    from bench_cpu_common import build
+    from bench_cpu_crossover import ARCHS, DENSITIES, crossover
+    from fastsae.dispatch import device_kind, override_crossover
+
+    if args.smoke:
+        args.d_in, args.d_sae, args.batch = 24, [70], 33
+    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    d_sae = args.d_sae[0]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-interpreter-{platform.machine()}"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, generator=g)
+    x = (x / x.pow(2).sum(-1).mean().sqrt()).to(device)  # E‖x‖² = 1
+    densities = DENSITIES[:4] if args.smoke else DENSITIES
+
+    def step(sae, xx, mode):
+        def run():
+            for p in sae.parameters():
+                p.grad = None
+            with override_crossover(mode, backend="triton"):
+                sae.training_forward(xx).loss.backward()
+        return run
+
+    header = "| arch | density | dense ms | sparse ms | sparse/dense | dense peak MiB | sparse peak MiB |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    print(f"device: {gpu}   dtype {dtype}   B={args.batch} d_in={args.d_in} d_sae={d_sae}\n" + "\n".join(lines))
+    rows = []
+    for arch in ARCHS:
+        for target in densities:
+            k = max(1, round(target * d_sae))
+            sae = build(arch, "triton", args.d_in, d_sae, x, target, k, dtype=dtype)
+            xx = x.to(dtype)
+            step(sae, xx, "sparse")()
+            tri = sae.ops()
+            density = (sae.k if arch in ("topk", "batchtopk") else tri.density.last(sae.W_enc)) / d_sae
+            t = {m: bench_ms(step(sae, xx, m), device) for m in ("dense", "sparse")}
+            mem = {m: peak_mib(step(sae, xx, m), device) for m in ("dense", "sparse")}
+            rows.append(dict(arch=arch, density=density, dense=t["dense"], sparse=t["sparse"]))
+            line = (f"| {arch} | {density:.4f} | {t['dense']:.2f} | {t['sparse']:.2f} | {t['sparse'] / t['dense']:.2f} | "
+                    f"{mem['dense']:.0f} | {mem['sparse']:.0f} |")
+            lines.append(line)
+            print(line, flush=True)
+            del sae
+    found = {a: crossover([r for r in rows if r["arch"] == a]) for a in ARCHS}
+    row = f'    ("triton", "{device_kind(device)}"): dict(' + ", ".join(f"{a}={v:.3g}" for a, v in found.items()) + "),"
+    print("\nmeasured crossovers (paste into fastsae/dispatch.py CROSSOVERS):\n" + row)
+    out = os.path.join(HERE, "results", re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu).strip("_"))  # as write_results
+    os.makedirs(out, exist_ok=True)
+    cmd = "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:])
+    with open(os.path.join(out, "crossover.md"), "w") as f:
+        f.write(f"# Sparse vs dense triton training step, by density\n\n`{cmd}` — {gpu}, torch {torch.__version__}, "
+                f"{dtype}, B={args.batch} d_in={args.d_in} d_sae={d_sae}; medians of triton.testing.do_bench, peak "
+                f"memory above the level before a step.\n\n" + "\n".join(lines) + f"\n\n```\n{row}\n```\n")
+    print(f"wrote {out}/crossover.md")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d-in", type=int, default=2304)
@@ -505,6 +586,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--smoke", action="store_true", help="toy sizes; on CPU needs TRITON_INTERPRET=1")
+    p.add_argument("--crossover", action="store_true",
+                   help="measure the triton crossover row of fastsae.dispatch.CROSSOVERS (first --d-sae)")
     p.add_argument("--write-table", action="store_true",
                    help="merge the measured encoder provider choice into fastsae/ops/encoder_table.json")
     return run(p.parse_args(argv))

@@ -240,7 +240,11 @@ class Probe:
         tri, eag = get("triton", self.device), get("eager", self.device)
         lam, k = 1e-3, self.k
         out = []
-        for arch in ("jumprelu", "topk", "batchtopk"):
+        # ReLU / Gated at JumpReLU's L0: the biases shifted by θ keep pre > θ (the gate open) where JumpReLU fires
+        b_shift = (b_enc.float() - theta.detach()).to(b_enc.dtype)
+        r_mag = 0.1 * torch.randn(theta.shape, device=self.device)
+        b_mag = 0.01 * torch.randn(theta.shape, device=self.device)
+        for arch in ("jumprelu", "topk", "batchtopk", "relu", "gated"):
             def make(be, dtype, arch=arch):
                 def step():
                     ps = [t.detach().to(dtype).requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)]
@@ -250,6 +254,15 @@ class Probe:
                         o = be.jumprelu_sae(xx, *ps, th, eps, False)
                         loss = ref.mse(o.x_hat, xx) + lam * o.l0.mean()
                         ps = ps + [th]
+                    elif arch == "relu":
+                        ps[1] = b_shift.detach().to(dtype).requires_grad_()
+                        o = be.relu_sae(xx, *ps, False)
+                        loss = ref.mse(o.x_hat, xx) + lam * o.sparsity.mean()
+                    elif arch == "gated":
+                        ps[1] = b_shift.detach().to(dtype).requires_grad_()
+                        ps = ps[:2] + [t.detach().to(dtype).requires_grad_() for t in (r_mag, b_mag)] + ps[2:]
+                        o = be.gated_sae(xx, *ps, True)
+                        loss = ref.mse(o.x_hat, xx) + lam * o.sparsity.mean() + o.aux
                     else:
                         fn = be.topk_sae if arch == "topk" else be.batchtopk_sae
                         o = fn(xx, *ps, k, True)
@@ -263,7 +276,8 @@ class Probe:
     def compare(self, got, want, arch):
         (lt, gt, _), (le, ge, _) = got, want
         errs = [_rel(a, e) for a, e in zip(gt, ge)]
-        names = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"][:len(errs)]
+        names = (["W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"] if arch == "gated" else
+                 ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"])[:len(errs)]
         loss_err = _rel(lt, le)
         bound = 2e-2 if self.dtype == torch.bfloat16 else 1e-4
         assert loss_err < bound, f"loss rel. err {loss_err:.2e}"
@@ -280,7 +294,7 @@ class Probe:
                     self.check("b", f"{arch} step ({provider}) vs float32 eager", lambda tri=tri, eag=eag, arch=arch:
                                self.compare(tri(), eag(), arch))
                     if self.device.type == "cuda":
-                        expect = 1 if arch == "jumprelu" else 0
+                        expect = 1 if arch in ("jumprelu", "relu", "gated") else 0  # the lists' width
                         self.check("b", f"{arch} step ({provider}): device→host syncs <= {expect}",
                                    lambda tri=tri, expect=expect: _count_syncs(tri, expect))
         self.check("b", "modules' training_forward (AuxK, λ) vs float32 eager", self.modules)
@@ -461,6 +475,10 @@ def main(argv=None) -> int:
     if "triton" not in fastsae.backends():
         print(f"the triton backend is unavailable: {fastsae.backends.__module__}")
         return 1
+    from fastsae.dispatch import set_crossover
+
+    # the probe checks the fused kernels at every size: the triton backend's dense formulation is eager's
+    set_crossover("sparse", backend="triton")
     probe = Probe(a.smoke)
     t0 = time.perf_counter()
     print(f"device {probe.device} dtype {probe.dtype} sizes B={probe.B} d_in={probe.d_in} d_sae={probe.d_sae} "

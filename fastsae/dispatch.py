@@ -38,6 +38,19 @@ NAMES = ("triton", "cpp", "eager")
 CROSSOVERS: dict[tuple[str, str], dict[str, float]] = {
     # benchmarks/results/cpu/crossover.md (AMD EPYC, 2 threads, d_in 512, d_sae 8192, batch 2048)
     ("cpp", "cpu"): dict(jumprelu=0.12, relu=0.11, gated=0.19, topk=0.09, batchtopk=0.26),
+    # An ESTIMATE, not a measurement (no GPU has run it yet): replace it with the row that
+    # ``python benchmarks/bench_gpu.py --crossover`` prints. Triton measures density as its padded lists' width
+    # (the longest row). Two bounds, the smaller wins:
+    # - memory: a compact entry costs ~3x a dense one (int32 latent + value, the int64 sort keys and order of
+    #   ``segments``, the per-row sort of the encoder) against ~10 bytes per dense bf16 entry of the eager step
+    #   (pre, f, masks, their gradients), so lists past ~0.3 · d_sae are larger than the dense step (and at
+    #   d_sae = 2^20 would not fit);
+    # - speed: each sparse pass (decode gather, SDDMM, the two segment reductions) replaces one dense GEMM of the
+    #   eager step but runs on CUDA cores at ~1 flop per byte of gathered weights (L2 at ~8 TB/s) against the
+    #   tensor cores' ~650 TFLOP/s in bf16: at B 4096, d_in 2304, d_sae 16384 the four passes cost what the four
+    #   GEMMs (~2.4 ms) and the dense elementwise passes cost at ~1.5 % of d_sae. Rounded up to 0.02 (somewhere
+    #   in 0.01-0.05 by the uncertainty of those rates); too low only costs eager speed, too high costs more.
+    ("triton", "cuda"): dict(jumprelu=0.02, relu=0.02, gated=0.02, topk=0.02, batchtopk=0.02),
 }
 #: Used where the table has no row for a backend and device kind.
 DEFAULT_CROSSOVER = 0.05
@@ -137,18 +150,25 @@ class Density:
         self._last = WeakIdKeyDictionary()
 
     def sparse(self, arch: str, W_enc: Tensor) -> bool:
-        """True when the next step of the SAE owning ``W_enc [d_in, d_sae]`` should run the sparse kernels."""
+        """True when the next step of the SAE owning ``W_enc [d_in, d_sae]`` should run the sparse kernels.
+
+        A forced choice (crossover ``"dense"`` / ``"sparse"``) reads no count: a device-side one would cost a
+        device→host read for nothing."""
+        crossover = get_crossover(self.backend, W_enc.device, arch)
+        if crossover in (0.0, math.inf):
+            return crossover == math.inf
         d_sae = W_enc.shape[1]
         last = self._last.get(W_enc)
         per_row = float(d_sae) if last is None else float(last[0]) / max(last[1], 1)
-        return self.sparse_at(arch, W_enc, per_row)
+        return per_row <= crossover * d_sae
 
     def sparse_at(self, arch: str, W_enc: Tensor, per_row: float) -> bool:
         """The same choice for a known density (``per_row`` entries per row), e.g. TopK's ``k``."""
         return per_row <= get_crossover(self.backend, W_enc.device, arch) * W_enc.shape[1]
 
     def record(self, W_enc: Tensor, entries: Union[int, Tensor], rows: int) -> None:
-        """This step kept ``entries`` (active ∪ window, ...) over ``rows`` rows."""
+        """This step kept ``entries`` (active ∪ window, ...) over ``rows`` rows. A backend whose lists are padded
+        to their longest row (triton) records that row's count with ``rows=1``: its lists cost that much."""
         self._last[W_enc] = (entries, rows)
 
     def last(self, W_enc: Tensor) -> Optional[float]:

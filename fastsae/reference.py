@@ -147,6 +147,9 @@ class SAEForward:
     sparsity: ``[B]`` differentiable per-row sparsity penalty where it is not ``l0`` (ReLU, Gated).
     aux:      scalar auxiliary loss computed inside the forward (Gated's frozen-decoder term).
     min_kept: BatchTopK's smallest kept activation (for its inference threshold).
+    kept:     ``[B]`` int64, only when asked for (``count_kept``): the entries per row a sparse formulation of
+              the step keeps (JumpReLU: active ∪ window; Gated: open gates) — what a backend's density-aware
+              dispatch compares with its crossover after a dense step.
     """
 
     x_hat: Tensor
@@ -157,6 +160,7 @@ class SAEForward:
     sparsity: Optional[Tensor] = None
     aux: Optional[Tensor] = None
     min_kept: Optional[Tensor] = None
+    kept: Optional[Tensor] = None
 
 
 def encoder_input(x: Tensor, b_dec: Tensor, apply_b_dec_to_input: bool) -> Tensor:
@@ -173,6 +177,8 @@ def jumprelu_sae_forward(
     bandwidth: Bandwidth,
     apply_b_dec_to_input: bool = False,
     ste_to_input: bool = False,
+    *,
+    count_kept: bool = False,
 ) -> SAEForward:
     """``values`` is the dense code ``f [B, d_sae]`` (``indices`` None), differentiable, for penalties on f."""
     pre = encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc
@@ -180,7 +186,12 @@ def jumprelu_sae_forward(
     x_hat = f @ W_dec + b_dec
     l0 = step(pre, threshold, bandwidth, ste_to_input).sum(-1, dtype=torch.float32)
     fired = (pre > threshold).any(0)
-    return SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=f)
+    kept = None
+    if count_kept:
+        with torch.no_grad():
+            window, _ = _kernel_window(pre, threshold, _as_tensor(bandwidth, threshold))
+            kept = ((pre > threshold) | (window > 0)).sum(-1)
+    return SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=f, kept=kept)
 
 
 def topk_scatter(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
@@ -282,6 +293,8 @@ def gated_sae_forward(
     b_dec: Tensor,
     apply_b_dec_to_input: bool = True,
     target: Optional[Tensor] = None,
+    *,
+    count_kept: bool = False,
 ) -> SAEForward:
     """Gated SAE (Rajamanoharan et al. 2024). ``W_enc`` is ``W_gate``; ``W_mag = exp(r_mag) ⊙ W_gate``.
 
@@ -299,7 +312,8 @@ def gated_sae_forward(
     aux = (x_hat_frozen - (x if target is None else target)).pow(2).sum(-1).mean()
     active = f > 0
     return SAEForward(
-        x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), sparsity=relu_gate.sum(-1), aux=aux
+        x_hat=x_hat, l0=active.sum(-1).float(), fired=active.any(0), sparsity=relu_gate.sum(-1), aux=aux,
+        kept=gate.sum(-1) if count_kept else None,
     )
 
 

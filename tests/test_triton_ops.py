@@ -197,6 +197,54 @@ def test_encode_jumprelu_lists_match_dense(B, d_in, d_sae, dtype, provider, smal
 
 
 @pytest.mark.parametrize("provider", ["fused", "slab"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_jumprelu_without_window_keeps_exactly_the_positive_entries(dtype, provider, small_slabs):
+    """θ = 0 and a NaN bandwidth (the ReLU / Gated compaction): the lists hold exactly pre > 0, and the op
+    reports the longest row it read (the backend's density) — ``longest_list``."""
+    *_, encode, _ = ops()
+    from fastsae.ops.triton_backend import _no_window
+
+    B, d_in, d_sae = 13, 9, 45
+    x = torch.randn(B, d_in, dtype=dtype, device=DEV)
+    W = torch.randn(d_in, d_sae, dtype=dtype, device=DEV)
+    b = torch.randn(d_sae, dtype=dtype, device=DEV)
+    idx, pre, counts = encode.encode_jumprelu(x, W, b, *_no_window(d_sae, x), provider)
+    dense = x @ W + b
+    assert torch.equal(counts.long(), (dense > 0).sum(-1))
+    assert encode.longest_list(B, d_sae) == int((dense > 0).sum(-1).max())
+    for r in range(B):
+        n = int(counts[r])
+        assert idx[r, :n].long().tolist() == (dense[r] > 0).nonzero().squeeze(1).tolist()
+        torch.testing.assert_close(pre[r, :n], dense[r, idx[r, :n].long()], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padded_decode_and_sddmm_with_counts_skip_padding(dtype):
+    """``sparse_decode`` / ``sddmm`` on padded lists with ``counts``: padding (even with nonzero values) neither
+    decodes nor gets a gradient; the rest matches the reference."""
+    *_, decode, _, _ = ops()
+    B, K, N, D = 7, 6, 19, 23
+    g = dict(dtype=dtype, device=DEV)
+    counts = torch.tensor([0, 6, 3, 1, 5, 2, 6], dtype=torch.int32, device=DEV)
+    idx = torch.randint(0, N, (B, K), dtype=torch.int32, device=DEV)
+    values = torch.randn(B, K, **g, requires_grad=True)
+    W = torch.randn(N, D, **g, requires_grad=True)
+    bias = torch.randn(D, **g)
+    valid = torch.arange(K, device=DEV) < counts[:, None].long()
+    out = decode.sparse_decode(values, idx, W, bias, None, None, None, None, True, counts)
+    want = ref.sparse_decode(values * valid, idx.long(), W, bias)
+    torch.testing.assert_close(out, want, **TOL[dtype])
+    gr = torch.randn_like(out)
+    got = torch.autograd.grad(out, [values, W], gr)
+    exp = torch.autograd.grad(want, [values, W], gr)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, **TOL[dtype])
+    assert not got[0][~valid].any()
+    s = decode.sddmm(gr, idx, W.detach(), None, True, counts)
+    torch.testing.assert_close(s, torch.einsum("bd,bkd->bk", gr, W.detach()[idx.long()]) * valid, **TOL[dtype])
+
+
+@pytest.mark.parametrize("provider", ["fused", "slab"])
 @pytest.mark.parametrize("B,d_in,d_sae,k", [(11, 13, 37, 5), (14, 24, 70, 17), (4, 7, 9, 9)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_encode_topk_matches_dense(B, d_in, d_sae, k, dtype, provider, small_slabs):

@@ -5,7 +5,8 @@ Host reads. A ``TorchDispatchMode`` sees every aten op the backend's ops run —
 on a GPU: scalar reads (``.item()``, ``int()``, ``bool()``), ops whose output size depends on the
 data (``nonzero``, boolean-mask indexing, ``unique``, ``bincount``, ``repeat_interleave`` without an
 output size) and copies to the CPU. TopK and BatchTopK steps must make none, JumpReLU exactly one
-(the capacity check). On a GPU, ``benchmarks/gpu_probe.py`` repeats this with
+(the capacity check), and so must ReLU and Gated steps (their lists are the same compaction); a dense step makes
+one too, at the next step's dense-or-sparse decision (the longest row it counted). On a GPU, ``benchmarks/gpu_probe.py`` repeats this with
 ``torch.cuda.set_sync_debug_mode("error")``.
 
 Tuning keys. Sizes that change from step to step (the JumpReLU list width tracking L0, the number of
@@ -20,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsae
 from fastsae import reference as ref
-from test_triton_backend import sae_params  # noqa: E402  (tests/ is on sys.path under pytest)
+from fastsae.dispatch import override_crossover
+from test_triton_backend import relu_gated_params, sae_params, _step  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.skipif("triton" not in fastsae.backends(),
                                 reason="triton backend unavailable (needs CUDA or TRITON_INTERPRET=1)")
@@ -84,7 +86,7 @@ def test_topk_steps_make_no_host_reads(arch):
     """A TopK / BatchTopK step (forward, loss, backward) and the AuxK top-k + decode: no device→host read."""
     x, W_enc, b_enc, W_dec, b_dec, _, _ = sae_params(13, 11, 41, torch.float32)
     be = backend()
-    with HostReads() as m:
+    with HostReads() as m, override_crossover(0.5, backend="triton"):  # k = 6 of 41: sparse, decided from k
         out = (be.topk_sae if arch == "topk" else be.batchtopk_sae)(x, W_enc, b_enc, W_dec, b_dec, 6, True)
         loss = ref.mse(out.x_hat, x)
         # AuxK's kernels (the dead-latent selection itself is the module's, see sae.py)
@@ -104,10 +106,54 @@ def test_jumprelu_step_makes_one_host_read_even_when_the_lists_overflow():
         encode._capacity_hint.clear()
         if hint:
             encode._capacity_hint[(13, 41)] = hint
-        with HostReads() as m:
+        with HostReads() as m, override_crossover("sparse", backend="triton"):
             out = be.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta, eps, False)
             (ref.mse(out.x_hat, x) + 0.1 * out.l0.mean()).backward()
         assert m.reads == ["aten::item"], (hint, m.reads)
+
+
+def _arch_step(be, arch, x, params, ste=False):
+    if arch == "jumprelu":
+        W_enc, b_enc, W_dec, b_dec, theta, eps = params
+        out = be.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta, eps, False, ste_to_input=ste, need_values=ste)
+        loss = ref.mse(out.x_hat, x) + 0.1 * out.l0.mean()
+        return loss + ref.tanh_sparsity(out.values, out.indices, W_dec, 1.5, x.shape[0]) if ste else loss
+    return _step(be, arch, x, params, True)[1]
+
+
+def _params(arch):
+    if arch == "jumprelu":
+        x, *p = sae_params(13, 11, 41, torch.float32)  # p: W_enc, b_enc, W_dec, b_dec, θ, ε
+        return x, p, p[0]
+    x, p = relu_gated_params(arch, 13, 11, 41, torch.float32)
+    return x, p, p["W_enc"]
+
+
+@pytest.mark.parametrize("arch,ste", [("jumprelu", True), ("relu", False), ("gated", False)])
+def test_sparse_steps_make_one_host_read(arch, ste):
+    """A sparse ReLU / Gated step, and JumpReLU with the straight-through gradient and the code for the tanh
+    penalty: forward, loss, backward make the one read of the lists' width, and the next decision none."""
+    x, params, W_enc = _params(arch)
+    be = backend()
+    with override_crossover(1e6, backend="triton"):  # sparse, but decided from the recorded count
+        for step in range(2):
+            with HostReads() as m:
+                _arch_step(be, arch, x, params, ste).backward()
+            assert m.reads == ["aten::item"], (arch, step, m.reads)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "gated"])
+def test_dense_steps_make_one_host_read_at_the_next_decision(arch):
+    """Dense steps leave their longest row on the device; the next step's decision reads it: one read a step."""
+    x, params, W_enc = _params(arch)
+    be = backend()
+    with override_crossover(1e-6, backend="triton"):  # dense, decided from the recorded count
+        reads = []
+        for step in range(3):
+            with HostReads() as m:
+                _arch_step(be, arch, x, params).backward()
+            reads.append(m.reads)
+    assert reads[0] == [] and all(len(r) == 1 for r in reads[1:]), reads
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,15 +188,16 @@ def test_tuning_keys_stay_in_buckets_while_l0_and_dead_latents_drift():
         eps.fill_(0.02)
     be = backend()
     widths = []
-    for step in range(16):
-        with torch.no_grad():
-            pre = x @ W_enc + b_enc
-            u = (pre - theta) / eps
-            widths.append(int(((pre > theta) | ((u > -0.5) & (u < 0.5))).sum(-1).max()))
-        out = be.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta, eps, False)
-        (ref.mse(out.x_hat, x) + 0.1 * out.l0.mean()).backward()
-        with torch.no_grad():
-            theta.add_(0.15)  # L0 falls every step
+    with override_crossover("sparse", backend="triton"):  # the sparse kernels, whatever the density
+        for step in range(16):
+            with torch.no_grad():
+                pre = x @ W_enc + b_enc
+                u = (pre - theta) / eps
+                widths.append(int(((pre > theta) | ((u > -0.5) & (u < 0.5))).sum(-1).max()))
+            out = be.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, theta, eps, False)
+            (ref.mse(out.x_hat, x) + 0.1 * out.l0.mean()).backward()
+            with torch.no_grad():
+                theta.add_(0.15)  # L0 falls every step
     dead_counts = []
     for step in range(10):
         n_dead = 5 + 6 * step  # AuxK's dead latents: a new count every step

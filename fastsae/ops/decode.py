@@ -6,10 +6,11 @@ Ops (namespace ``fastsae_triton``):
   the public op (TopK, BatchTopK and the functional API). Backward: ``grad_values`` by row-gathered dot
   products (SDDMM) and ``grad_W_dec`` by a segment reduction over entries sorted by latent (no atomics).
 - ``jumprelu_decode(pre [B,K], indices, counts [B], threshold, bandwidth, W_dec, b_dec, order, offsets)
-  -> (x_hat, l0 [B] float32)``: the JumpReLU training decode on a compact list of active ∪ window
+  -> (x_hat, l0 [B] float32, f [B,K])``: the JumpReLU training decode on a compact list of active ∪ window
   entries. ``f = pre·H(pre - θ)`` is applied on the fly (window-only entries decode to 0), and the
-  backward yields ``∂L/∂pre`` at active entries, ``grad_W_dec`` and the θ-gradient (both
-  pseudo-derivative terms: through ``f`` and through ``l0``) reduced per latent in the same segment pass.
+  backward yields ``∂L/∂pre`` at active entries (and window entries with ``ste_to_input``), ``grad_W_dec``
+  and the θ-gradient (both pseudo-derivative terms: through ``f`` and through ``l0``) reduced per latent in
+  the same segment pass.
 - ``sddmm``, ``segment_reduce``, ``gather_sum``, ``jumprelu_sddmm``: the backward building blocks, ops
   themselves so that a compiled backward calls kernels, not Python.
 
@@ -344,13 +345,15 @@ def _check_lists(op: str, indices: Tensor, n: int, order: Optional[Tensor] = Non
 
 
 @kernel_op("sddmm")
-def sddmm(grad: Tensor, indices: Tensor, W: Tensor, rows: Optional[Tensor] = None, checked: bool = True) -> Tensor:
+def sddmm(grad: Tensor, indices: Tensor, W: Tensor, rows: Optional[Tensor] = None, checked: bool = True,
+          counts: Optional[Tensor] = None) -> Tensor:
     """``out[b, e] = grad[b] · W[indices[b, e]]``: ``grad [B, D]``, ``indices [B, K]``, ``W [N, D]`` -> ``[B, K]``.
 
-    With ``rows`` (CSR): ``indices [nnz]``, ``out[e] = grad[rows[e]] · W[indices[e]]``."""
+    With ``rows`` (CSR): ``indices [nnz]``, ``out[e] = grad[rows[e]] · W[indices[e]]``. With ``counts [B]``
+    (padded rows): slots ``e >= counts[b]`` are padding, written 0 without being computed."""
     if checked:
         _check_lists("sddmm", indices, W.shape[0], rows=rows, n_rows=grad.shape[0])
-    return _sddmm_launch(grad, indices, W, rows=rows)[0]
+    return _sddmm_launch(grad, indices, W, counts, rows=rows)[0]
 
 
 @kernel_op("segment_reduce")
@@ -401,41 +404,45 @@ def jumprelu_sddmm(grad_x_hat: Tensor, grad_l0: Tensor, pre: Tensor, indices: Te
 @kernel_op("sparse_decode")
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None,
                   order: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
-                  rows: Optional[Tensor] = None, row_ptr: Optional[Tensor] = None, checked: bool = True) -> Tensor:
+                  rows: Optional[Tensor] = None, row_ptr: Optional[Tensor] = None, checked: bool = True,
+                  counts: Optional[Tensor] = None) -> Tensor:
     """``x̂[b] = Σ_e values[b,e] · W_dec[indices[b,e]] (+ b_dec)``: ``values [B,K]``, ``indices [B,K]`` int -> ``[B, d_in]``.
 
     ``order``/``offsets`` (``triton_common.segments``), when the caller has them, are reused by the
     backward instead of sorting again. CSR lists (BatchTopK): 1-D ``values``/``indices`` with their
-    ``rows`` and ``row_ptr [B+1]``. ``checked=False`` skips the index check (lists fastsae made).
+    ``rows`` and ``row_ptr [B+1]``. ``counts [B]``: padded rows whose slots ``e >= counts[b]`` are padding
+    (the encoders' lists: ReLU, Gated), skipped forward and backward (they get gradient 0).
+    ``checked=False`` skips the index check (lists fastsae made).
     """
     if checked:
         n_rows = row_ptr.shape[0] - 1 if row_ptr is not None else values.shape[0]
         _check_lists("sparse_decode", indices, W_dec.shape[0], order, rows, n_rows)
-    return gather_rows(values, indices, W_dec, b_dec, row_ptr=row_ptr)
+    return gather_rows(values, indices, W_dec, b_dec, counts=counts, row_ptr=row_ptr)
 
 
 def _sparse_decode_setup(ctx, inputs, output):
-    values, indices, W_dec, b_dec, order, offsets, rows, row_ptr, checked = inputs
+    values, indices, W_dec, b_dec, order, offsets, rows, row_ptr, checked, counts = inputs
     ctx.has_bias = b_dec is not None
     ctx.has_segments = order is not None and offsets is not None
-    ctx.save_for_backward(values, indices, W_dec, order, offsets, rows)
+    ctx.save_for_backward(values, indices, W_dec, order, offsets, rows, counts)
 
 
 def _sparse_decode_backward(ctx, grad):
-    values, indices, W_dec, order, offsets, rows = ctx.saved_tensors
+    values, indices, W_dec, order, offsets, rows, counts = ctx.saved_tensors
     grad = grad.contiguous()
     grad_values = grad_W = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_values = sddmm(grad, indices, W_dec, rows, False).to(values.dtype)  # indices checked in the forward
+        # indices checked in the forward
+        grad_values = sddmm(grad, indices, W_dec, rows, False, counts).to(values.dtype)
     if ctx.needs_input_grad[2]:
         if not ctx.has_segments:
-            order, offsets = segments(indices.reshape(-1, indices.shape[-1]), None, W_dec.shape[0])
+            order, offsets = segments(indices.reshape(-1, indices.shape[-1]), counts, W_dec.shape[0])
         grad_W, _ = segment_reduce(order, offsets, values.contiguous().reshape(-1), grad, values.shape[-1],
                                    None, None, rows, False)
         grad_W = grad_W.to(W_dec.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = grad.sum(0)
-    return grad_values, None, grad_W, grad_b, None, None, None, None, None
+    return grad_values, None, grad_W, grad_b, None, None, None, None, None, None
 
 
 sparse_decode.register_autograd(_sparse_decode_backward, setup_context=_sparse_decode_setup)
@@ -449,11 +456,15 @@ sparse_decode.register_autograd(_sparse_decode_backward, setup_context=_sparse_d
 @kernel_op("jumprelu_decode")
 def jumprelu_decode(pre: Tensor, indices: Tensor, counts: Tensor, threshold: Tensor, bandwidth: Tensor,
                     W_dec: Tensor, b_dec: Tensor, order: Tensor, offsets: Tensor,
-                    checked: bool = True) -> tuple[Tensor, Tensor]:
-    """``(x̂ [B, d_in], l0 [B] float32)`` from compact pre-activations.
+                    checked: bool = True, ste_to_input: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x̂ [B, d_in], l0 [B] float32, f [B, K])`` from compact pre-activations.
 
     ``pre [B, K]`` at latents ``indices [B, K]``, the first ``counts[b]`` slots of row ``b`` valid;
     ``f = pre·H(pre - θ)`` (so window-only entries decode to 0) and ``l0[b] = Σ_e H(pre - θ)``.
+    ``f`` is the code itself, differentiable like ``reference.jumprelu`` (a penalty on it, e.g. the tanh
+    sparsity, reaches ``pre`` and θ through the same pseudo-derivative); 0 at padding.
+    ``ste_to_input``: the jump's pseudo-derivative also reaches ``pre`` (``∂f/∂pre += (θ/ε)K``,
+    ``∂H/∂pre := (1/ε)K``), at the window entries the lists hold anyway.
     ``order``/``offsets`` group the entries by latent (``triton_common.segments``) for the backward.
     """
     if checked:
@@ -461,15 +472,16 @@ def jumprelu_decode(pre: Tensor, indices: Tensor, counts: Tensor, threshold: Ten
     x_hat = gather_rows(pre, indices, W_dec, b_dec, counts=counts, threshold=threshold)
     B, K = pre.shape
     active = valid_mask(counts, B, K, pre.device) & (pre > threshold[indices.long()])
-    return x_hat, active.sum(-1, dtype=torch.float32)
+    return x_hat, active.sum(-1, dtype=torch.float32), torch.where(active, pre, torch.zeros_like(pre))
 
 
 def _jumprelu_decode_setup(ctx, inputs, output):
-    pre, indices, counts, threshold, bandwidth, W_dec, b_dec, order, offsets, checked = inputs
+    pre, indices, counts, threshold, bandwidth, W_dec, b_dec, order, offsets, checked, ste_to_input = inputs
+    ctx.ste_to_input = ste_to_input
     ctx.save_for_backward(pre, indices, counts, threshold, bandwidth, W_dec, order, offsets)
 
 
-def _jumprelu_decode_backward(ctx, grad_x_hat, grad_l0):
+def _jumprelu_decode_backward(ctx, grad_x_hat, grad_l0, grad_f):
     pre, indices, counts, threshold, bandwidth, W_dec, order, offsets = ctx.saved_tensors
     B, K = pre.shape
     if grad_x_hat is None:
@@ -480,6 +492,21 @@ def _jumprelu_decode_backward(ctx, grad_x_hat, grad_l0):
     # forms the per-entry θ-gradient of both pseudo-derivative terms.
     grad_pre, t = jumprelu_sddmm(grad_x_hat, grad_l0 if grad_l0 is not None else pre.new_zeros(B, dtype=torch.float32),
                                  pre, indices, counts, threshold, bandwidth, W_dec, False)
+    if grad_f is not None or ctx.ste_to_input:
+        # O(B·K) corrections of the epilogue's results, linear in ∂L/∂f: a gradient reaching f directly joins
+        # the SDDMM's, and with ste_to_input ∂L/∂pre gains (θ/ε)K·∂L/∂f + (1/ε)K·∂L/∂l0 = -t at window entries.
+        wide = t.dtype
+        idx = indices.long()
+        p, th, ep = pre.to(wide), threshold[idx].to(wide), bandwidth[idx].to(wide)
+        valid = valid_mask(counts, B, K, pre.device)
+        u = (p - th) / ep
+        window = valid & (u > -0.5) & (u < 0.5)
+        if grad_f is not None:
+            gf = grad_f.to(wide)
+            grad_pre = grad_pre + torch.where(valid & (p > th), gf, 0.0).to(grad_pre.dtype)
+            t = t + torch.where(window, -(th / ep) * gf, 0.0)
+        if ctx.ste_to_input:
+            grad_pre = grad_pre - t.to(grad_pre.dtype)  # t is 0 outside the window
     grad_W = grad_theta = grad_b = None
     if ctx.needs_input_grad[5] or ctx.needs_input_grad[3]:
         f = torch.where(pre > threshold[indices.long()], pre, torch.zeros_like(pre))
@@ -489,7 +516,7 @@ def _jumprelu_decode_backward(ctx, grad_x_hat, grad_l0):
         grad_theta = theta_out.to(threshold.dtype) if ctx.needs_input_grad[3] else None
     if ctx.needs_input_grad[6]:
         grad_b = grad_x_hat.sum(0)
-    return grad_pre, None, None, grad_theta, None, grad_W, grad_b, None, None, None
+    return grad_pre, None, None, grad_theta, None, grad_W, grad_b, None, None, None, None
 
 
 jumprelu_decode.register_autograd(_jumprelu_decode_backward, setup_context=_jumprelu_decode_setup)

@@ -328,6 +328,15 @@ def _gemm_grid(M, N, block_n=None):
 
 #: capacity used last time for a (B, d_sae) shape: the next call starts there (L0 drifts slowly).
 _capacity_hint: dict[tuple[int, int], int] = {}
+#: the longest row of the last :func:`encode_jumprelu` of a (B, d_sae) shape, read on the host to size its lists
+_last_need: dict[tuple[int, int], int] = {}
+
+
+def longest_list(B: int, d_sae: int) -> Optional[int]:
+    """The longest row's entry count of the last :func:`encode_jumprelu` call on a ``[B, ·] x [·, d_sae]`` input
+    (``None`` before any). The op reads it to size its lists anyway, so a caller that needs it (the backend's
+    density-aware dispatch, inference's exact output width) gets it without a second device→host read."""
+    return _last_need.get((B, d_sae))
 
 
 def jumprelu_lists(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, bandwidth: Tensor,
@@ -389,6 +398,7 @@ def encode_jumprelu(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tenso
     cap = min(N, max(1, _capacity_hint.get(key, bucket(max(16, N // 16)))))
     idx, pre, counts = jumprelu_lists(x_in, W_enc, b_enc, threshold, bandwidth, cap, provider)
     need = int(counts.max()) if B else 0  # the step's one device→host read
+    _last_need[key] = need
     if need > cap:
         # The counters kept counting past the capacity: a retry at the bucket of the exact need fits
         # (same inputs, same entries), so it needs no second read; the device checks it all the same.

@@ -139,10 +139,14 @@ def _launch_matrix(dtypes, s) -> list[Variant]:
         record("batchtopk decode (CSR)", dt, lambda: decode.gather_rows(flat_v, flat_i, W_dec, b_dec, row_ptr=row_ptr))
         record("jumprelu decode", dt,
                lambda: decode.gather_rows(pre_c, idx, W_dec, b_dec, counts=counts, threshold=theta))
+        record("relu / gated decode (padded, counts)", dt,
+               lambda: decode.gather_rows(pre_c, idx, W_dec, b_dec, counts=counts))
         record("grad x (W_enc.t() gather)", dt, lambda: decode.gather_rows(pre_c, idx, W_enc.t(), counts=counts))
         record("grad x (CSR)", dt, lambda: decode.gather_rows(flat_v, flat_i, W_enc.t(), row_ptr=row_ptr))
         record("grad values (SDDMM)", dt, lambda: decode._sddmm_launch(g, ik, W_dec))
         record("grad values (SDDMM, CSR)", dt, lambda: decode._sddmm_launch(g, flat_i, W_dec, rows=rows))
+        # ReLU / Gated backward at padded lists, and Gated's magnitudes x_in · W_mag[:, j] at the open gates
+        record("grad values, gated magnitudes (SDDMM, counts)", dt, lambda: decode._sddmm_launch(g, idx, W_dec, counts))
         record("jumprelu SDDMM", dt, lambda: decode._sddmm_launch(g, idx, W_dec, counts, pre_c, theta, eps,
                                                                    _meta(B, dtype=torch.float32)))
         record("grad W_dec (segments)", dt, lambda: decode.segment_rows(order, offsets, flat_v, g, k))
