@@ -53,7 +53,7 @@ def default_hyperparameters(sae: SAE) -> dict:
       d_sae ≥ 16k; we use twice the TopK width rule (4e-4 at 16k latents, larger for narrower SAEs): thresholds
       and encoder columns must both cross the pre-activation range within a short run, and on the realistic
       synthetic data (quality benchmark, target L0 = 0.5/1/2× the true L0) 2× raised recovery from 79/84/54% to
-      91/88/73% (TopK with its own rule: 80/84/65%); the paper's order of magnitude at 16k-131k latents.
+      89/85/66% (TopK with its own rule: 80/84/65%); the paper's order of magnitude at 16k-131k latents.
     - Gated (Rajamanoharan et al. 2024): β = (0, 0.999), same width rule.
     - ReLU (Anthropic's April 2024 update): β = (0.9, 0.999), same width rule.
     """
