@@ -249,9 +249,10 @@ class Backend:
         return ref.gated_sae_forward(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, apply_b_dec_to_input)
 
     def matryoshka_batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, widths,
-                                 apply_b_dec_to_input) -> ref.MatryoshkaForward:
+                                 apply_b_dec_to_input, per_row=False) -> ref.MatryoshkaForward:
         # No fused kernel yet: the eager path is already sparse after the encoder GEMM (prefix running sums).
-        return ref.matryoshka_batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, widths, apply_b_dec_to_input)
+        return ref.matryoshka_batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, widths, apply_b_dec_to_input,
+                                                    per_row=per_row)
 
     @property
     def density(self) -> Density:

@@ -480,6 +480,15 @@ def batchtopk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return pre.reshape(-1)[flat], flat // d_sae, flat % d_sae
 
 
+def topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's ``k`` largest entries of ``pre [B, d_sae]`` (already ReLU'd) as ``(values, rows, cols)``, sorted like
+    :func:`batchtopk_entries`' (the TopK selection, for a Matryoshka SAE's per-row warm-up)."""
+    B, d_sae = pre.shape
+    _, idx = torch.topk(pre.detach(), min(k, d_sae), dim=1, sorted=False)
+    flat = (torch.arange(B, device=pre.device)[:, None] * d_sae + idx).reshape(-1).sort().values
+    return pre.reshape(-1)[flat], flat // d_sae, flat % d_sae
+
+
 def prefix_reconstructions(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
                            widths: list, n_rows: int) -> Tensor:
     """``[G, B, d_out]``: ``b_dec + Σ_{entries of row b with latent < widths[g]} value · W_dec[latent]``.
@@ -504,10 +513,12 @@ def matryoshka_batchtopk_sae_forward(
     k: int,
     widths: list,
     apply_b_dec_to_input: bool = True,
+    per_row: bool = False,
 ) -> MatryoshkaForward:
-    """BatchTopK code (``B·k`` largest of ``relu(pre)`` over the batch), decoded at every Matryoshka width."""
+    """BatchTopK code (``B·k`` largest of ``relu(pre)`` over the batch; ``per_row``: each row's ``k`` largest, the
+    TopK selection), decoded at every Matryoshka width."""
     pre = F.relu(encoder_input(x, b_dec, apply_b_dec_to_input) @ W_enc + b_enc)
-    values, rows, cols = batchtopk_entries(pre, k)
+    values, rows, cols = (topk_entries if per_row else batchtopk_entries)(pre, k)
     prefixes = prefix_reconstructions(values, rows, cols, W_dec, b_dec, widths, x.shape[0])
     with torch.no_grad():
         active = values > 0

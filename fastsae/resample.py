@@ -86,8 +86,9 @@ class Resampler:
         fires = torch.zeros(sae.d_sae, dtype=torch.long, device=values.device)
         fires.index_add_(0, indices[active], torch.ones_like(indices[active]))
         dead = fires == 0
-        rows = _pair_rows(indices.shape[-1])
-        candidates = dead | _duplicates(sae.W_dec, values[:rows], indices[:rows], fires, self.duplicate_cos)
+        pv, pi = _typical_rows(values, indices)
+        rows = _pair_rows(pi.shape[-1])
+        candidates = dead | _duplicates(sae.W_dec, pv[:rows], pi[:rows], fires, self.duplicate_cos)
         idx = candidates.nonzero().squeeze(1)
         if idx.numel() == 0 or bool(candidates.all()):
             return 0
@@ -115,6 +116,23 @@ class Resampler:
                            encoder_directions=encoder_directions)
         _reset_optimizer_rows(sae, optimizer, idx, live)
         return n
+
+
+def _typical_rows(values: Tensor, indices: Tensor, quantile: float = 0.99) -> tuple[Tensor, Tensor]:
+    """The probe rows whose L0 is at most its ``quantile``, each cut to that many entries (active first), for the
+    duplicate search. Its cost budget is rows · K², with K the widest row: one outlier row (measured: 100 active
+    latents at a mean L0 of 4.5, JumpReLU on the realistic data) cut the search from 2,048 rows to 838, too few to
+    see the duplicates of rare features (37 co-firing pairs at decoder cosine > 0.9 were left at the end)."""
+    active = values != 0
+    counts = active.sum(1)
+    if counts.numel() == 0:
+        return values, indices
+    K = max(1, int(counts.float().quantile(quantile).ceil()))
+    if K >= indices.shape[-1]:
+        return values, indices
+    keep = counts <= K
+    order = active[keep].to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]
+    return values[keep].gather(1, order), indices[keep].gather(1, order)
 
 
 def _duplicates(W_dec: Tensor, values: Tensor, indices: Tensor, fires: Tensor, min_cos: float) -> Tensor:

@@ -50,12 +50,14 @@ def default_hyperparameters(sae: SAE) -> dict:
 
     - TopK / BatchTopK (Gao et al. 2024; sparsify): ``lr = 2e-4 / sqrt(d_sae / 2**14)``, β = (0.9, 0.999).
     - JumpReLU (Rajamanoharan et al. 2024): β = (0, 0.999). The paper's 7e-5 is for billions of tokens on
-      d_sae ≥ 16k; we use the TopK width rule (2e-4 at 16k latents, larger for narrower SAEs), which
-      converges on the short synthetic jobs and matches the paper's order of magnitude at 16k-131k latents.
+      d_sae ≥ 16k; we use twice the TopK width rule (4e-4 at 16k latents, larger for narrower SAEs): thresholds
+      and encoder columns must both cross the pre-activation range within a short run, and on the realistic
+      synthetic data (quality benchmark, target L0 = 0.5/1/2× the true L0) 2× raised recovery from 79/84/54% to
+      89/85/66% (TopK with its own rule: 80/84/65%); the paper's order of magnitude at 16k-131k latents.
     - Gated (Rajamanoharan et al. 2024): β = (0, 0.999), same width rule.
     - ReLU (Anthropic's April 2024 update): β = (0.9, 0.999), same width rule.
     """
-    lr = 2e-4 / math.sqrt(sae.d_sae / 2**14)
+    lr = 2e-4 / math.sqrt(sae.d_sae / 2**14) * (2.0 if sae.architecture == "jumprelu" else 1.0)
     betas = (0.0, 0.999) if sae.architecture in ("jumprelu", "gated") else (0.9, 0.999)
     return dict(lr=lr, betas=betas)
 

@@ -135,3 +135,26 @@ def test_trains_nested_dictionaries_on_synthetic_data():
     assert m["fvu"] < b["fvu"] + 0.05 and m["fvu"] < 0.5
     assert 2.0 < m["l0"] < 4.0
     assert m["recovery"] > 0.5 * b["recovery"]
+
+
+def test_topk_warmup_trains_the_prefixes_on_each_rows_top_k():
+    """BatchTopK's warm-up (issue 18): during the first part of a run the prefix losses come from each row's k
+    largest activations (what a TopK SAE keeps), and the inference threshold is not updated from that selection."""
+    torch.manual_seed(0)
+    sae = fastsae.MatryoshkaBatchTopKSAE(12, 40, 3, widths=[5, 20])
+    assert sae.topk_warmup == pytest.approx(1 / 3)
+    x = torch.randn(64, 12) * torch.linspace(0.2, 3.0, 64)[:, None]  # row norms vary: the batch top-k is uneven
+    sae.train()
+    sae.on_train_step(0, 30)
+    out = ref.matryoshka_batchtopk_sae_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, 3, sae.widths,
+                                               per_row=True)
+    pre = F.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    f = torch.zeros_like(pre).index_put_((out.rows, out.cols), out.values)
+    want = torch.zeros_like(pre).scatter_(1, pre.topk(3, dim=1).indices, pre.gather(1, pre.topk(3, dim=1).indices))
+    assert torch.equal(f, want)
+    r = sae.training_forward(x)
+    assert float(r.l0) == 3.0 and float(sae.threshold) < 0  # per row: exactly k, no threshold estimate yet
+    torch.testing.assert_close(r.x_hat, want @ sae.W_dec + sae.b_dec)
+    sae.on_train_step(10, 30)
+    r = sae.training_forward(x)
+    assert float(sae.threshold) > 0 and not sae.per_row_selection  # the batch top-k from the switch on

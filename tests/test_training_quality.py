@@ -46,19 +46,39 @@ def test_topk_defaults_recover_the_clean_dictionary(clean):
     assert m["recovery"] >= 0.95 and m["fvu"] <= 0.15, m
 
 
-def test_jumprelu_target_l0_on_realistic_data(real):
+@pytest.fixture(scope="module")
+def topk_real(real):
+    """TopK at the true L0 on the realistic data (the yardstick JumpReLU is held to), trained once."""
+    torch.manual_seed(0)
+    sae = fastsae.TopKSAE(D_IN, D_SAE, round(real.true_l0))
+    return _fit(sae, real)
+
+
+def test_jumprelu_target_l0_on_realistic_data(real, topk_real):
     """Mean offset, Zipf frequencies, heavy tails, correlated and hierarchical features, noise: JumpReLU asked for
-    the true L0. (At this size and budget its L0 is still above the target at the end; at the full size it is
-    within 3% of it: see benchmarks/results/*/quality.md.)"""
+    the true L0 reaches it (within 10% by the end of this short run: the quadratic loss at λ = 1 with θ at 5× the
+    learning rate; before, λ = 0.02 and 2× ended 50% above it on the quality benchmark), and is at least as good as
+    TopK at that L0. Measured: L0 3.21 for a target of 3.16, recovery 0.89 / MCC 0.94 / FVU 0.077 (TopK, k = 3:
+    0.89 / 0.96 / 0.141)."""
     torch.manual_seed(0)
-    m = _fit(fastsae.JumpReLUSAE(D_IN, D_SAE, target_l0=round(real.true_l0, 2)), real)
-    assert m["mcc"] >= 0.8 and m["fvu"] <= 0.1 and m["l0"] <= 2 * real.true_l0, m
-    assert m["recovery"] >= 0.35 and m["uniqueness"] >= 0.9, m
+    target = round(real.true_l0, 2)
+    m = _fit(fastsae.JumpReLUSAE(D_IN, D_SAE, target_l0=target), real)
+    assert m["l0"] == pytest.approx(target, rel=0.1), m
+    assert m["recovery"] >= topk_real["recovery"] - 0.02 and m["fvu"] <= topk_real["fvu"], (m, topk_real)
+    assert m["mcc"] >= 0.9 and m["uniqueness"] >= 0.9, m
 
 
-def test_topk_at_the_true_l0_on_realistic_data(real):
+def test_jumprelu_reaches_a_target_above_the_true_l0(real):
+    """The L0 a user asks for is the L0 they get, also where the data would rather be sparser (2× the true L0:
+    the old defaults ended 75% above it on the quality benchmark). Measured: 6.42 for 6.32, FVU 0.048."""
     torch.manual_seed(0)
-    m = _fit(fastsae.TopKSAE(D_IN, D_SAE, 3), real)
+    target = round(2 * real.true_l0, 2)
+    m = _fit(fastsae.JumpReLUSAE(D_IN, D_SAE, target_l0=target), real)
+    assert m["l0"] == pytest.approx(target, rel=0.1) and m["fvu"] <= 0.08, m
+
+
+def test_topk_at_the_true_l0_on_realistic_data(topk_real):
+    m = topk_real
     assert m["recovery"] >= 0.8 and m["mcc"] >= 0.9 and m["fvu"] <= 0.2, m
 
 
