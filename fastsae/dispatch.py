@@ -171,6 +171,27 @@ class Density:
         to their longest row (triton) records that row's count with ``rows=1``: its lists cost that much."""
         self._last[W_enc] = (entries, rows)
 
+    def state(self, W_enc: Tensor) -> Optional[list]:
+        """The record the next decision reads, as JSON numbers (``[entries, rows]``, or ``None`` before the first
+        step): a checkpoint saves it so a resumed run makes the uninterrupted run's dense-or-sparse choices
+        (the two formulations agree only to rounding, and an exact resume must not switch)."""
+        last = self._last.get(W_enc)
+        if last is None:
+            return None
+        entries = last[0].item() if isinstance(last[0], Tensor) else last[0]
+        return [entries, int(last[1])]
+
+    def load_state(self, W_enc: Tensor, state: Optional[list]) -> None:
+        """Restore what :meth:`state` returned (``None`` forgets the record)."""
+        if state is None:
+            self._last.pop(W_enc, None)
+            return
+        entries, rows = state if isinstance(state, (list, tuple)) and len(state) == 2 else (None, None)
+        if isinstance(entries, bool) or not isinstance(entries, (int, float)) or not entries >= 0 \
+                or isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"a density record must be [entries >= 0, rows >= 0 (an integer)], got {state!r}")
+        self._last[W_enc] = (entries, rows)
+
     def last(self, W_enc: Tensor) -> Optional[float]:
         """The previous step's entries per row, or ``None``."""
         last = self._last.get(W_enc)

@@ -792,7 +792,8 @@ def _payload(state: _State, sae: SAE, optimizer, config: dict, seed: int) -> dic
     meta = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=config, step=state.step,
                 tokens=state.tokens, scale=state.scale, target_scale=state.target_scale, n_summed=state.n_summed,
                 metrics=state.metrics, resampled=state.resampled,
-                counters=_module_counters(sae), optimizer=opt_meta, rng=rng, data=dict(seed=seed, rows=state.tokens))
+                counters=_module_counters(sae), optimizer=opt_meta, rng=rng, data=dict(seed=seed, rows=state.tokens),
+                density=sae.ops().density.state(sae.W_enc))
     return dict(step=state.step, tensors=tensors, meta=meta)
 
 
@@ -836,6 +837,7 @@ def _restore(path: Path, sae: SAE, optimizer, config: dict, device) -> _State:
                 setattr(mod, key, value)
         unpack_optimizer(optimizer, tensors, ck["optimizer"], path, prefix="optimizer.")
         _set_rng_state(tensors, ck["rng"])
+        sae.ops().density.load_state(sae.W_enc, ck.get("density"))
         state = _State(step=ck["step"], tokens=ck["tokens"], scale=ck["scale"],
                        since_fired=tensors["train.since_fired"].to(device), sums=tensors["train.sums"].to(device),
                        n_summed=ck["n_summed"], metrics=list(ck["metrics"]), target_scale=ck.get("target_scale"),

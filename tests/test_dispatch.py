@@ -75,3 +75,25 @@ def test_density_state_follows_the_module_weakly():
     del W
     gc.collect()
     assert len(d._last) == 0
+
+
+def test_density_record_round_trips_as_json_numbers():
+    import json
+
+    d, W = Density("cpp"), torch.zeros(8, 100)
+    assert d.state(W) is None
+    d.record(W, torch.tensor(9 * 32 + 1), 32)  # a device-side count becomes a number
+    saved = json.loads(json.dumps(d.state(W)))
+    fresh = Density("cpp")
+    fresh.load_state(W, saved)
+    assert fresh.last(W) == d.last(W) == (9 * 32 + 1) / 32
+    with override_crossover(0.1, arch="jumprelu"):
+        assert fresh.sparse("jumprelu", W) == d.sparse("jumprelu", W)
+    fresh.load_state(W, None)
+    assert fresh.last(W) is None
+
+
+@pytest.mark.parametrize("bad", [[-1, 4], [3, -1], [3, 2.5], ["3", 4], [True, 4], [3, True], [float("nan"), 4], [3], "3,4"])
+def test_density_record_refuses_malformed_state(bad):
+    with pytest.raises(ValueError, match="density record"):
+        Density("cpp").load_state(torch.zeros(2, 3), bad)
