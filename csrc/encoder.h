@@ -13,11 +13,10 @@
 #include <vector>
 
 #include "common.h"
+#include "jump_math.h"
 
 namespace fastsae {
 
-constexpr uint8_t kActive = 1;  // JumpReLU pre > θ / Gated π_gate > 0: the entry carries a value
-constexpr uint8_t kWindow = 2;  // JumpReLU |pre - θ| / ε < 1/2: the θ pseudo-derivatives are nonzero
 
 struct SaeDims {
   int64_t B, d_in, d_sae;
@@ -151,7 +150,7 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
     f(r0, rows, pre);
   };
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && nslabs >= 2 * threads) {
+  if (threads > 1 && nslabs >= threads) {
     // The GEMM is an ATen op called from worker threads: they take this thread's dispatch state (autograd
     // already handled above this kernel, grad mode, inference mode).
     const at::ThreadLocalState state;
@@ -345,6 +344,7 @@ inline void decode_row(int64_t d_in, const int64_t* cols, const scalar_t* vals, 
                        const scalar_t* bias, acc_t* acc, scalar_t* out) {
   for (int64_t i = 0; i < d_in; ++i) acc[i] = bias ? static_cast<acc_t>(bias[i]) : acc_t(0);
   for (int64_t e = 0; e < n; ++e) {
+    if (e + 1 < n) prefetch_bytes(W + cols[e + 1] * d_in, d_in * static_cast<int64_t>(sizeof(scalar_t)));
     const acc_t a = static_cast<acc_t>(vals[e]);
     if (a == acc_t(0)) continue;  // inactive window entries, relu'd zeros
     axpy<scalar_t, acc_t>(acc, a, W + cols[e] * d_in, d_in);
@@ -358,6 +358,7 @@ inline void decode_entries(int64_t d_in, const Entry<scalar_t>* e, int64_t n, co
                            acc_t* acc, scalar_t* out) {
   for (int64_t i = 0; i < d_in; ++i) acc[i] = bias ? static_cast<acc_t>(bias[i]) : acc_t(0);
   for (int64_t t = 0; t < n; ++t) {
+    if (t + 1 < n) prefetch_bytes(W + e[t + 1].col * d_in, d_in * static_cast<int64_t>(sizeof(scalar_t)));
     const acc_t a = static_cast<acc_t>(e[t].v0);
     if (a == acc_t(0)) continue;
     axpy<scalar_t, acc_t>(acc, a, W + e[t].col * d_in, d_in);
@@ -406,9 +407,7 @@ struct JumpSelect {
   uint8_t classify(wide_t v, int64_t j) const {
     const bool a = v > th[j];
     if (!eps) return a ? kActive : 0;
-    const wide_t u = (v - th[j]) / eps[j];
-    const bool w = u > wide_t(-0.5) && u < wide_t(0.5);
-    return (a ? kActive : 0) | (w ? kWindow : 0);
+    return (a ? kActive : 0) | (jump_window<wide_t>(v, th[j], eps[j]) ? kWindow : 0);
   }
 };
 

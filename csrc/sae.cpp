@@ -442,8 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_spars
     const at::Tensor& W_dec, bool apply_b_dec_to_input, const Rule& rule) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto opt = x_in.options();
-  at::Tensor gWe = at::empty({a.d_in, a.d_sae}, opt);
-  at::Tensor gWd = at::empty({a.d_sae, a.d_in}, opt);
+  at::Tensor gWe = recycled_empty(kGradWEnc, {a.d_in, a.d_sae}, opt);
+  at::Tensor gWd = recycled_empty(kGradWDec, {a.d_sae, a.d_in}, opt);
   at::Tensor gbd = at::empty({a.d_in}, opt);
   at::Tensor genc = at::empty({a.d_sae}, opt.dtype(c10::CppTypeToScalarType<acc_t>::value));
   at::Tensor scal = at::empty({Rule::kScalars, a.d_sae}, opt.dtype(c10::CppTypeToScalarType<wide_t>::value));
