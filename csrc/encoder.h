@@ -64,6 +64,24 @@ inline SaeInputs prepare_sae(const at::Tensor& x, const at::Tensor& W_enc, const
           W_dec.defined() ? W_dec.contiguous() : at::Tensor(), b_dec.contiguous()};
 }
 
+// What every fused backward (sparse and dense) starts from: checked sizes and dtypes (grad_x_hat [B, d_in] like
+// x), the encoder input, grad_x_hat and the decoder weights contiguous.
+struct BackwardInputs {
+  int64_t B, d_in, d_sae;
+  at::Tensor x_in, gx, W_dec;
+};
+
+inline BackwardInputs prepare_backward(const at::Tensor& grad_x_hat, const at::Tensor& x, const at::Tensor& W_enc,
+                                       const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input,
+                                       const char* op) {
+  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
+  TORCH_CHECK(grad_x_hat.dim() == 2 && grad_x_hat.size(0) == D.B && grad_x_hat.size(1) == D.d_in, op,
+              ": grad_x_hat must be [", D.B, ", ", D.d_in, "] (the shape of x), got ", grad_x_hat.sizes());
+  check_same_dtype(grad_x_hat, x, op, "grad_x_hat", "x");
+  return {D.B, D.d_in, D.d_sae, encoder_input(x, b_dec, apply_b_dec_to_input), grad_x_hat.contiguous(),
+          W_dec.contiguous()};
+}
+
 inline void check_k(int64_t k, int64_t d_sae, const char* op) {
   TORCH_CHECK(k >= 1 && k <= d_sae, op, ": k must lie in 1..d_sae=", d_sae, ", got ", k);
 }

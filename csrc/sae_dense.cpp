@@ -53,6 +53,13 @@ std::pair<at::Tensor, at::Tensor> dense_weight_grads(const at::Tensor& x_in, con
   return {gWe, gWd};
 }
 
+// ∂L/∂f = grad_x_hat · W_decᵀ [B, d_sae], into recycled memory.
+at::Tensor grad_code(const BackwardInputs& in) {
+  auto g = recycled_empty(kDenseGrad, {in.B, in.d_sae}, in.gx.options());
+  at::mm_out(g, in.gx, in.W_dec.t());
+  return g;
+}
+
 at::Tensor count_tensor(int64_t n, const at::TensorOptions& opt) { return at::full({}, n, opt.dtype(at::kLong)); }
 
 template <typename scalar_t>
@@ -122,16 +129,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_
     bool apply_b_dec_to_input, const at::Tensor& pre, const at::Tensor& f, const at::Tensor& threshold,
     const at::Tensor& bandwidth, bool straight_through) {
   const char* op = "jumprelu_sae_dense_backward";
-  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const BackwardInputs in = prepare_backward(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor &x_in = in.x_in, &gx = in.gx;
   TORCH_CHECK(pre.sizes() == f.sizes() && pre.dim() == 2 && pre.size(0) == B && pre.size(1) == d_sae, op,
               ": pre and f must be [", B, ", ", d_sae, "]");
-  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
   auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto g = recycled_empty(kDenseGrad, {B, d_sae}, x.options());  // ∂L/∂f, then ∂L/∂pre
-  at::mm_out(g, gx, W_dec.t());
+  auto g = grad_code(in);  // ∂L/∂f, then ∂L/∂pre
   if (grad_f.has_value()) {
     TORCH_CHECK(grad_f->sizes() == g.sizes(), op, ": grad_f must be [", B, ", ", d_sae, "]");
     g.add_(*grad_f);
@@ -233,14 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_
     const at::Tensor& W_enc, const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& latent_weight,
     bool apply_b_dec_to_input, const at::Tensor& f) {
   const char* op = "relu_sae_dense_backward";
-  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const BackwardInputs in = prepare_backward(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor &x_in = in.x_in, &gx = in.gx;
   TORCH_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op, ": f must be [", B, ", ", d_sae, "]");
-  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto g = recycled_empty(kDenseGrad, {B, d_sae}, x.options());
-  at::mm_out(g, gx, W_dec.t());
+  auto g = grad_code(in);
   auto fc = f.contiguous();
   at::Tensor genc, gw;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_dense_backward", [&] {
@@ -353,16 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
     bool apply_b_dec_to_input, const at::Tensor& f, const at::Tensor& gate) {
   const char* op = "gated_sae_dense_backward";
-  const SaeDims D = check_sae_args(x, W_gate, at::Tensor(), W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const BackwardInputs in = prepare_backward(grad_x_hat, x, W_gate, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor &x_in = in.x_in, &gx = in.gx;
   TORCH_CHECK(f.sizes() == gate.sizes() && f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op,
               ": f and gate must be [", B, ", ", d_sae, "]");
-  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
   check_gated(r_mag, b_mag, x, d_sae, op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto g = recycled_empty(kDenseGrad, {B, d_sae}, x.options());
-  at::mm_out(g, gx, W_dec.t());
+  auto g = grad_code(in);
   at::Tensor g2;
   if (grad_x_hat_frozen.has_value()) {
     TORCH_CHECK(grad_x_hat_frozen->sizes() == x.sizes(), op, ": grad_x_hat_frozen must have the shape of x");
