@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "jump_math.h"
+#include "scan.h"
 #include "simd.h"
 
 namespace fastsae {
@@ -69,6 +70,10 @@ FASTSAE_CLONES void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t
                                              const float* th, const float* eps, const float* gl0, bool ste,
                                              float* genc, float* s_th) {
   jump_dense_grad_rows<float, float, float>(pre, g, ld, rows, n, th, eps, gl0, ste, genc, s_th);
+}
+
+FASTSAE_CLONES int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
+  return candidates<float, float>(row, lo, n, cand);
 }
 
 }  // namespace fastsae
