@@ -69,6 +69,8 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the process's CPU time instead of elapsed time (a busy machine; with --threads 1)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "crossover.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -85,7 +87,7 @@ def main(argv=None):
             eager = build_sae(arch, "eager", args.d_in, args.d_sae, x, target, k)
             density = measured_density(arch, cpp, x)
             t = time_interleaved(dict(eager=step_fn(eager, x, None), dense=step_fn(cpp, x, "dense"),
-                                      sparse=step_fn(cpp, x, "sparse")), args.repeats)
+                                      sparse=step_fn(cpp, x, "sparse")), args.repeats, args.clock)
             row = dict(arch=arch, density=density, **t)
             rows.append(row)
             print(f"| {arch} | {density:.4f} | {1e3 * t['eager']:.0f} | {1e3 * t['dense']:.0f} | "
@@ -101,7 +103,7 @@ def main(argv=None):
         f.write("# Sparse vs dense training step on the cpp backend, by density\n\n")
         f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                 f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, float32, "
-                f"median of {args.repeats} interleaved steps; load average {os.getloadavg()[0]:.1f} at the end.\n\n")
+                f"median of {args.repeats} interleaved steps, {args.clock} clock; load average {os.getloadavg()[0]:.1f} at the end.\n\n")
         f.write("| arch | density | eager ms | dense ms | sparse ms | dense vs eager | sparse vs eager | sparse/dense |\n")
         f.write("|---|---|---|---|---|---|---|---|\n")
         for r in rows:

@@ -13,8 +13,10 @@ initialisation), so the numbers follow the library as its defaults change. Data:
 
 Reported per run: total wall time of ``train``, tokens/s over the run, the speed-up against eager, final L0 and
 FVU; per step (logged every step): the step time against the step's L0, drawn in one PNG. ``saelens`` runs
-SAELens's training SAE of the same architecture (its own defaults and coefficient warm-ups) under a plain Adam
-loop on the same batches; it is skipped, with the reason, when sae-lens does not import.
+SAELens's own trainer (``SAETrainer.fit``, its defaults) for the same architecture in a subprocess of
+``--peer-python`` (a side venv with sae-lens; the quality benchmark's worker, fastsae/bench/saelens_worker.py) on the
+same rows, scaled as fastsae.train scales them; its time is ``fit`` alone, its L0 and FVU are measured on held-out
+rows. Skipped, with the reason, where no interpreter has sae-lens.
 
 Written to ``benchmarks/results/cpu/whole_run.md``, ``whole_run.csv`` and ``whole_run.png``. Timings on a shared
 machine move with its load: each provider's run is one measurement, so re-run to see the spread.
@@ -71,54 +73,33 @@ def run_fastsae(arch, backend, data, args):
                 final_fvu=trace[-1]["fvu"])
 
 
-def run_saelens(arch, data, args):
-    """SAELens's training SAE (its defaults), Adam at fastsae's default lr, the same batches. None if unavailable."""
-    try:
-        from sae_lens.saes import batchtopk_sae, gated_sae, jumprelu_sae, standard_sae, topk_sae
-        from sae_lens.saes.sae import TrainStepInput
-    except Exception as e:  # ImportError or a broken dependency of theirs
-        return f"skipped: sae-lens not importable ({type(e).__name__}: {str(e)[:80]})"
-    classes = dict(jumprelu=(jumprelu_sae.JumpReLUTrainingSAE, jumprelu_sae.JumpReLUTrainingSAEConfig),
-                   topk=(topk_sae.TopKTrainingSAE, topk_sae.TopKTrainingSAEConfig),
-                   batchtopk=(batchtopk_sae.BatchTopKTrainingSAE, batchtopk_sae.BatchTopKTrainingSAEConfig),
-                   relu=(standard_sae.StandardTrainingSAE, standard_sae.StandardTrainingSAEConfig),
-                   gated=(gated_sae.GatedTrainingSAE, gated_sae.GatedTrainingSAEConfig))
-    cls, cfg_cls = classes[arch]
-    cfg = dict(d_in=args.d_in, d_sae=args.d_sae, dtype="float32", device="cpu")
-    if arch in ("topk", "batchtopk"):
-        cfg["k"] = args.k
-    torch.manual_seed(args.seed)
-    sae = cls(cfg_cls(**cfg))
-    from fastsae.training import default_hyperparameters
+def run_saelens(archs, data, args, python):
+    """SAELens's own trainer (``SAETrainer.fit``, its defaults) on the same rows, one subprocess of ``python`` (the
+    quality benchmark's worker, fastsae/bench/saelens_worker.py) for every arch: ``{arch: result or reason}``.
+    Its time is ``fit`` alone (no imports, no evaluation); L0 and FVU are measured on 2048 held-out rows."""
+    from fastsae.bench.quality import run_saelens_jobs
 
-    hp = default_hyperparameters(fresh(arch, args.d_in, args.d_sae, args.k, "eager", args.seed))
-    opt = torch.optim.Adam(sae.parameters(), lr=hp["lr"], betas=hp["betas"])
-    coefficients = sae.get_coefficients()
+    # the scale fastsae.train applies (E‖x‖² = 1, what SAELens's JumpReLU ε assumes too), on SAELens's rows
     scale = 1.0 / math.sqrt(float(data.x[:16384].double().pow(2).sum(-1).mean()))
-    from fastsae.data import as_source, batches
+    x = data.x.float() * scale
+    x_eval = synthetic(2048, args.d_in, args.n_features, active=args.active, seed=args.seed + 1).x.float() * scale
+    specs = []
+    for arch in archs:
+        spec = dict(arch=arch, d_sae=args.d_sae, steps=args.steps, batch_size=args.batch, seed=args.seed)
+        if arch in ("topk", "batchtopk"):
+            spec["k"] = args.k
+        elif arch == "jumprelu" and args.target_l0 is not None:
+            spec["target_l0"] = args.target_l0
+        specs.append(spec)
 
-    it = batches(as_source(data), args.batch, seed=args.seed)
-    trace = []
-    t0 = t_prev = time.perf_counter()
-    for step in range(args.steps):
-        x = next(it).float() * scale
-        coef = {}
-        for name, c in coefficients.items():
-            value = float(getattr(c, "value", c))
-            warm = getattr(c, "warm_up_steps", 0) or 0
-            coef[name] = value * (min(1.0, (step + 1) / warm) if warm else 1.0)
-        opt.zero_grad()
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coef, dead_neuron_mask=None,
-                                                       n_training_steps=step, is_logging_step=False))
-        out.loss.backward()
-        opt.step()
-        with torch.no_grad():
-            l0 = float((out.feature_acts > 0).float().sum(-1).mean())
-        now = time.perf_counter()
-        trace.append(dict(step=step + 1, l0=l0, seconds=now - t_prev, fvu=float("nan"), sparse=False))
-        t_prev = now
-    return dict(seconds=time.perf_counter() - t0, tokens=args.steps * args.batch, trace=trace,
-                final_l0=trace[-1]["l0"], final_fvu=float("nan"))
+    def consume(info, t):
+        err = (t["x_hat"] - x_eval).pow(2).sum()
+        fvu = float(err / (x_eval - x_eval.mean(0)).pow(2).sum())
+        return dict(seconds=info["seconds"], tokens=args.steps * args.batch, trace=None,
+                    final_l0=float(t["fired"].float().sum(-1).mean()), final_fvu=fvu, peer=info)
+
+    out = run_saelens_jobs(python, specs, x, x_eval, args.threads, print, consume)
+    return {arch: (r if "status" not in r else r["status"]) for arch, r in zip(archs, out)}
 
 
 def plot(results, path):
@@ -131,7 +112,7 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.6), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         for (a, provider), r in results.items():
-            if a != arch or isinstance(r, str):
+            if a != arch or isinstance(r, str) or r["trace"] is None:
                 continue
             tr = r["trace"][1:]  # the first step carries the one-off start-up
             for sparse, marker in ((False, "o"), (True, "^")):
@@ -165,6 +146,9 @@ def main(argv=None):
     p.add_argument("--n-features", type=int, default=2048, help="true features of the synthetic data")
     p.add_argument("--active", type=float, default=16.0, help="mean active true features per sample")
     p.add_argument("--providers", nargs="+", default=["cpp", "eager", "saelens"], choices=["cpp", "eager", "saelens"])
+    p.add_argument("--peer-python", default=None,
+                   help="the python of a venv with sae-lens, for the saelens column (default $FASTSAE_PEER_PYTHON, "
+                        "else this interpreter if it has sae-lens)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu", "whole_run"))
@@ -179,18 +163,28 @@ def main(argv=None):
           f"features, ~{args.active:g} active")
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = {}
+    peer = {}
+    if "saelens" in args.providers:
+        from fastsae.bench.quality import saelens_python
+
+        python, why = saelens_python(args.peer_python)
+        print(f"saelens: {why}")
+        peer = run_saelens(args.archs, data, args, python) if python else {a: why for a in args.archs}
+    # one-off process costs (lazy imports, first calls into the extension) would land on whichever run came first
+    for arch in args.archs:
+        for provider in [p for p in args.providers if p != "saelens"]:
+            fastsae.train(fresh(arch, args.d_in, args.d_sae, args.k, provider, args.seed, args.target_l0), data,
+                          steps=2, batch_size=args.batch, seed=args.seed, progress=False)
     for arch in args.archs:
         for provider in args.providers:
-            if provider == "saelens":
-                r = run_saelens(arch, data, args)
-            else:
-                r = run_fastsae(arch, provider, data, args)
+            r = peer[arch] if provider == "saelens" else run_fastsae(arch, provider, data, args)
             results[(arch, provider)] = r
             if isinstance(r, str):
                 print(f"{arch:10s} {provider:8s} {r}", flush=True)
             else:
+                first = "-" if r["trace"] is None else f"{r['trace'][0]['l0']:.0f}"
                 print(f"{arch:10s} {provider:8s} {r['seconds']:8.1f} s  {r['tokens'] / r['seconds']:10.0f} tokens/s  "
-                      f"first L0 {r['trace'][0]['l0']:.0f}, final L0 {r['final_l0']:.1f}", flush=True)
+                      f"first L0 {first}, final L0 {r['final_l0']:.1f}", flush=True)
     header = ("| arch | provider | total s | tokens/s | speed-up vs eager | first-step L0 | final L0 | final FVU | "
               "sparse steps |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -200,6 +194,10 @@ def main(argv=None):
             continue
         eager = results.get((arch, "eager"))
         speed = f"{eager['seconds'] / r['seconds']:.2f}x" if isinstance(eager, dict) else "-"
+        if r["trace"] is None:  # SAELens: its trainer's own loop, measured on held-out rows
+            lines.append(f"| {arch} | {provider} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | {speed} | - | "
+                         f"{r['final_l0']:.1f} (held-out) | {r['final_fvu']:.3f} (held-out) | - |")
+            continue
         sparse = sum(t["sparse"] for t in r["trace"])
         lines.append(f"| {arch} | {provider} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | {speed} | "
                      f"{r['trace'][0]['l0']:.0f} | {r['final_l0']:.1f} | {r['final_fvu']:.3f} | "
@@ -209,7 +207,7 @@ def main(argv=None):
     cmd = "python benchmarks/bench_whole_run.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with open(args.out + ".md", "w") as f:
-        f.write("# A whole training run from a fresh module, CPU: fastsae (cpp) vs eager\n\n")
+        f.write("# A whole training run from a fresh module, CPU: fastsae (cpp) vs eager (and SAELens's trainer)\n\n")
         f.write(f"`{cmd.strip()}` — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
                 f"{args.threads} threads, d_in={args.d_in}, d_sae={args.d_sae}, batch={args.batch}, {args.steps} "
                 f"steps, float32, synthetic data ({args.n_features} features, ~{args.active:g} active); load "
@@ -219,7 +217,7 @@ def main(argv=None):
         w = csv.writer(f)
         w.writerow(["arch", "provider", "step", "l0", "step_seconds", "sparse"])
         for (arch, provider), r in results.items():
-            if not isinstance(r, str):
+            if not isinstance(r, str) and r["trace"] is not None:
                 for t in r["trace"]:
                     w.writerow([arch, provider, t["step"], f"{t['l0']:.3f}", f"{t['seconds']:.5f}", int(t["sparse"])])
     plot(results, args.out + ".png")

@@ -16,22 +16,9 @@
 
 #include "common.h"
 #include "encoder.h"
+#include "jump_math.h"
 
 namespace fastsae {
-
-// JumpReLU: g_pre = H·∂L/∂f (+ with the straight-through option (1/ε)K·∂L/∂l0_b);
-// ∂L/∂θ_j += K·(-(θ/ε)·∂L/∂f - (1/ε)·∂L/∂l0_b).
-template <typename acc_t, typename wide_t>
-inline acc_t jump_entry(uint8_t flags, acc_t gf, wide_t th, wide_t eps, wide_t gl0, bool ste, wide_t& s_th) {
-  acc_t g = (flags & kActive) ? gf : acc_t(0);
-  if (flags & kWindow) {
-    wide_t t = -(th / eps) * static_cast<wide_t>(gf);
-    t -= (wide_t(1) / eps) * gl0;
-    s_th += t;
-    if (ste) g += static_cast<acc_t>((wide_t(1) / eps) * gl0);
-  }
-  return g;
-}
 
 // A kept entry of a relu'd code (v > 0): g_pre = ∂L/∂f + ∂L/∂sparsity_b · w_j, where ReLU's
 // sparsity_b = Σ_j f_bj · w_j (w = the decoder row norms); ∂L/∂w_j += ∂L/∂sparsity_b · f_bj.
@@ -136,39 +123,64 @@ void sparse_backward(int64_t B, int64_t d_in, int64_t d_sae, const int64_t* row_
   // encT rows are padded by one cache line: at a power-of-two d_in the column reads of the transposed write
   // would otherwise all fall into the same few cache sets.
   const int64_t ld = d_in + 64 / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t row_bytes = d_in * static_cast<int64_t>(sizeof(scalar_t));
+  // Row blocks: with many entries per latent (a dense phase), a block of 64 latents visits the rows in blocks
+  // small enough (~1 MB of grad_x_hat and x_in rows) that the rows it gathers are reused from cache by its other
+  // latents, instead of coming from memory once per entry. Each latent still takes its entries in row order
+  // (the row blocks in order), so the bits do not depend on the blocking; with few entries per latent (trained
+  // sparsity) one block covers the batch and each latent's decoder row stays in L1 over all its entries.
+  const int64_t per_latent = d_sae > 0 ? nnz / d_sae : 0;
+  const int64_t min_rows = std::max<int64_t>(16, (int64_t(1) << 20) / (2 * row_bytes));
+  const int64_t n_rb = std::max<int64_t>(1, std::min<int64_t>(per_latent / 16, B / min_rows));
+  const int64_t RB = (B + n_rb - 1) / std::max<int64_t>(n_rb, 1);
   parallel_tasks(nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> encT(LB * ld);
-    std::vector<acc_t> dec(d_in);
+    std::vector<acc_t> encT(LB * ld), decT(LB * ld), gsum(LB);
+    std::vector<wide_t> sT(LB * (NS > 0 ? NS : 1));
+    std::vector<int64_t> pos(LB);
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t j0 = blk * LB, j1 = std::min(d_sae, j0 + LB);
+      const int64_t j0 = blk * LB, j1 = std::min(d_sae, j0 + LB), nb = j1 - j0;
       std::fill(encT.begin(), encT.end(), acc_t(0));
-      for (int64_t j = j0; j < j1; ++j) {
-        std::fill(dec.begin(), dec.end(), acc_t(0));
-        acc_t* enc = encT.data() + (j - j0) * ld;
-        const scalar_t* w = W_dec + j * d_in;
-        acc_t gsum = 0;
-        wide_t s[NS > 0 ? NS : 1] = {};
-        for (int64_t t = by.start[j]; t < by.start[j + 1]; ++t) {
-          const int64_t e = by.entry[t];
-          if (rule.skip(e)) continue;
-          const int64_t b = by.row[t];
-          const scalar_t* g = gx + b * d_in;
-          const acc_t v = rule.dec_value(e);
-          acc_t d1 = 0;
-          if (rule.needs_dot(e))
-            d1 = v != acc_t(0) ? dot_axpy<scalar_t, acc_t>(g, w, dec.data(), v, d_in) : dot<scalar_t, acc_t>(g, w, d_in);
-          else if (v != acc_t(0))
-            axpy<scalar_t, acc_t>(dec.data(), v, g, d_in);
-          const acc_t d2 = gx2 ? dot<scalar_t, acc_t>(gx2 + b * d_in, w, d_in) : acc_t(0);
-          const acc_t ge = rule.grad(e, b, j, d1, d2, s);
-          if (ge != acc_t(0)) axpy<scalar_t, acc_t>(enc, ge, x_in + b * d_in, d_in);
-          gsum += ge;
+      std::fill(decT.begin(), decT.begin() + nb * ld, acc_t(0));
+      std::fill(gsum.begin(), gsum.end(), acc_t(0));
+      std::fill(sT.begin(), sT.end(), wide_t(0));
+      for (int64_t j = j0; j < j1; ++j) pos[j - j0] = by.start[j];
+      for (int64_t r1 = RB; r1 - RB < B; r1 += RB) {
+        for (int64_t j = j0; j < j1; ++j) {
+          acc_t* enc = encT.data() + (j - j0) * ld;
+          acc_t* dec = decT.data() + (j - j0) * ld;
+          wide_t* s = sT.data() + (j - j0) * (NS > 0 ? NS : 1);
+          const scalar_t* w = W_dec + j * d_in;
+          int64_t t = pos[j - j0];
+          const int64_t t_end = by.start[j + 1];
+          for (; t < t_end && by.row[t] < r1; ++t) {
+            if (t + 1 < t_end) {  // the next entry's rows
+              prefetch_bytes(gx + by.row[t + 1] * d_in, row_bytes);
+              prefetch_bytes(x_in + by.row[t + 1] * d_in, row_bytes);
+            }
+            const int64_t e = by.entry[t];
+            if (rule.skip(e)) continue;
+            const int64_t b = by.row[t];
+            const scalar_t* g = gx + b * d_in;
+            const acc_t v = rule.dec_value(e);
+            acc_t d1 = 0;
+            if (rule.needs_dot(e))
+              d1 = v != acc_t(0) ? dot_axpy<scalar_t, acc_t>(g, w, dec, v, d_in) : dot<scalar_t, acc_t>(g, w, d_in);
+            else if (v != acc_t(0))
+              axpy<scalar_t, acc_t>(dec, v, g, d_in);
+            const acc_t d2 = gx2 ? dot<scalar_t, acc_t>(gx2 + b * d_in, w, d_in) : acc_t(0);
+            const acc_t ge = rule.grad(e, b, j, d1, d2, s);
+            if (ge != acc_t(0)) axpy<scalar_t, acc_t>(enc, ge, x_in + b * d_in, d_in);
+            gsum[j - j0] += ge;
+          }
+          pos[j - j0] = t;
         }
-        for (int64_t i = 0; i < d_in; ++i) gWd[j * d_in + i] = static_cast<scalar_t>(dec[i]);
-        genc_sum[j] = gsum;
-        for (int k = 0; k < NS; ++k) scal[k * d_sae + j] = s[k];
       }
-      const int64_t nb = j1 - j0;
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t* dec = decT.data() + (j - j0) * ld;
+        for (int64_t i = 0; i < d_in; ++i) gWd[j * d_in + i] = static_cast<scalar_t>(dec[i]);
+        genc_sum[j] = gsum[j - j0];
+        for (int k = 0; k < NS; ++k) scal[k * d_sae + j] = sT[(j - j0) * (NS > 0 ? NS : 1) + k];
+      }
       for (int64_t i = 0; i < d_in; ++i) {
         scalar_t* dst = gWe + i * d_sae + j0;
         for (int64_t jj = 0; jj < nb; ++jj) dst[jj] = static_cast<scalar_t>(encT[jj * ld + i]);

@@ -13,11 +13,11 @@
 #include <vector>
 
 #include "common.h"
+#include "jump_math.h"
+#include "scan.h"
 
 namespace fastsae {
 
-constexpr uint8_t kActive = 1;  // JumpReLU pre > θ / Gated π_gate > 0: the entry carries a value
-constexpr uint8_t kWindow = 2;  // JumpReLU |pre - θ| / ε < 1/2: the θ pseudo-derivatives are nonzero
 
 struct SaeDims {
   int64_t B, d_in, d_sae;
@@ -63,6 +63,24 @@ inline SaeInputs prepare_sae(const at::Tensor& x, const at::Tensor& W_enc, const
   const SaeDims D = check_sae_args(x, W_enc, b_enc, W_dec, b_dec, op);
   return {D.B, D.d_in, D.d_sae, encoder_input(x, b_dec, apply_b_dec_to_input),
           W_dec.defined() ? W_dec.contiguous() : at::Tensor(), b_dec.contiguous()};
+}
+
+// What every fused backward (sparse and dense) starts from: checked sizes and dtypes (grad_x_hat [B, d_in] like
+// x), the encoder input, grad_x_hat and the decoder weights contiguous.
+struct BackwardInputs {
+  int64_t B, d_in, d_sae;
+  at::Tensor x_in, gx, W_dec;
+};
+
+inline BackwardInputs prepare_backward(const at::Tensor& grad_x_hat, const at::Tensor& x, const at::Tensor& W_enc,
+                                       const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input,
+                                       const char* op) {
+  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
+  TORCH_CHECK(grad_x_hat.dim() == 2 && grad_x_hat.size(0) == D.B && grad_x_hat.size(1) == D.d_in, op,
+              ": grad_x_hat must be [", D.B, ", ", D.d_in, "] (the shape of x), got ", grad_x_hat.sizes());
+  check_same_dtype(grad_x_hat, x, op, "grad_x_hat", "x");
+  return {D.B, D.d_in, D.d_sae, encoder_input(x, b_dec, apply_b_dec_to_input), grad_x_hat.contiguous(),
+          W_dec.contiguous()};
 }
 
 inline void check_k(int64_t k, int64_t d_sae, const char* op) {
@@ -151,7 +169,7 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
     f(r0, rows, pre);
   };
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && nslabs >= 2 * threads) {
+  if (threads > 1 && nslabs >= threads) {
     // The GEMM is an ATen op called from worker threads: they take this thread's dispatch state (autograd
     // already handled above this kernel, grad mode, inference mode).
     const at::ThreadLocalState state;
@@ -166,47 +184,10 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
   }
 }
 
-// Branch-free compaction of the latents whose pre-activation passes a cheap superset test
-// (row[j] >= lo[j], or > lo for one bound): the exact, costlier test then runs on those few only. A
-// vectorised test of each block of 16 first skips the blocks without a candidate (most of them in a
-// trained SAE), so the compaction proper runs on a small fraction of the row.
-template <typename scalar_t, typename wide_t>
-inline int64_t candidates(const scalar_t* row, const wide_t* lo, int64_t n, int64_t* cand) {
-  constexpr int64_t BLK = 16;
-  int64_t nc = 0, j0 = 0;
-  for (; j0 + BLK <= n; j0 += BLK) {
-    int any = 0;
-    for (int64_t t = 0; t < BLK; ++t) any |= static_cast<int>(static_cast<wide_t>(row[j0 + t]) >= lo[j0 + t]);
-    if (!any) continue;
-    for (int64_t j = j0; j < j0 + BLK; ++j) {
-      cand[nc] = j;
-      nc += static_cast<wide_t>(row[j]) >= lo[j];
-    }
-  }
-  for (int64_t j = j0; j < n; ++j) {
-    cand[nc] = j;
-    nc += static_cast<wide_t>(row[j]) >= lo[j];
-  }
-  return nc;
-}
-template <typename scalar_t, typename wide_t>
-inline int64_t candidates_above(const scalar_t* row, wide_t lo, int64_t n, int64_t* cand) {
-  constexpr int64_t BLK = 16;
-  int64_t nc = 0, j0 = 0;
-  for (; j0 + BLK <= n; j0 += BLK) {
-    int any = 0;
-    for (int64_t t = 0; t < BLK; ++t) any |= static_cast<int>(static_cast<wide_t>(row[j0 + t]) > lo);
-    if (!any) continue;
-    for (int64_t j = j0; j < j0 + BLK; ++j) {
-      cand[nc] = j;
-      nc += static_cast<wide_t>(row[j]) > lo;
-    }
-  }
-  for (int64_t j = j0; j < n; ++j) {
-    cand[nc] = j;
-    nc += static_cast<wide_t>(row[j]) > lo;
-  }
-  return nc;
+// candidates / candidates_above: csrc/scan.h (float32 rows: simd.cpp's per-ISA clones).
+template <>
+inline int64_t candidates<float, float>(const float* row, const float* lo, int64_t n, int64_t* cand) {
+  return candidates_f32(row, lo, n, cand);
 }
 
 // One kept entry: latent, up to two values (Gated: f and relu(π_gate)), flags.
@@ -345,6 +326,7 @@ inline void decode_row(int64_t d_in, const int64_t* cols, const scalar_t* vals, 
                        const scalar_t* bias, acc_t* acc, scalar_t* out) {
   for (int64_t i = 0; i < d_in; ++i) acc[i] = bias ? static_cast<acc_t>(bias[i]) : acc_t(0);
   for (int64_t e = 0; e < n; ++e) {
+    if (e + 1 < n) prefetch_bytes(W + cols[e + 1] * d_in, d_in * static_cast<int64_t>(sizeof(scalar_t)));
     const acc_t a = static_cast<acc_t>(vals[e]);
     if (a == acc_t(0)) continue;  // inactive window entries, relu'd zeros
     axpy<scalar_t, acc_t>(acc, a, W + cols[e] * d_in, d_in);
@@ -358,6 +340,7 @@ inline void decode_entries(int64_t d_in, const Entry<scalar_t>* e, int64_t n, co
                            acc_t* acc, scalar_t* out) {
   for (int64_t i = 0; i < d_in; ++i) acc[i] = bias ? static_cast<acc_t>(bias[i]) : acc_t(0);
   for (int64_t t = 0; t < n; ++t) {
+    if (t + 1 < n) prefetch_bytes(W + e[t + 1].col * d_in, d_in * static_cast<int64_t>(sizeof(scalar_t)));
     const acc_t a = static_cast<acc_t>(e[t].v0);
     if (a == acc_t(0)) continue;
     axpy<scalar_t, acc_t>(acc, a, W + e[t].col * d_in, d_in);
@@ -406,9 +389,7 @@ struct JumpSelect {
   uint8_t classify(wide_t v, int64_t j) const {
     const bool a = v > th[j];
     if (!eps) return a ? kActive : 0;
-    const wide_t u = (v - th[j]) / eps[j];
-    const bool w = u > wide_t(-0.5) && u < wide_t(0.5);
-    return (a ? kActive : 0) | (w ? kWindow : 0);
+    return (a ? kActive : 0) | (jump_window<wide_t>(v, th[j], eps[j]) ? kWindow : 0);
   }
 };
 

@@ -395,31 +395,26 @@ gated_sae_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Tensor& b
 
 namespace {
 
-struct CsrArgs {
-  int64_t B, d_in, d_sae, nnz;
+// The sparse backwards' inputs: prepare_backward's, and the CSR of the kept entries, checked.
+struct CsrArgs : BackwardInputs {
+  int64_t nnz;
   at::Tensor row_ptr, cols;
 };
 
 CsrArgs check_backward_args(const at::Tensor& grad_x_hat, const at::Tensor& x, const at::Tensor& W_enc,
-                            const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& row_ptr,
-                            const at::Tensor& cols, const at::Tensor& values, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && W_enc.dim() == 2, op, ": x must be [B, d_in] and W_enc [d_in, d_sae]");
-  const int64_t B = x.size(0), d_in = x.size(1), d_sae = W_enc.size(1);
-  TORCH_CHECK(W_enc.size(0) == d_in, op, ": W_enc must be [d_in=", d_in, ", d_sae], got ", W_enc.sizes());
-  TORCH_CHECK(W_dec.dim() == 2 && W_dec.size(0) == d_sae && W_dec.size(1) == d_in, op, ": W_dec must be [", d_sae,
-              ", ", d_in, "], got ", W_dec.sizes());
-  check_vector(b_dec, d_in, op, "b_dec");
-  TORCH_CHECK(grad_x_hat.dim() == 2 && grad_x_hat.size(0) == B && grad_x_hat.size(1) == d_in, op,
-              ": grad_x_hat must be [", B, ", ", d_in, "], got ", grad_x_hat.sizes());
-  for (const auto* t : {&W_enc, &W_dec, &b_dec, &grad_x_hat, &values}) check_same_dtype(*t, x, op, "tensor", "x");
+                            const at::Tensor& W_dec, const at::Tensor& b_dec, bool apply_b_dec_to_input,
+                            const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values,
+                            const char* op) {
+  CsrArgs a{prepare_backward(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, op), 0, {}, {}};
+  check_same_dtype(values, x, op, "values", "x");
   TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong, op, ": cols must be a 1-D int64 tensor");
-  const int64_t nnz = cols.size(0);
-  check_vector(values, nnz, op, "values");
-  auto rp = row_ptr.contiguous();
-  check_row_ptr(rp, B, nnz, op);
-  auto cc = cols.contiguous();
-  check_index_range(cc, d_sae, op, "cols");
-  return {B, d_in, d_sae, nnz, rp, cc};
+  a.nnz = cols.size(0);
+  check_vector(values, a.nnz, op, "values");
+  a.row_ptr = row_ptr.contiguous();
+  check_row_ptr(a.row_ptr, a.B, a.nnz, op);
+  a.cols = cols.contiguous();
+  check_index_range(a.cols, a.d_sae, op, "cols");
+  return a;
 }
 
 at::Tensor optional_rows(const std::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype, const char* op,
@@ -442,8 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_spars
     const at::Tensor& W_dec, bool apply_b_dec_to_input, const Rule& rule) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto opt = x_in.options();
-  at::Tensor gWe = at::empty({a.d_in, a.d_sae}, opt);
-  at::Tensor gWd = at::empty({a.d_sae, a.d_in}, opt);
+  at::Tensor gWe = recycled_empty(kGradWEnc, {a.d_in, a.d_sae}, opt);
+  at::Tensor gWd = recycled_empty(kGradWDec, {a.d_sae, a.d_in}, opt);
   at::Tensor gbd = at::empty({a.d_in}, opt);
   at::Tensor genc = at::empty({a.d_sae}, opt.dtype(c10::CppTypeToScalarType<acc_t>::value));
   at::Tensor scal = at::empty({Rule::kScalars, a.d_sae}, opt.dtype(c10::CppTypeToScalarType<wide_t>::value));
@@ -472,7 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
     const at::Tensor& cols, const at::Tensor& values, const std::optional<at::Tensor>& flags,
     const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& bandwidth, bool straight_through) {
   const char* op = "sparse_sae_backward";
-  const CsrArgs a = check_backward_args(grad_x_hat, x, W_enc, W_dec, b_dec, row_ptr, cols, values, op);
+  const CsrArgs a =
+      check_backward_args(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, row_ptr, cols, values, op);
   const bool jump = flags.has_value();
   at::Tensor fl, th, eps, gl0;
   if (jump) {
@@ -484,9 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sa
     gl0 = optional_rows(grad_l0, a.B, th.scalar_type(), op, "grad_l0");
   }
   auto gv = optional_rows(grad_values, a.nnz, x.scalar_type(), op, "grad_values");
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto Wd = W_dec.contiguous();
+  const at::Tensor &x_in = a.x_in, &gx = a.gx, &Wd = a.W_dec;
   auto vals = values.contiguous();
   at::Tensor gWe, gWd, gbd, genc, scal;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "sparse_sae_backward", [&] {
@@ -516,10 +510,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_
     const at::Tensor& W_enc, const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& latent_weight,
     bool apply_b_dec_to_input, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values) {
   const char* op = "relu_sae_backward";
-  const CsrArgs a = check_backward_args(grad_x_hat, x, W_enc, W_dec, b_dec, row_ptr, cols, values, op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto Wd = W_dec.contiguous();
+  const CsrArgs a =
+      check_backward_args(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, row_ptr, cols, values, op);
+  const at::Tensor &x_in = a.x_in, &gx = a.gx, &Wd = a.W_dec;
   auto vals = values.contiguous();
   at::Tensor gWe, gWd, gbd, genc, scal;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_backward", [&] {
@@ -542,7 +535,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
     bool apply_b_dec_to_input, const at::Tensor& row_ptr, const at::Tensor& cols, const at::Tensor& values) {
   const char* op = "gated_sae_backward";
-  const CsrArgs a = check_backward_args(grad_x_hat, x, W_gate, W_dec, b_dec, row_ptr, cols, values, op);
+  const CsrArgs a =
+      check_backward_args(grad_x_hat, x, W_gate, W_dec, b_dec, apply_b_dec_to_input, row_ptr, cols, values, op);
   check_gated(r_mag, b_mag, x, a.d_sae, op);
   at::Tensor gx2;
   if (grad_x_hat_frozen.has_value()) {
@@ -550,9 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 a.d_in, "], got ", grad_x_hat_frozen->sizes());
     gx2 = grad_x_hat_frozen->to(x.scalar_type()).contiguous();
   }
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto Wd = W_dec.contiguous();
+  const at::Tensor &x_in = a.x_in, &gx = a.gx, &Wd = a.W_dec;
   auto vals = values.contiguous();
   at::Tensor gWe, gWd, gbd, genc, scal;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae_backward", [&] {

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "backward.h"
 #include "common.h"
@@ -41,6 +42,24 @@ void column_blocks(int64_t d_sae, F&& f) {
   });
 }
 
+// grad_W_enc = x_inᵀ·g and grad_W_dec = fᵀ·grad_x_hat, the dense backward's weight GEMMs, into recycled memory.
+std::pair<at::Tensor, at::Tensor> dense_weight_grads(const at::Tensor& x_in, const at::Tensor& g, const at::Tensor& f,
+                                                     const at::Tensor& gx) {
+  const auto opt = gx.options();
+  auto gWe = recycled_empty(kGradWEnc, {x_in.size(1), g.size(1)}, opt);
+  auto gWd = recycled_empty(kGradWDec, {f.size(1), gx.size(1)}, opt);
+  at::mm_out(gWe, x_in.t(), g);
+  at::mm_out(gWd, f.t(), gx);
+  return {gWe, gWd};
+}
+
+// ∂L/∂f = grad_x_hat · W_decᵀ [B, d_sae], into recycled memory.
+at::Tensor grad_code(const BackwardInputs& in) {
+  auto g = recycled_empty(kDenseGrad, {in.B, in.d_sae}, in.gx.options());
+  at::mm_out(g, in.gx, in.W_dec.t());
+  return g;
+}
+
 at::Tensor count_tensor(int64_t n, const at::TensorOptions& opt) { return at::full({}, n, opt.dtype(at::kLong)); }
 
 template <typename scalar_t>
@@ -68,15 +87,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
   const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
-  auto pre = at::addmm(b_enc, x_in, W_enc);
-  auto f = at::empty_like(pre);
+  auto pre = recycled_empty(kDensePre, {B, d_sae}, opt);
+  at::addmm_out(pre, b_enc, x_in, W_enc);
+  auto f = recycled_empty(kDenseCode, {B, d_sae}, opt);
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
   std::atomic<int64_t> entries{0};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "jumprelu_sae_dense", [&] {
     dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
       using wide_t = decltype(wide_tag);
-      const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), eps.data_ptr<wide_t>(), d_sae);
+      const wide_t* tp = th.data_ptr<wide_t>();
+      const wide_t* ep = eps.data_ptr<wide_t>();
       const scalar_t* pp = pre.data_ptr<scalar_t>();
       scalar_t* fp = f.data_ptr<scalar_t>();
       float* l0p = l0.data_ptr<float>();
@@ -85,15 +106,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* row = pp + b * d_sae;
           scalar_t* out = fp + b * d_sae;
-          int64_t act = 0;
-          for (int64_t j = 0; j < d_sae; ++j) {
-            const uint8_t fl = sel.classify(static_cast<wide_t>(row[j]), j);
-            const bool a = fl & kActive;
-            out[j] = a ? row[j] : scalar_t(0);
-            act += a;
-            ent += fl != 0;
-            fired_local[j] |= a;
-          }
+          int64_t act;
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<wide_t, float>)
+            act = jump_dense_row_f32(row, tp, ep, d_sae, out, fired_local, &ent);
+          else
+            act = jump_dense_row<scalar_t, wide_t>(row, tp, ep, d_sae, out, fired_local, &ent);
           l0p[b] = static_cast<float>(act);
         }
         entries += ent;
@@ -112,15 +129,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_
     bool apply_b_dec_to_input, const at::Tensor& pre, const at::Tensor& f, const at::Tensor& threshold,
     const at::Tensor& bandwidth, bool straight_through) {
   const char* op = "jumprelu_sae_dense_backward";
-  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const BackwardInputs in = prepare_backward(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor &x_in = in.x_in, &gx = in.gx;
   TORCH_CHECK(pre.sizes() == f.sizes() && pre.dim() == 2 && pre.size(0) == B && pre.size(1) == d_sae, op,
               ": pre and f must be [", B, ", ", d_sae, "]");
-  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
   auto [th, eps] = latent_params(threshold, bandwidth, d_sae, x.scalar_type(), op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto g = at::mm(gx, W_dec.t());  // ∂L/∂f, overwritten with ∂L/∂pre
+  auto g = grad_code(in);  // ∂L/∂f, then ∂L/∂pre
   if (grad_f.has_value()) {
     TORCH_CHECK(grad_f->sizes() == g.sizes(), op, ": grad_f must be [", B, ", ", d_sae, "]");
     g.add_(*grad_f);
@@ -131,7 +146,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
       using wide_t = decltype(wide_tag);
-      const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), eps.data_ptr<wide_t>(), d_sae);
       at::Tensor gl0;
       if (grad_l0.has_value()) {
         check_vector(*grad_l0, B, op, "grad_l0");
@@ -149,18 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_
       column_blocks(d_sae, [&](int64_t c0, int64_t c1) {
         std::vector<acc_t> sb(c1 - c0, acc_t(0));
         std::vector<wide_t> st(c1 - c0, wide_t(0));
-        for (int64_t b = 0; b < B; ++b) {
-          const wide_t l = gl0p ? gl0p[b] : wide_t(0);
-          const scalar_t* prow = pp + b * d_sae;
-          scalar_t* grow = gp + b * d_sae;
-          for (int64_t j = c0; j < c1; ++j) {
-            const uint8_t fl = sel.classify(static_cast<wide_t>(prow[j]), j);
-            const acc_t ge = jump_entry<acc_t, wide_t>(fl, static_cast<acc_t>(grow[j]), tp[j], ep[j], l,
-                                                       straight_through, st[j - c0]);
-            grow[j] = static_cast<scalar_t>(ge);
-            sb[j - c0] += ge;
-          }
-        }
+        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<wide_t, float>)
+          jump_dense_grad_rows_f32(pp + c0, gp + c0, d_sae, B, c1 - c0, tp + c0, ep + c0, gl0p, straight_through,
+                                   sb.data(), st.data());
+        else
+          jump_dense_grad_rows<scalar_t, acc_t, wide_t>(pp + c0, gp + c0, d_sae, B, c1 - c0, tp + c0, ep + c0, gl0p,
+                                                        straight_through, sb.data(), st.data());
         for (int64_t j = c0; j < c1; ++j) {
           gencp[j] = sb[j - c0];
           gthp[j] = st[j - c0];
@@ -169,8 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> jumprelu_
       gbe = genc.to(x.scalar_type());
     });
   });
-  auto gWd = at::mm(f.t(), gx);
-  auto gWe = at::mm(x_in.t(), g);
+  auto [gWe, gWd] = dense_weight_grads(x_in, g, f, gx);
   at::Tensor gbd;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "jumprelu_sae_dense_backward",
                                  [&] { gbd = finish_grad_b_dec<scalar_t>(gx, W_enc, genc, apply_b_dec_to_input); });
@@ -186,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = in.B, d_sae = in.d_sae;
   const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
-  auto f = at::addmm(b_enc, x_in, W_enc);  // relu'd in place
+  auto f = recycled_empty(kDensePre, {B, d_sae}, opt);  // relu'd in place
+  at::addmm_out(f, b_enc, x_in, W_enc);
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto sparsity = at::empty({B}, opt);
   auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
@@ -229,13 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_
     const at::Tensor& W_enc, const at::Tensor& W_dec, const at::Tensor& b_dec, const at::Tensor& latent_weight,
     bool apply_b_dec_to_input, const at::Tensor& f) {
   const char* op = "relu_sae_dense_backward";
-  const SaeDims D = check_sae_args(x, W_enc, at::Tensor(), W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const BackwardInputs in = prepare_backward(grad_x_hat, x, W_enc, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor &x_in = in.x_in, &gx = in.gx;
   TORCH_CHECK(f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op, ": f must be [", B, ", ", d_sae, "]");
-  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto g = at::mm(gx, W_dec.t());
+  auto g = grad_code(in);
   auto fc = f.contiguous();
   at::Tensor genc, gw;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_dense_backward", [&] {
@@ -277,8 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_
       }
     });
   });
-  auto gWd = at::mm(fc.t(), gx);
-  auto gWe = at::mm(x_in.t(), g);
+  auto [gWe, gWd] = dense_weight_grads(x_in, g, fc, gx);
   at::Tensor gbd;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "relu_sae_dense_backward",
                                  [&] { gbd = finish_grad_b_dec<scalar_t>(gx, W_enc, genc, apply_b_dec_to_input); });
@@ -296,8 +301,9 @@ gated_sae_dense_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Ten
   check_gated(r_mag, b_mag, x, d_sae, op);
   const at::Tensor& x_in = in.x_in;
   const auto opt = x.options();
-  auto gate = at::mm(x_in, W_gate);  // z, overwritten with relu(π_gate)
-  auto f = at::empty_like(gate);
+  auto gate = recycled_empty(kDensePre, {B, d_sae}, opt);  // z, then relu(π_gate)
+  at::mm_out(gate, x_in, W_gate);
+  auto f = recycled_empty(kDenseCode, {B, d_sae}, opt);
   auto l0 = at::empty({B}, opt.dtype(at::kFloat));
   auto sparsity = at::empty({B}, opt);
   auto fired = at::zeros({d_sae}, opt.dtype(at::kBool));
@@ -348,15 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& r_mag, const at::Tensor& b_mag, const at::Tensor& W_dec, const at::Tensor& b_dec,
     bool apply_b_dec_to_input, const at::Tensor& f, const at::Tensor& gate) {
   const char* op = "gated_sae_dense_backward";
-  const SaeDims D = check_sae_args(x, W_gate, at::Tensor(), W_dec, b_dec, op);
-  const int64_t B = D.B, d_sae = D.d_sae;
+  const BackwardInputs in = prepare_backward(grad_x_hat, x, W_gate, W_dec, b_dec, apply_b_dec_to_input, op);
+  const int64_t B = in.B, d_sae = in.d_sae;
+  const at::Tensor &x_in = in.x_in, &gx = in.gx;
   TORCH_CHECK(f.sizes() == gate.sizes() && f.dim() == 2 && f.size(0) == B && f.size(1) == d_sae, op,
               ": f and gate must be [", B, ", ", d_sae, "]");
-  TORCH_CHECK(grad_x_hat.sizes() == x.sizes(), op, ": grad_x_hat must have the shape of x");
   check_gated(r_mag, b_mag, x, d_sae, op);
-  auto x_in = encoder_input(x, b_dec, apply_b_dec_to_input);
-  auto gx = grad_x_hat.contiguous();
-  auto g = at::mm(gx, W_dec.t());
+  auto g = grad_code(in);
   at::Tensor g2;
   if (grad_x_hat_frozen.has_value()) {
     TORCH_CHECK(grad_x_hat_frozen->sizes() == x.sizes(), op, ": grad_x_hat_frozen must have the shape of x");
@@ -412,8 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   });
-  auto gWd = at::mm(fc.t(), gx);
-  auto gWe = at::mm(x_in.t(), g);
+  auto [gWe, gWd] = dense_weight_grads(x_in, g, fc, gx);
   at::Tensor gbd;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gated_sae_dense_backward",
                                  [&] { gbd = finish_grad_b_dec<scalar_t>(gx, W_gate, genc, apply_b_dec_to_input); });

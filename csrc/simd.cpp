@@ -3,6 +3,8 @@
 // 8/16-wide FMAs. The summation order of dot is fixed per machine, independent of thread count.
 #include <cstdint>
 
+#include "jump_math.h"
+#include "scan.h"
 #include "simd.h"
 
 namespace fastsae {
@@ -57,6 +59,21 @@ FASTSAE_CLONES void axpy2_f32(float* __restrict__ y1, float a1, float* __restric
     y1[i] += a1 * x[i];
     y2[i] += a2 * x[i];
   }
+}
+
+FASTSAE_CLONES int64_t jump_dense_row_f32(const float* pre, const float* th, const float* eps, int64_t n, float* f,
+                                          uint8_t* fired, int64_t* entries) {
+  return jump_dense_row<float, float>(pre, th, eps, n, f, fired, entries);
+}
+
+FASTSAE_CLONES void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t ld, int64_t rows, int64_t n,
+                                             const float* th, const float* eps, const float* gl0, bool ste,
+                                             float* genc, float* s_th) {
+  jump_dense_grad_rows<float, float, float>(pre, g, ld, rows, n, th, eps, gl0, ste, genc, s_th);
+}
+
+FASTSAE_CLONES int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
+  return candidates<float, float>(row, lo, n, cand);
 }
 
 }  // namespace fastsae

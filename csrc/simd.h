@@ -10,4 +10,9 @@ void axpy_f32(float* y, float a, const float* x, int64_t n);
 float dot_axpy_f32(const float* g, const float* w, float* acc, float v, int64_t n);
 // y1 += a1·x and y2 += a2·x over one pass through x (two decodes sharing the decoder rows).
 void axpy2_f32(float* y1, float a1, float* y2, float a2, const float* x, int64_t n);
+// JumpReLU's dense step in float32 (jump_math.h's jump_dense_row / jump_dense_grad_rows, vectorised).
+int64_t jump_dense_row_f32(const float* pre, const float* th, const float* eps, int64_t n, float* f, uint8_t* fired,
+                           int64_t* entries);
+void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t ld, int64_t rows, int64_t n, const float* th,
+                              const float* eps, const float* gl0, bool ste, float* genc, float* s_th);
 }  // namespace fastsae

@@ -36,8 +36,10 @@ NAMES = ("triton", "cpp", "eager")
 #: :func:`set_crossover` / :func:`override_crossover` or the environment variable ``FASTSAE_CROSSOVER``
 #: (``"0.05"``, ``"jumprelu=0.1,relu=0.08"``, ``"dense"`` or ``"sparse"``).
 CROSSOVERS: dict[tuple[str, str], dict[str, float]] = {
-    # benchmarks/results/cpu/crossover.md (AMD EPYC, 2 threads, d_in 512, d_sae 8192, batch 2048)
-    ("cpp", "cpu"): dict(jumprelu=0.12, relu=0.11, gated=0.19, topk=0.09, batchtopk=0.26),
+    # jumprelu / relu / gated: benchmarks/results/cpu-intel-xeon-2c/crossover_1t_cpu.md (Intel Xeon, 1 thread,
+    # d_in 512, d_sae 8192, batch 2048, with the vectorised dense step and the row-blocked sparse backward);
+    # topk / batchtopk: benchmarks/results/cpu/crossover.md (AMD EPYC, 2 threads, the same sizes, earlier kernels)
+    ("cpp", "cpu"): dict(jumprelu=0.11, relu=0.11, gated=0.13, topk=0.09, batchtopk=0.26),
     # An ESTIMATE, not a measurement (no GPU has run it yet): replace it with the row that
     # ``python benchmarks/bench_gpu.py --crossover`` prints. Triton measures density as its padded lists' width
     # (the longest row). Two bounds, the smaller wins:

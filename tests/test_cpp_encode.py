@@ -251,7 +251,7 @@ def test_sparsify_and_gemma_scope_files_through_the_fused_encoders(tmp_path):
 
 
 def test_one_and_two_threads_identical():
-    x = torch.randn(1100, 24)  # four encoder slabs: two threads take them in parallel
+    x = torch.randn(1100, 24)  # two encoder slabs: two threads take them in parallel
     n = torch.get_num_threads()
     for kind in KINDS:
         enc, W_dec = encoder(kind, 24, 330, dtype=torch.float32, k=9), decoder(330, 24, dtype=torch.float32)

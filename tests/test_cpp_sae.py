@@ -174,7 +174,7 @@ def _run_both(arch, x, p, th=None, bw=None):
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_sae_one_and_two_threads_identical(arch):
-    x, p = params(1100, 24, 330, dtype=torch.float32)  # four slabs: taken in parallel by two threads
+    x, p = params(1100, 24, 330, dtype=torch.float32)  # two slabs: taken in parallel by two threads
     th, bw = jump_params(330, torch.float32)
     n = torch.get_num_threads()
     try:

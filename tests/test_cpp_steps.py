@@ -265,7 +265,7 @@ def test_jumprelu_grad_values_and_straight_through():
 
 @pytest.mark.parametrize("arch", ["jumprelu", "relu", "gated", "batchtopk"])
 def test_one_and_two_threads_identical(arch):
-    # 1100 rows: four encoder slabs, so two threads take the slabs in parallel (csrc/encoder.h for_each_slab)
+    # 1100 rows: two encoder slabs, so two threads take the slabs in parallel (csrc/encoder.h for_each_slab)
     x, p, extra = setup_case(arch, (1100, 24, 330), True, dtype=torch.float32)
     paths = ["sparse"] if arch == "batchtopk" else PATHS
     n = torch.get_num_threads()
@@ -279,7 +279,10 @@ def test_one_and_two_threads_identical(arch):
         finally:
             torch.set_num_threads(n)
         for a, b in zip(*res):
-            assert torch.equal(a, b), (arch, path)
+            if path == "sparse":  # our own reductions, in a fixed order: the same bits
+                assert torch.equal(a, b), (arch, path)
+            else:  # the dense step's GEMMs are ATen's: MKL on Intel CPUs splits their reductions by thread count
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{arch} {path}")
 
 
 def test_batchtopk_selection_exact_under_pruning():
@@ -287,7 +290,7 @@ def test_batchtopk_selection_exact_under_pruning():
     the kept set is still exactly the batch's B·k largest."""
     from fastsae.ops import cpp
 
-    B, d_in, d_sae, k = 700, 16, 6000, 3  # several slabs (4M / 6000 rows each)
+    B, d_in, d_sae, k = 700, 16, 6000, 3  # two slabs (512 rows, then 188)
     x, p = params(B, d_in, d_sae, dtype=torch.float32, seed=4)
     with torch.no_grad():
         out = cpp.batchtopk_sae(x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], k, False)

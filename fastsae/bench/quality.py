@@ -171,21 +171,19 @@ def saelens_python(explicit: Optional[str] = None) -> tuple[Optional[str], str]:
     return candidate, f"sae-lens {probe.stdout.strip()} ({candidate})"
 
 
-def saelens_points(python: str, jobs: list, data, x_eval, codes_eval, cfg: QualityConfig, threads: int,
-                   log: Callable[[str], None]) -> list:
-    """Train ``jobs`` (``[(arch, knob, value)]``) with SAELens's trainer in one subprocess; score each."""
+def run_saelens_jobs(python: str, specs: list, x_train, x_eval, threads: int, log: Callable[[str], None],
+                     consume: Callable[[dict, dict], dict]) -> list:
+    """Train ``specs`` (the worker's jobs, without ``out``) with SAELens's trainer in one subprocess of ``python``
+    (:mod:`.saelens_worker`) on ``x_train``, evaluated on ``x_eval``. For each job, ``consume(info, tensors)`` of its
+    ``RESULT`` line and output tensors, or ``dict(status="failed: ...")``."""
     from safetensors.torch import load_file, save_file
 
     worker = Path(__file__).with_name("saelens_worker.py")
     results = []
-    with tempfile.TemporaryDirectory(prefix="fastsae-quality-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fastsae-saelens-") as tmp:
         tmp = Path(tmp)
-        save_file({"x_train": data.x.contiguous(), "x_eval": x_eval.contiguous()}, str(tmp / "in.safetensors"))
-        specs = []
-        for i, (arch, knob, value) in enumerate(jobs):
-            specs.append({"arch": arch, knob: value, "d_sae": cfg.d_sae, "steps": cfg.steps,
-                          "batch_size": cfg.batch_size, "seed": cfg.seed, "threads": threads,
-                          "out": str(tmp / f"out{i}.safetensors")})
+        save_file({"x_train": x_train.contiguous(), "x_eval": x_eval.contiguous()}, str(tmp / "in.safetensors"))
+        specs = [dict(spec, threads=threads, out=str(tmp / f"out{i}.safetensors")) for i, spec in enumerate(specs)]
         (tmp / "jobs.json").write_text(json.dumps(specs))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled", TQDM_DISABLE="1")
         env.pop("PYTHONPATH", None)  # SAELens's process sees the side venv only, never this tree's fastsae
@@ -206,11 +204,22 @@ def saelens_points(python: str, jobs: list, data, x_eval, codes_eval, cfg: Quali
                 tail = stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
                 results.append(dict(status=f"failed: {tail[0][:200]}"))
                 continue
-            t = load_file(spec["out"])
-            m = data.score(t["W_dec"], x_eval, codes_eval, t["fired"].bool(), t["x_hat"])
-            results.append(dict(m, train_s=info["seconds"], status="ok", peer=info))
+            results.append(consume(info, load_file(spec["out"])))
         log(f"    saelens subprocess: {time.perf_counter() - t0:.0f}s (including imports)")
     return results
+
+
+def saelens_points(python: str, jobs: list, data, x_eval, codes_eval, cfg: QualityConfig, threads: int,
+                   log: Callable[[str], None]) -> list:
+    """Train ``jobs`` (``[(arch, knob, value)]``) with SAELens's trainer in one subprocess; score each."""
+    specs = [{"arch": arch, knob: value, "d_sae": cfg.d_sae, "steps": cfg.steps, "batch_size": cfg.batch_size,
+              "seed": cfg.seed} for arch, knob, value in jobs]
+
+    def consume(info, t):
+        m = data.score(t["W_dec"], x_eval, codes_eval, t["fired"].bool(), t["x_hat"])
+        return dict(m, train_s=info["seconds"], status="ok", peer=info)
+
+    return run_saelens_jobs(python, specs, data.x, x_eval, threads, log, consume)
 
 
 # ----------------------------------------------------------------------------------------------

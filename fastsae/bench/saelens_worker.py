@@ -6,11 +6,13 @@ sae_lens only — not fastsae.
     python saelens_worker.py IN.safetensors JOBS.json
 
 IN holds ``x_train [N, d_in]`` and ``x_eval [M, d_in]`` (float32); JOBS.json is a list of jobs
-``{"arch": "jumprelu"|"topk", "d_sae", "steps", "batch_size", "seed", "k" | "target_l0", "out": OUT.safetensors}``
+``{"arch": "jumprelu"|"topk"|"batchtopk"|"relu"|"gated", "d_sae", "steps", "batch_size", "seed", "k" | "target_l0",
+"out": OUT.safetensors}``
 (one process for all of them: importing sae_lens takes longer than a small training run). Everything else is
 SAELens's default: its ``SAETrainerConfig`` (Adam lr 3e-4, β = (0.9, 0.999), constant schedule, no warm-up, no
-activation normalisation) and its training-SAE config. JumpReLU uses its quadratic target-L0 mode (Gemma Scope 2)
-so that it is asked for the same L0 as fastsae's ``target_l0``; TopK gets ``k``.
+activation normalisation) and its training-SAE config. JumpReLU with ``target_l0`` uses its quadratic target-L0 mode
+(Gemma Scope 2) so that it is asked for the same L0 as fastsae's ``target_l0``, without it SAELens's default (the
+step loss); TopK / BatchTopK get ``k``; ReLU (SAELens's "standard") and Gated their defaults.
 The training rows are served in a fresh random order each epoch (seeded), ``steps × batch_size`` rows in all.
 Each OUT receives ``W_dec [d_sae, d_in]``, ``fired [M, d_sae]`` (uint8) and ``x_hat [M, d_in]`` on ``x_eval`` in
 inference mode; each finished job prints one stdout line ``RESULT {json}`` (version, settings, seconds).
@@ -33,20 +35,34 @@ def _batches(x, batch_size: int, seed: int):
 
 
 def _build(spec: dict, d_in: int):
-    if spec["arch"] == "jumprelu":
+    arch, d_sae = spec["arch"], spec["d_sae"]
+    if arch == "jumprelu":
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
-        cfg = JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=spec["d_sae"], jumprelu_sparsity_loss_mode="quadratic",
-                                        target_l0=float(spec["target_l0"]))
-        return JumpReLUTrainingSAE(cfg), dict(sparsity_loss="quadratic", target_l0=cfg.target_l0,
+        if spec.get("target_l0") is None:  # SAELens's own default: the paper's step loss at its l0_coefficient
+            cfg = JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae)
+        else:
+            cfg = JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, jumprelu_sparsity_loss_mode="quadratic",
+                                            target_l0=float(spec["target_l0"]))
+        return JumpReLUTrainingSAE(cfg), dict(sparsity_loss=cfg.jumprelu_sparsity_loss_mode,
+                                               target_l0=getattr(cfg, "target_l0", None),
                                                l0_coefficient=cfg.l0_coefficient, bandwidth=cfg.jumprelu_bandwidth,
                                                init_threshold=cfg.jumprelu_init_threshold)
-    if spec["arch"] == "topk":
-        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    if arch in ("topk", "batchtopk"):
+        from sae_lens.saes import batchtopk_sae, topk_sae
 
-        cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=spec["d_sae"], k=int(spec["k"]))
-        return TopKTrainingSAE(cfg), dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient)
-    raise ValueError(f"arch must be 'jumprelu' or 'topk', got {spec['arch']!r}")
+        cls, cfg_cls = ((topk_sae.TopKTrainingSAE, topk_sae.TopKTrainingSAEConfig) if arch == "topk" else
+                        (batchtopk_sae.BatchTopKTrainingSAE, batchtopk_sae.BatchTopKTrainingSAEConfig))
+        cfg = cfg_cls(d_in=d_in, d_sae=d_sae, k=int(spec["k"]))
+        return cls(cfg), dict(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient)
+    if arch in ("relu", "gated"):
+        from sae_lens.saes import gated_sae, standard_sae
+
+        cls, cfg_cls = ((standard_sae.StandardTrainingSAE, standard_sae.StandardTrainingSAEConfig) if arch == "relu"
+                        else (gated_sae.GatedTrainingSAE, gated_sae.GatedTrainingSAEConfig))
+        cfg = cfg_cls(d_in=d_in, d_sae=d_sae)
+        return cls(cfg), dict(l1_coefficient=cfg.l1_coefficient)
+    raise ValueError(f"arch must be one of jumprelu, topk, batchtopk, relu, gated; got {arch!r}")
 
 
 def _run(spec: dict, x_train, x_eval) -> dict:
