@@ -925,6 +925,11 @@ class ReLUSAE(_L1FamilySAE):
 
     architecture = "relu"
     fit_encoder_scale_at_init = True
+    #: fastsae/resample.py takes a new latent's direction from the residual with the row's active decoder rows
+    #: projected out: ReLU's residual is mostly its L1 shrinkage (λ/2 along every active latent), so the raw
+    #: residual points at features it already has (CLI realistic job: 85.9% → 91.4% recovered, MCC 0.939 →
+    #: 0.964). Gated's magnitudes are not shrunk, and there it changed nothing beyond noise (87.7% → 88.3%).
+    resample_off_active = True
 
     def __init__(
         self,

@@ -285,3 +285,20 @@ def test_l1_learning_rate_is_twice_the_width_rule():
     base = default_hyperparameters(fastsae.TopKSAE(16, 256, 4))["lr"]
     for sae in (fastsae.ReLUSAE(16, 256), fastsae.GatedSAE(16, 256), fastsae.Transcoder("relu", 16, 256)):
         assert default_hyperparameters(sae)["lr"] == pytest.approx(2 * base)
+
+
+def test_off_active_residual_is_what_the_rows_active_latents_cannot_explain():
+    """ReLU resamples towards the residual minus its least-squares fit by the row's active decoder rows (the raw
+    residual of an L1 SAE is mostly shrinkage along those rows); inactive slots (value 0) take no part."""
+    from fastsae.resample import _off_active
+
+    torch.manual_seed(0)
+    W_dec = torch.randn(10, 6)
+    indices = torch.tensor([[1, 4, 7], [2, 3, 0]])
+    values = torch.tensor([[0.5, 1.0, 0.2], [1.0, 0.0, 0.0]])  # row 1: only latent 2 is active
+    missing = torch.randn(2, 6)
+    residual = 0.3 * W_dec[[1, 2]] + 0.2 * W_dec[[4, 2]] + missing
+    out = _off_active(residual, values, indices, W_dec)
+    assert (out[0] @ W_dec[[1, 4, 7]].t()).abs().max() < 1e-4
+    assert (out[1] @ W_dec[2]).abs() < 1e-4 and (out[1] @ W_dec[3]).abs() > 1e-2  # latent 3 is not active
+    assert fastsae.ReLUSAE.resample_off_active and not fastsae.GatedSAE.__dict__.get("resample_off_active", False)
