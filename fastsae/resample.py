@@ -20,7 +20,9 @@ which dictionary learning calls atom replacement):
   together on a row, so the cost is O(rows · L0²), not O(d_sae²));
 - the new latent: decoder row = the residual direction (with ``resample_off_active`` on the module, ReLU's: the
   residual minus its least-squares fit by the row's active decoder rows, since an L1 SAE's residual is mostly its
-  shrinkage along latents it already has) at the median live decoder norm, encoder column = the
+  shrinkage along latents it already has; from 4× as many drawn rows, skipping directions within
+  ``duplicate_cos`` of a live decoder row, which are features a live latent missed on that row) at the median
+  live decoder norm, encoder column = the
   same direction at a fraction of the median live encoder norm (the architecture's ``resample_encoder_scale``:
   0.2 where firing is decided by a threshold, so the latent starts by fitting the residual rather than at full
   strength; 1 for TopK, whose latents must win a row's top k to get any gradient), bias 0; each architecture
@@ -102,12 +104,24 @@ class Resampler:
         n = min(idx.numel(), int((weight > 0).sum()))
         if n == 0:
             return 0
-        idx = idx[:n]
         g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + int(step))
-        rows = torch.multinomial(weight.cpu().double(), n, replacement=False, generator=g).to(err.device)
-        residual = err[rows]
+        live = ~candidates
         if getattr(sae, "resample_off_active", False):
-            residual = _off_active(residual, values[rows], indices[rows], sae.W_dec)
+            # what the row's active latents cannot explain is often a feature a live latent has but missed on this
+            # row: draw spare rows and skip directions that a live decoder row already points along
+            m = min(4 * n, int((weight > 0).sum()))
+            rows = torch.multinomial(weight.cpu().double(), m, replacement=False, generator=g).to(err.device)
+            residual = _off_active(err[rows], values[rows], indices[rows], sae.W_dec)
+            W_live = torch.nn.functional.normalize(sae.W_dec.detach()[live].float(), dim=1)
+            seen = (torch.nn.functional.normalize(residual, dim=1) @ W_live.t()).abs().amax(1) > self.duplicate_cos
+            keep = (~seen).nonzero().squeeze(1)[:n]
+            rows, residual, n = rows[keep], residual[keep], keep.numel()
+            if n == 0:
+                return 0
+        else:
+            rows = torch.multinomial(weight.cpu().double(), n, replacement=False, generator=g).to(err.device)
+            residual = err[rows]
+        idx = idx[:n]
         directions = torch.nn.functional.normalize(residual, dim=1).to(sae.dtype)
         # an SAE's new encoder column reads the residual direction; a transcoder's residual lives in the output
         # space, so its encoder reads the chosen rows' inputs (centred: what tells them apart from the others)
@@ -115,7 +129,6 @@ class Resampler:
         if self.target is not None:
             centred = (self.probe[rows] - self.probe.mean(0)).float()
             encoder_directions = torch.nn.functional.normalize(centred, dim=1).to(sae.dtype)
-        live = ~candidates
         fire_rate = float(fires[live].float().mean()) / self.probe.shape[0]
         sae.reinit_latents(idx, directions, live, self.probe, fire_rate=fire_rate,
                            encoder_directions=encoder_directions)
