@@ -18,7 +18,11 @@ which dictionary learning calls atom replacement):
 - duplicate: fires on the probe rows together with a latent whose decoder row has cosine > ``duplicate_cos``
   with its own, and fires less often than that latent (pairs are looked for only among latents that fire
   together on a row, so the cost is O(rows · L0²), not O(d_sae²));
-- the new latent: decoder row = the residual direction at the median live decoder norm, encoder column = the
+- the new latent: decoder row = the residual direction (with ``resample_off_active`` on the module, ReLU's: the
+  residual minus its least-squares fit by the row's active decoder rows, since an L1 SAE's residual is mostly its
+  shrinkage along latents it already has; from 4× as many drawn rows, skipping directions within
+  ``duplicate_cos`` of a live decoder row, which are features a live latent missed on that row) at the median
+  live decoder norm, encoder column = the
   same direction at a fraction of the median live encoder norm (the architecture's ``resample_encoder_scale``:
   0.2 where firing is decided by a threshold, so the latent starts by fitting the residual rather than at full
   strength; 1 for TopK, whose latents must win a row's top k to get any gradient), bias 0; each architecture
@@ -100,17 +104,31 @@ class Resampler:
         n = min(idx.numel(), int((weight > 0).sum()))
         if n == 0:
             return 0
-        idx = idx[:n]
         g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + int(step))
-        rows = torch.multinomial(weight.cpu().double(), n, replacement=False, generator=g).to(err.device)
-        directions = torch.nn.functional.normalize(err[rows], dim=1).to(sae.dtype)
+        live = ~candidates
+        if getattr(sae, "resample_off_active", False):
+            # what the row's active latents cannot explain is often a feature a live latent has but missed on this
+            # row: draw spare rows and skip directions that a live decoder row already points along
+            m = min(4 * n, int((weight > 0).sum()))
+            rows = torch.multinomial(weight.cpu().double(), m, replacement=False, generator=g).to(err.device)
+            residual = _off_active(err[rows], values[rows], indices[rows], sae.W_dec)
+            W_live = torch.nn.functional.normalize(sae.W_dec.detach()[live].float(), dim=1)
+            seen = (torch.nn.functional.normalize(residual, dim=1) @ W_live.t()).abs().amax(1) > self.duplicate_cos
+            keep = (~seen).nonzero().squeeze(1)[:n]
+            rows, residual, n = rows[keep], residual[keep], keep.numel()
+            if n == 0:
+                return 0
+        else:
+            rows = torch.multinomial(weight.cpu().double(), n, replacement=False, generator=g).to(err.device)
+            residual = err[rows]
+        idx = idx[:n]
+        directions = torch.nn.functional.normalize(residual, dim=1).to(sae.dtype)
         # an SAE's new encoder column reads the residual direction; a transcoder's residual lives in the output
         # space, so its encoder reads the chosen rows' inputs (centred: what tells them apart from the others)
         encoder_directions = None
         if self.target is not None:
             centred = (self.probe[rows] - self.probe.mean(0)).float()
             encoder_directions = torch.nn.functional.normalize(centred, dim=1).to(sae.dtype)
-        live = ~candidates
         fire_rate = float(fires[live].float().mean()) / self.probe.shape[0]
         sae.reinit_latents(idx, directions, live, self.probe, fire_rate=fire_rate,
                            encoder_directions=encoder_directions)
@@ -164,6 +182,22 @@ def _duplicates(W_dec: Tensor, values: Tensor, indices: Tensor, fires: Tensor, m
     loser = torch.where(fires[i] < fires[j], i, j)
     out[loser] = True
     return out
+
+
+def _off_active(residual: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """``residual [n, d]`` of each chosen row minus its least-squares fit by the decoder rows active in that row:
+    what no active latent can explain. An L1 SAE's residual is mostly its shrinkage (``λ/2`` along every active
+    latent), so its raw direction points at features already learned and the new latent becomes their duplicate."""
+    W = W_dec.float()[indices] * (values != 0).unsqueeze(-1).float()  # [n, K, d], inactive slots zero
+    r = residual.float()
+    gram = W @ W.transpose(1, 2)  # [n, K, K]
+    ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    coef = torch.linalg.solve(gram + ridge * eye, (W @ r.unsqueeze(-1)))  # [n, K, 1]
+    out = r - (W.transpose(1, 2) @ coef).squeeze(-1)
+    # a row whose residual lies inside its active span has nothing left: keep its raw residual
+    keep = out.norm(dim=1, keepdim=True) > 1e-3 * r.norm(dim=1, keepdim=True)
+    return torch.where(keep, out, r)
 
 
 def _reset_optimizer_rows(sae, optimizer, idx: Tensor, live: Tensor) -> None:

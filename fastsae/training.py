@@ -54,10 +54,12 @@ def default_hyperparameters(sae: SAE) -> dict:
       and encoder columns must both cross the pre-activation range within a short run, and on the realistic
       synthetic data (quality benchmark, target L0 = 0.5/1/2× the true L0) 2× raised recovery from 79/84/54% to
       89/85/66% (TopK with its own rule: 80/84/65%); the paper's order of magnitude at 16k-131k latents.
-    - Gated (Rajamanoharan et al. 2024): β = (0, 0.999), same width rule.
-    - ReLU (Anthropic's April 2024 update): β = (0.9, 0.999), same width rule.
+    - Gated (Rajamanoharan et al. 2024): β = (0, 0.999); ReLU (Anthropic's April 2024 update): β = (0.9, 0.999).
+    - An architecture's ``default_lr_scale`` multiplies the width rule (ReLU and Gated: 2, measured in
+      ``fastsae.sae._L1FamilySAE``).
     """
     lr = 2e-4 / math.sqrt(sae.d_sae / 2**14) * (2.0 if sae.architecture == "jumprelu" else 1.0)
+    lr *= float(getattr(sae, "default_lr_scale", 1.0))
     betas = (0.0, 0.999) if sae.architecture in ("jumprelu", "gated") else (0.9, 0.999)
     return dict(lr=lr, betas=betas)
 

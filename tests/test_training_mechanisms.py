@@ -187,7 +187,7 @@ def test_resampling_revives_dead_latents_towards_the_residual_and_resets_their_a
     assert float(opt.state[sae.W_dec]["exp_avg"][:10].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "relu"])
 def test_resume_is_exact_across_resampling_and_the_controllers(tmp_path, arch):
     data = synthetic(20_000, 12, 24, active=2, seed=5)
 
@@ -197,6 +197,8 @@ def test_resume_is_exact_across_resampling_and_the_controllers(tmp_path, arch):
             # its defaults cross the cpp crossover during the run: the resumed run must make the same
             # dense-or-sparse choices (the checkpoint carries the density record), or it differs at rounding level
             return fastsae.JumpReLUSAE(12, 48, target_l0=2.0)
+        if arch == "relu":  # checkpoints before (step 70) and after (step 140) its controller starts (step 120)
+            return fastsae.ReLUSAE(12, 48, target_l0=2.0)
         return fastsae.TopKSAE(12, 48, 2)
 
     kw = dict(steps=200, batch_size=64, progress=False, resample_every=40,
@@ -220,3 +222,83 @@ def test_input_scale_is_the_centred_rms_norm():
     s = estimate_input_scale(x)
     centred = (x.double() - x.double().mean(0)).pow(2).sum(1).mean()
     assert s == pytest.approx(float(1 / centred.sqrt()), rel=1e-9)
+
+
+# -- ReLU and Gated (the L1 family): the target-L0 schedule, resampled biases, the learning-rate rule --------
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_l1_target_l0_follows_the_fixed_schedule_until_controller_start(arch):
+    """Before ``controller_start`` of the run λ is the fixed-λ run's (linear warm-up over 10% of the steps, then
+    ``sparsity_coefficient``) whatever L0 the batches show; from then on the controller moves it."""
+    sae = fastsae.sae.ARCHITECTURES[arch](8, 16, sparsity_coefficient=0.5, target_l0=2.0, controller_start=0.5)
+    x = torch.randn(4, 8)
+
+    def step(i, l0):
+        sae.on_train_step(i, 100)
+        lam = float(sae.sparsity_coefficient)
+        out = sae.training_forward(x)
+        out.l0 = torch.tensor(float(l0))
+        sae.observe(x, out)
+        return lam
+
+    assert step(0, 500) == pytest.approx(0.05) and step(4, 500) == pytest.approx(0.25)
+    assert [step(i, 500) for i in (9, 30, 49)] == pytest.approx([0.5] * 3)  # a dense L0 does not move it
+    assert step(50, 500) == pytest.approx(0.5)
+    assert float(sae.sparsity_coefficient) > 0.5  # the controller's first update, at step 50
+    for i in range(51, 100):
+        step(i, 0.5)  # too sparse: λ comes down
+    assert float(sae.sparsity_coefficient) < 0.5
+    with pytest.raises(ValueError, match="controller_start"):
+        fastsae.ReLUSAE(8, 16, target_l0=2, controller_start=1.0)
+    with pytest.raises(ValueError, match="resample_bias"):
+        fastsae.GatedSAE(8, 16, resample_bias="random")
+    assert fastsae.sae.ARCHITECTURES[arch](8, 16).config()["controller_start"] == 0.6
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_l1_resampled_latents_start_at_the_live_firing_rate(arch):
+    """A resampled ReLU/Gated latent fires on about the live latents' share of the probe rows (bias 0 would make
+    it fire on about half of them); Gated's magnitude path starts as its gate (r_mag = 0, b_mag = b_gate)."""
+    torch.manual_seed(0)
+    cls = fastsae.sae.ARCHITECTURES[arch]
+    sae = cls(16, 64)
+    probe = synthetic(4096, 16, 40, active=3, seed=2).x
+    probe = probe - probe.mean(0)
+    idx = torch.arange(8)
+    directions = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    live = torch.ones(64, dtype=torch.bool)
+    live[idx] = False
+    sae.reinit_latents(idx, directions, live, probe, fire_rate=0.05)
+    rate = (sae.encode(probe)[:, idx] != 0).float().mean(0)
+    assert torch.allclose(rate, torch.full_like(rate, 0.05), atol=0.01), rate
+    if arch == "gated":
+        assert float(sae.r_mag[idx].detach().abs().max()) == 0 and torch.equal(sae.b_mag[idx], sae.b_gate[idx])
+    zero = cls(16, 64, resample_bias="zero")
+    zero.reinit_latents(idx, directions, live, probe, fire_rate=0.05)
+    assert float((zero.encode(probe)[:, idx] != 0).float().mean()) > 0.3  # the old rule: about half the rows
+
+
+def test_l1_learning_rate_is_twice_the_width_rule():
+    from fastsae.training import default_hyperparameters
+
+    base = default_hyperparameters(fastsae.TopKSAE(16, 256, 4))["lr"]
+    for sae in (fastsae.ReLUSAE(16, 256), fastsae.GatedSAE(16, 256), fastsae.Transcoder("relu", 16, 256)):
+        assert default_hyperparameters(sae)["lr"] == pytest.approx(2 * base)
+
+
+def test_off_active_residual_is_what_the_rows_active_latents_cannot_explain():
+    """ReLU resamples towards the residual minus its least-squares fit by the row's active decoder rows (the raw
+    residual of an L1 SAE is mostly shrinkage along those rows); inactive slots (value 0) take no part."""
+    from fastsae.resample import _off_active
+
+    torch.manual_seed(0)
+    W_dec = torch.randn(10, 6)
+    indices = torch.tensor([[1, 4, 7], [2, 3, 0]])
+    values = torch.tensor([[0.5, 1.0, 0.2], [1.0, 0.0, 0.0]])  # row 1: only latent 2 is active
+    missing = torch.randn(2, 6)
+    residual = 0.3 * W_dec[[1, 2]] + 0.2 * W_dec[[4, 2]] + missing
+    out = _off_active(residual, values, indices, W_dec)
+    assert (out[0] @ W_dec[[1, 4, 7]].t()).abs().max() < 1e-4
+    assert (out[1] @ W_dec[2]).abs() < 1e-4 and (out[1] @ W_dec[3]).abs() > 1e-2  # latent 3 is not active
+    assert fastsae.ReLUSAE.resample_off_active and not fastsae.GatedSAE.__dict__.get("resample_off_active", False)
