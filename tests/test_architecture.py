@@ -22,7 +22,8 @@ PACKAGE = ROOT / "fastsae"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ("fastsae._checks", "fastsae.reference", "fastsae.inference")),
     ("backends", ("fastsae.dispatch", "fastsae._C", "fastsae.ops", "fastsae.ops.*")),
-    ("modules", ("fastsae.functional", "fastsae.adaptive", "fastsae.sparsity", "fastsae.sae", "fastsae._saver")),
+    ("modules", ("fastsae.functional", "fastsae.adaptive", "fastsae.sparsity", "fastsae.sae", "fastsae.sae.*",
+                 "fastsae._saver")),
     ("io", ("fastsae.io", "fastsae.io.*", "fastsae.torchfile")),
     ("data", ("fastsae.data", "fastsae.synthetic", "fastsae.metrics", "fastsae.activations",
               "fastsae.activations.*")),
