@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("fastsae.data", "fastsae.synthetic", "fastsae.metrics", "fastsae.activations",
               "fastsae.activations.*")),
     ("distributed", ("fastsae.distributed", "fastsae.distributed.*")),
-    ("training", ("fastsae.training", "fastsae.resample", "fastsae.evaluate")),
+    ("training", ("fastsae.training", "fastsae.training.*", "fastsae.resample", "fastsae.evaluate")),
     ("entry points", ("fastsae", "fastsae.__main__", "fastsae.cli", "fastsae.bench", "fastsae.bench.*")),
 ]
 
