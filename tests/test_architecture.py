@@ -22,12 +22,13 @@ PACKAGE = ROOT / "fastsae"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ("fastsae._checks", "fastsae.reference", "fastsae.inference")),
     ("backends", ("fastsae.dispatch", "fastsae._C", "fastsae.ops", "fastsae.ops.*")),
-    ("modules", ("fastsae.functional", "fastsae.adaptive", "fastsae.sparsity", "fastsae.sae", "fastsae._saver")),
+    ("modules", ("fastsae.functional", "fastsae.adaptive", "fastsae.sparsity", "fastsae.sae", "fastsae.sae.*",
+                 "fastsae._saver")),
     ("io", ("fastsae.io", "fastsae.io.*", "fastsae.torchfile")),
     ("data", ("fastsae.data", "fastsae.synthetic", "fastsae.metrics", "fastsae.activations",
               "fastsae.activations.*")),
     ("distributed", ("fastsae.distributed", "fastsae.distributed.*")),
-    ("training", ("fastsae.training", "fastsae.resample", "fastsae.evaluate")),
+    ("training", ("fastsae.training", "fastsae.training.*", "fastsae.resample", "fastsae.evaluate")),
     ("entry points", ("fastsae", "fastsae.__main__", "fastsae.cli", "fastsae.bench", "fastsae.bench.*")),
 ]
 

@@ -66,7 +66,7 @@ def _git_dirty() -> Optional[list]:
     try:
         root = Path(__file__).resolve().parents[2]
         r = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc", "fastsae/ops",
-                            "fastsae/dispatch.py", "fastsae/reference.py", "fastsae/sae.py"],
+                            "fastsae/dispatch.py", "fastsae/reference.py", "fastsae/sae"],
                            capture_output=True, text=True, timeout=10)
         return [line[3:] for line in r.stdout.splitlines()] if r.returncode == 0 else None
     except Exception:
