@@ -72,8 +72,26 @@ FASTSAE_CLONES void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t
   jump_dense_grad_rows<float, float, float>(pre, g, ld, rows, n, th, eps, gl0, ste, genc, s_th);
 }
 
+#if defined(__GNUC__) || defined(__clang__)
 FASTSAE_CLONES int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
+  return candidates_vec(row, lo, n, cand);
+}
+
+FASTSAE_CLONES int64_t candidates_above_f32(const float* row, float lo, int64_t n, int64_t* cand) {
+  return candidates_above_vec(row, lo, n, cand);
+}
+#else
+int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
   return candidates<float, float>(row, lo, n, cand);
+}
+
+int64_t candidates_above_f32(const float* row, float lo, int64_t n, int64_t* cand) {
+  return candidates_above<float, float>(row, lo, n, cand);
+}
+#endif
+
+FASTSAE_CLONES void add_bias_f32(float* __restrict__ row, const float* __restrict__ bias, int64_t n) {
+  add_bias<float>(row, bias, n);
 }
 
 }  // namespace fastsae
