@@ -55,7 +55,9 @@ inline void add_bias(scalar_t* row, const scalar_t* bias, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] = row[j] + bias[j];
 }
 
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(FASTSAE_SCAN_VECTOR)
+// (Compiled in simd.cpp only, which defines FASTSAE_SCAN_VECTOR: 64-byte vector types outside its per-ISA clones
+// would change the ABI of these inline functions between translation units.)
 // The same two scans over float32 rows written with GCC/Clang vector types, so that every per-ISA clone in simd.cpp
 // tests a block of 16 with one (AVX-512), two (AVX2) or four (SSE) vector compares: the scalar form above compiles
 // to 16 scalar compares per block (the compiler unrolls the block loop before it could vectorise it), and that scan

@@ -3,6 +3,11 @@
 // 8/16-wide FMAs. The summation order of dot is fixed per machine, independent of thread count.
 #include <cstdint>
 
+#define FASTSAE_SCAN_VECTOR
+#if defined(__GNUC__) && !defined(__clang__)
+// scan.h's vector helpers are inline and used only inside this file's clones: no ABI crosses a file boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #include "jump_math.h"
 #include "scan.h"
 #include "simd.h"
