@@ -15,6 +15,7 @@ Rows (the sparsity each is set to comes from the batch's own pre-activations):
   JumpReLU fires on about half its latents (the dispatcher runs the dense formulation there).
 - ``topk`` / ``batchtopk``: k = ``--k``, without AuxK (no dead latents).
 - ``relu`` / ``gated``: encoder / gate biases shifted per latent so each row has ~``--l0`` active latents.
+- ``relu-fresh`` / ``gated-fresh``: the library's default modules (about half the latents fire: the dense path).
 The ``cpp`` module takes one warm-up step first, so its dispatcher (fastsae.dispatch.Density) has the previous
 step's density, as in a run; ``path`` says which formulation it ran.
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 import fastsae
 from bench_cpu_common import build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
 
-ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "gated")
+ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "relu-fresh", "gated", "gated-fresh")
 
 
 def module_step(sae, x):

@@ -77,6 +77,17 @@ FASTSAE_CLONES void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t
   jump_dense_grad_rows<float, float, float>(pre, g, ld, rows, n, th, eps, gl0, ste, genc, s_th);
 }
 
+FASTSAE_CLONES void relu_dense_grad_rows_f32(const float* f, float* g, int64_t ld, int64_t rows, int64_t n,
+                                             const float* w, const float* gsp, float* genc, float* s_w) {
+  relu_dense_grad_rows<float, float>(f, g, ld, rows, n, w, gsp, genc, s_w);
+}
+
+FASTSAE_CLONES void gated_dense_grad_rows_f32(const float* f, const float* gate, const float* g2, float* g, int64_t ld,
+                                              int64_t rows, int64_t n, const float* scale, const float* b_mag,
+                                              const float* gsp, float* genc, float* s_gate, float* s_mag, float* s_r) {
+  gated_dense_grad_rows<float, float>(f, gate, g2, g, ld, rows, n, scale, b_mag, gsp, genc, s_gate, s_mag, s_r);
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 FASTSAE_CLONES int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
   return candidates_vec(row, lo, n, cand);
