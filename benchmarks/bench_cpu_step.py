@@ -102,7 +102,7 @@ def bench(args):
                 path = "sparse" if ops.density.sparse(arch.removesuffix("-fresh"), cpp.W_enc) else "dense"
             with torch.no_grad():
                 x_in = (x - cpp.b_dec if cpp.apply_b_dec_to_input else x).detach()
-                W, b = cpp.W_enc.detach(), (cpp.b_gate if arch == "gated" else cpp.b_enc).detach()
+                W, b = cpp.W_enc.detach(), (cpp.b_gate if arch.startswith("gated") else cpp.b_enc).detach()
             buf = torch.empty(x_in.shape[0], W.shape[1], dtype=W.dtype)
             fns = dict(gemm=lambda: torch.addmm(b, x_in, W, out=buf), gemm_fresh=lambda: torch.addmm(b, x_in, W),
                        **steps)
