@@ -15,10 +15,15 @@ Rows (the sparsity each is set to comes from the batch's own pre-activations):
   JumpReLU fires on about half its latents (the dispatcher runs the dense formulation there).
 - ``topk`` / ``batchtopk``: k = ``--k``, without AuxK (no dead latents).
 - ``relu`` / ``gated``: encoder / gate biases shifted per latent so each row has ~``--l0`` active latents.
+- ``relu-fresh`` / ``gated-fresh``: the library's default modules (about half the latents fire: the dense path).
 The ``cpp`` module takes one warm-up step first, so its dispatcher (fastsae.dispatch.Density) has the previous
 step's density, as in a run; ``path`` says which formulation it ran.
 
-``gemm`` is ``torch.addmm(b_enc, x_in, W_enc)`` for the whole batch: the floor any encoder pays. Peak memory:
+``gemm`` is ``torch.addmm(b_enc, x_in, W_enc, out=buf)`` for the whole batch into one preallocated ``[B, d_sae]``
+``buf`` (allocated once, before the timing): the floor any encoder pays, bias included. Into a fresh output each
+call it would also pay a page fault per 4 KB of its 64 MB (it moved between 105 and 140 ms from run to run at
+d_sae 8192), which made the ratio look better than the step deserves; the step still produces all of its outputs
+(the gradients in their own memory). ``gemm fresh ms`` is that fresh-output addmm, for comparison. Peak memory:
 ``torch.profiler`` allocation events during one step (the running sum in time order, above the level before it);
 the C++ kernels allocate through the same allocator, so they are counted.
 
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 import fastsae
 from bench_cpu_common import build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
 
-ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "gated")
+ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "relu-fresh", "gated", "gated-fresh")
 
 
 def module_step(sae, x):
@@ -97,21 +102,24 @@ def bench(args):
                 path = "sparse" if ops.density.sparse(arch.removesuffix("-fresh"), cpp.W_enc) else "dense"
             with torch.no_grad():
                 x_in = (x - cpp.b_dec if cpp.apply_b_dec_to_input else x).detach()
-                W, b = cpp.W_enc.detach(), (cpp.b_gate if arch == "gated" else cpp.b_enc).detach()
-            fns = dict(gemm=lambda: torch.addmm(b, x_in, W), **steps)
+                W, b = cpp.W_enc.detach(), (cpp.b_gate if arch.startswith("gated") else cpp.b_enc).detach()
+            buf = torch.empty(x_in.shape[0], W.shape[1], dtype=W.dtype)
+            fns = dict(gemm=lambda: torch.addmm(b, x_in, W, out=buf), gemm_fresh=lambda: torch.addmm(b, x_in, W),
+                       **steps)
             t = time_interleaved(fns, args.repeats, args.clock)
             mem = {} if args.no_memory else {k: peak_bytes(f) for k, f in steps.items()}
             row = dict(arch=arch, d_sae=d_sae, sparsity=sparsity_label(arch, cpp, out, x), path=path,
                        eager=t["eager"], cpp=t["cpp"], sparsify=t.get("sparsify"), gemm=t["gemm"],
+                       gemm_fresh=t["gemm_fresh"],
                        mem_eager=mem.get("eager"), mem_cpp=mem.get("cpp"))
             rows.append(row)
             print(fmt_row(row), flush=True)
-            del cpp, eager, steps, fns
+            del cpp, eager, steps, fns, buf
     return rows
 
 
 HEADER = ("| arch | d_sae | sparsity | cpp path | eager ms | cpp ms | cpp vs eager | sparsify ms | cpp vs sparsify "
-          "| gemm ms | cpp / gemm | peak MiB eager | peak MiB cpp |")
+          "| gemm ms (out=) | cpp / gemm | gemm fresh ms | peak MiB eager | peak MiB cpp |")
 RULE = "|" + "---|" * (HEADER.count("|") - 1)
 
 
@@ -122,6 +130,7 @@ def fmt_row(r) -> str:
     sp_ms, sp_ratio = (ms(sp), f"{sp / r['cpp']:.2f}x") if sp else ("-", "-")
     return (f"| {r['arch']} | {r['d_sae']} | {r['sparsity']} | {r['path']} | {ms(r['eager'])} | {ms(r['cpp'])} | "
             f"{r['eager'] / r['cpp']:.2f}x | {sp_ms} | {sp_ratio} | {ms(r['gemm'])} | {r['cpp'] / r['gemm']:.2f}x | "
+            f"{ms(r['gemm_fresh'])} | "
             f"{mib(r['mem_eager'])} | {mib(r['mem_cpp'])} |")
 
 

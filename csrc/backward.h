@@ -20,25 +20,7 @@
 
 namespace fastsae {
 
-// A kept entry of a relu'd code (v > 0): g_pre = ∂L/∂f + ∂L/∂sparsity_b · w_j, where ReLU's
-// sparsity_b = Σ_j f_bj · w_j (w = the decoder row norms); ∂L/∂w_j += ∂L/∂sparsity_b · f_bj.
-template <typename acc_t>
-inline acc_t relu_entry(acc_t v, acc_t gf, acc_t gsp, acc_t w, acc_t& s_w) {
-  s_w += gsp * v;
-  return gf + gsp * w;
-}
-
-// Gated, at an open gate: f = relu(π_mag), π_mag = s_j·z + b_mag_j with s = exp(r_mag). ∂L/∂π_mag =
-// 1{f > 0}·∂L/∂f; ∂L/∂π_gate = g_gate (frozen decoder and L1 of relu(π_gate)); z feeds both:
-// g_z = g_gate + s_j·∂L/∂π_mag. Scalars: b_gate += g_gate, b_mag += ∂L/∂π_mag, r_mag += ∂L/∂π_mag·(π_mag - b_mag).
-template <typename acc_t>
-inline acc_t gated_entry(acc_t f, acc_t gf, acc_t g_gate, acc_t scale, acc_t b_mag, acc_t* s) {
-  const acc_t g_mag = f > acc_t(0) ? gf : acc_t(0);
-  s[0] += g_gate;
-  s[1] += g_mag;
-  s[2] += g_mag * (f - b_mag);
-  return g_gate + scale * g_mag;
-}
+// relu_entry / gated_entry (ReLU's and Gated's per-entry gradients): csrc/jump_math.h.
 
 // ---- rules for the sparse engine ------------------------------------------------------------------
 // Interface: kScalars; skip(e) (no contribution at all); needs_dot(e) (d1 is used); dec_value(e) (the

@@ -67,10 +67,9 @@ Outputs select_encode(const at::Tensor& x_in, const at::Tensor& x, const at::Ten
   const int64_t B = x_in.size(0), d_in = x_in.size(1), d_sae = W.size(1);
   if (dense) {
     auto f = at::empty({B, d_sae}, x.options());
-    for_each_slab(x_in, W, bias, f, [&](int64_t, int64_t rows, const at::Tensor& pre) {
-      scalar_t* pp = pre.data_ptr<scalar_t>();
-      parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) apply_dense(pp + r * d_sae);
+    for_each_slab(x_in, W, bias, f, [&](const Slab& slab) {
+      parallel_tasks(slab.rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) apply_dense(slab.row<scalar_t>(r));
       });
     });
     return {f, none_like(x, at::kLong), none_like(x, x.scalar_type())};
@@ -185,16 +184,15 @@ Outputs topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::
     auto x_hat = decode ? at::empty({B, d_in}, opt) : none_like(x, x.scalar_type());
     const scalar_t* Wp = decode ? Wd.data_ptr<scalar_t>() : nullptr;
     auto bd = b_dec.contiguous();
-    for_each_slab(x_in, W_enc, b_enc, f, [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
-      scalar_t* pp = pre.data_ptr<scalar_t>();
-      parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+    for_each_slab(x_in, W_enc, b_enc, f, [&](const Slab& slab) {
+      parallel_tasks(slab.rows, 16, [&](int64_t begin, int64_t end) {
         TopK<scalar_t> sel(k);
         std::vector<scalar_t> tv(dense ? k : 0);
         std::vector<int64_t> ti(dense ? k : 0);
         std::vector<acc_t> acc(decode ? d_in : 0);
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r0 + r;
-          scalar_t* row = pp + r * d_sae;
+          const int64_t b = slab.r0 + r;
+          scalar_t* row = slab.row<scalar_t>(r);
           scalar_t* v = dense ? tv.data() : values.data_ptr<scalar_t>() + b * k;
           int64_t* i = dense ? ti.data() : indices.data_ptr<int64_t>() + b * k;
           sel.run(row, d_sae, v, i);

@@ -139,10 +139,21 @@ inline at::Tensor slab_workspace(int64_t n, const at::TensorOptions& opt) {
   return c.narrow(0, 0, n);
 }
 
-// The encoder GEMM of x_in [B, d_in] @ W [d_in, d_sae] (+ bias) in row slabs: f(r0, rows, pre) sees the
-// [rows, d_sae] pre-activations of rows r0..r0+rows, contiguous, while they are in cache. With `target`
-// the slabs are views of target's rows (the dense output of an inference encode); otherwise each thread
-// reuses one slab buffer, so no [B, d_sae] tensor is allocated.
+// One slab of encoder pre-activations, rows r0..r0+rows of the batch: pre [rows, d_sae], contiguous. Read each row
+// through row(r), once: when the GEMM left the bias out (late_bias), row(r) adds it to that row in place first.
+struct Slab {
+  int64_t r0, rows, d_sae;
+  at::Tensor pre;
+  at::Tensor late_bias;  // [d_sae] still to be added to every row, or undefined
+  template <typename scalar_t>
+  scalar_t* row(int64_t r) const;
+};
+
+// The encoder GEMM of x_in [B, d_in] @ W [d_in, d_sae] (+ bias) in row slabs: f(slab) sees the [rows, d_sae]
+// pre-activations of rows r0..r0+rows while they are in cache. With `target` the slabs are views of target's rows
+// (the dense output of an inference encode) and the GEMM adds the bias; otherwise each thread reuses one slab
+// buffer, so no [B, d_sae] tensor is allocated, and the bias is added row by row as the callback reads each row
+// (Slab::row), in float32 and float64 (in bfloat16, addmm rounds z + b once where a bf16 slab would round twice).
 // With enough slabs, the slabs themselves run in parallel (each GEMM single-threaded inside the task, as
 // MKL/oneDNN do inside a parallel region), so one step is one parallel region: a thread the OS deschedules
 // on a busy machine delays one slab rather than every slab's GEMM and scan barriers. f may run concurrently
@@ -153,6 +164,8 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
   const int64_t B = x_in.size(0), d_sae = W.size(1);
   const int64_t chunk = encode_chunk_rows(B, d_sae);
   const int64_t nslabs = (B + chunk - 1) / chunk;
+  const bool late = bias.defined() && !target.defined() && x_in.scalar_type() != at::kBFloat16;
+  const at::Tensor late_bias = late ? bias.contiguous() : at::Tensor();
   auto slab = [&](int64_t s, at::Tensor& buf) {
     const int64_t r0 = s * chunk, rows = std::min(chunk, B - r0);
     at::Tensor pre;
@@ -162,11 +175,11 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
       if (!buf.defined()) buf = slab_workspace(chunk * d_sae, x_in.options());
       pre = buf.narrow(0, 0, rows * d_sae).view({rows, d_sae});
     }
-    if (bias.defined())
+    if (bias.defined() && !late)
       at::addmm_out(pre, bias, x_in.narrow(0, r0, rows), W);
     else
       at::mm_out(pre, x_in.narrow(0, r0, rows), W);
-    f(r0, rows, pre);
+    f(Slab{r0, rows, d_sae, pre, late_bias});
   };
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && nslabs >= threads) {
@@ -184,10 +197,26 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
   }
 }
 
+template <>
+inline void add_bias<float>(float* row, const float* bias, int64_t n) {
+  add_bias_f32(row, bias, n);
+}
+
+template <typename scalar_t>
+scalar_t* Slab::row(int64_t r) const {
+  scalar_t* p = pre.data_ptr<scalar_t>() + r * d_sae;
+  if (late_bias.defined()) add_bias<scalar_t>(p, late_bias.data_ptr<scalar_t>(), d_sae);
+  return p;
+}
+
 // candidates / candidates_above: csrc/scan.h (float32 rows: simd.cpp's per-ISA clones).
 template <>
 inline int64_t candidates<float, float>(const float* row, const float* lo, int64_t n, int64_t* cand) {
   return candidates_f32(row, lo, n, cand);
+}
+template <>
+inline int64_t candidates_above<float, float>(const float* row, float lo, int64_t n, int64_t* cand) {
+  return candidates_above_f32(row, lo, n, cand);
 }
 
 // One kept entry: latent, up to two values (Gated: f and relu(π_gate)), flags.
@@ -297,15 +326,14 @@ void compact_rows(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor&
                   Keep&& keep, Post&& post) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d_sae = W.size(1), d_in = x_in.size(1);
-  for_each_slab(x_in, W, bias, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
-    const scalar_t* pp = pre.data_ptr<scalar_t>();
-    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+  for_each_slab(x_in, W, bias, at::Tensor(), [&](const Slab& slab) {
+    parallel_tasks(slab.rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> cand(d_sae);
       std::vector<acc_t> acc(2 * d_in);
       auto& arena = csr.new_arena();
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r0 + r, start = static_cast<int64_t>(arena.size());
-        keep(pp + r * d_sae, cand.data(), arena);
+        const int64_t b = slab.r0 + r, start = static_cast<int64_t>(arena.size());
+        keep(slab.row<scalar_t>(r), cand.data(), arena);
         csr.set_row(b, arena, start);
         post(b, arena.data() + start, static_cast<int64_t>(arena.size()) - start, acc.data());
       }

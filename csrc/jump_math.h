@@ -1,5 +1,5 @@
 #pragma once
-// JumpReLU's per-element math, the one definition every kernel uses (the sparse engine at its entries, the dense
+// JumpReLU's (and, below, ReLU's and Gated's) per-element math, the one definition every kernel uses (the sparse engine at its entries, the dense
 // step at every element, scalar or vectorised in simd.cpp): which entries are kept, and an entry's gradients.
 // Plain C++ (no ATen) so that simd.cpp's per-ISA clones inline it. Written with selects, not branches, so a loop
 // over a row vectorises; a select adds exactly 0 where a branch would add nothing (the same value, up to the
@@ -80,6 +80,83 @@ inline void jump_dense_grad_rows(const scalar_t* pre, scalar_t* g, int64_t ld, i
       const wide_t v = static_cast<wide_t>(prow[j]);
       const acc_t ge = jump_grad<acc_t, wide_t>(v > th[j], jump_window<wide_t>(v, th[j], eps[j]),
                                                 static_cast<acc_t>(grow[j]), th[j], eps[j], l, ste, s_th[j]);
+      grow[j] = static_cast<scalar_t>(ge);
+      genc[j] += ge;
+    }
+  }
+}
+
+// ---- ReLU and Gated: the same mechanism -------------------------------------------------------------
+
+// A kept entry of a relu'd code (v > 0): g_pre = ∂L/∂f + ∂L/∂sparsity_b · w_j, where ReLU's
+// sparsity_b = Σ_j f_bj · w_j (w = the decoder row norms); ∂L/∂w_j += ∂L/∂sparsity_b · f_bj.
+template <typename acc_t>
+inline acc_t relu_entry(acc_t v, acc_t gf, acc_t gsp, acc_t w, acc_t& s_w) {
+  s_w += gsp * v;
+  return gf + gsp * w;
+}
+
+// Gated, at an open gate: f = relu(π_mag), π_mag = s_j·z + b_mag_j with s = exp(r_mag). ∂L/∂π_mag =
+// 1{f > 0}·∂L/∂f; ∂L/∂π_gate = g_gate (frozen decoder and L1 of relu(π_gate)); z feeds both:
+// g_z = g_gate + s_j·∂L/∂π_mag. Scalars: b_gate += g_gate, b_mag += ∂L/∂π_mag, r_mag += ∂L/∂π_mag·(π_mag - b_mag).
+template <typename acc_t>
+inline acc_t gated_entry(acc_t f, acc_t gf, acc_t g_gate, acc_t scale, acc_t b_mag, acc_t* s) {
+  const acc_t g_mag = f > acc_t(0) ? gf : acc_t(0);
+  s[0] += g_gate;
+  s[1] += g_mag;
+  s[2] += g_mag * (f - b_mag);
+  return g_gate + scale * g_mag;
+}
+
+// The dense ReLU backward over rows [0, rows) of one block of n latents (pointers at the block's first column, rows
+// `ld` apart): g (∂L/∂f on entry) becomes ∂L/∂pre (relu_entry where f > 0, else 0); genc[j] and, with the weighted
+// L1 (gsp: [rows] ∂L/∂sparsity), s_w[j] accumulate over the rows in order.
+template <typename scalar_t, typename acc_t>
+inline void relu_dense_grad_rows(const scalar_t* f, scalar_t* g, int64_t ld, int64_t rows, int64_t n, const acc_t* w,
+                                 const acc_t* gsp, acc_t* genc, acc_t* s_w) {
+  const bool weighted = gsp != nullptr;
+  for (int64_t b = 0; b < rows; ++b) {
+    const acc_t l = weighted ? gsp[b] : acc_t(0);
+    const scalar_t* frow = f + b * ld;
+    scalar_t* grow = g + b * ld;
+    FASTSAE_IVDEP
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = static_cast<acc_t>(frow[j]);
+      const bool a = v > acc_t(0);
+      acc_t sw = 0;
+      const acc_t gf = static_cast<acc_t>(grow[j]);
+      const acc_t on = weighted ? relu_entry<acc_t>(v, gf, l, w[j], sw) : gf;
+      const acc_t ge = a ? on : acc_t(0);
+      s_w[j] += a ? sw : acc_t(0);
+      grow[j] = static_cast<scalar_t>(ge);
+      genc[j] += ge;
+    }
+  }
+}
+
+// The dense Gated backward, the same way: at an open gate (gate = relu(π_gate) > 0) gated_entry with ∂L/∂f = g,
+// g_gate = g2 (the frozen decoder's, or 0) + gsp[b]; else 0. s (3 arrays of n: b_gate, b_mag, r_mag) accumulate.
+template <typename scalar_t, typename acc_t>
+inline void gated_dense_grad_rows(const scalar_t* f, const scalar_t* gate, const scalar_t* g2, scalar_t* g, int64_t ld,
+                                  int64_t rows, int64_t n, const acc_t* scale, const acc_t* b_mag, const acc_t* gsp,
+                                  acc_t* genc, acc_t* s_gate, acc_t* s_mag, acc_t* s_r) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const acc_t l = gsp ? gsp[b] : acc_t(0);
+    const scalar_t* frow = f + b * ld;
+    const scalar_t* qrow = gate + b * ld;
+    const scalar_t* g2row = g2 ? g2 + b * ld : nullptr;
+    scalar_t* grow = g + b * ld;
+    FASTSAE_IVDEP
+    for (int64_t j = 0; j < n; ++j) {
+      const bool a = static_cast<acc_t>(qrow[j]) > acc_t(0);
+      const acc_t d2 = g2row ? static_cast<acc_t>(g2row[j]) : acc_t(0);
+      acc_t s[3] = {0, 0, 0};
+      const acc_t on = gated_entry<acc_t>(static_cast<acc_t>(frow[j]), static_cast<acc_t>(grow[j]), d2 + l, scale[j],
+                                          b_mag[j], s);
+      const acc_t ge = a ? on : acc_t(0);
+      s_gate[j] += a ? s[0] : acc_t(0);
+      s_mag[j] += a ? s[1] : acc_t(0);
+      s_r[j] += a ? s[2] : acc_t(0);
       grow[j] = static_cast<scalar_t>(ge);
       genc[j] += ge;
     }

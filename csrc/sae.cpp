@@ -73,16 +73,16 @@ void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::T
     all.erase(std::remove_if(all.begin(), all.end(), [&](const Cand& c) { return c.v < p; }), all.end());
     lo.store(std::max(lo.load(), std::nextafter(p, -std::numeric_limits<key_t>::infinity())));
   };
-  for_each_slab(x_in, W, b, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
-    const scalar_t* pp = pre.data_ptr<scalar_t>();
-    parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+  for_each_slab(x_in, W, b, at::Tensor(), [&](const Slab& slab) {
+    parallel_tasks(slab.rows, 16, [&](int64_t begin, int64_t end) {
       const key_t bound = lo.load();
       std::vector<int64_t> cand(d_sae);
       std::vector<Cand> local;
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = pp + r * d_sae;
+        const scalar_t* row = slab.row<scalar_t>(r);
         const int64_t nc = candidates_above<scalar_t, key_t>(row, bound, d_sae, cand.data());
-        for (int64_t t = 0; t < nc; ++t) local.push_back({(r0 + r) * d_sae + cand[t], static_cast<key_t>(row[cand[t]])});
+        for (int64_t t = 0; t < nc; ++t)
+          local.push_back({(slab.r0 + r) * d_sae + cand[t], static_cast<key_t>(row[cand[t]])});
       }
       std::lock_guard<std::mutex> lock(mu);
       all.insert(all.end(), local.begin(), local.end());
@@ -210,14 +210,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
     const scalar_t* W = Wd.data_ptr<scalar_t>();
     const scalar_t* bias = bd.data_ptr<scalar_t>();
     scalar_t* xh = x_hat.data_ptr<scalar_t>();
-    for_each_slab(x_in, W_enc, b_enc, at::Tensor(), [&](int64_t r0, int64_t rows, const at::Tensor& pre) {
-      const scalar_t* pp = pre.data_ptr<scalar_t>();
-      parallel_tasks(rows, 16, [&](int64_t begin, int64_t end) {
+    for_each_slab(x_in, W_enc, b_enc, at::Tensor(), [&](const Slab& slab) {
+      parallel_tasks(slab.rows, 16, [&](int64_t begin, int64_t end) {
         TopK<scalar_t> sel(k);
         std::vector<acc_t> acc(d_in);
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r0 + r;
-          sel.run(pp + r * d_sae, d_sae, vp + b * k, ip + b * k);
+          const int64_t b = slab.r0 + r;
+          sel.run(slab.row<scalar_t>(r), d_sae, vp + b * k, ip + b * k);
           // relu after selection: the k largest of relu(pre) are relu of the k largest of pre.
           int64_t act = 0;
           for (int64_t j = 0; j < k; ++j) {

@@ -60,6 +60,28 @@ at::Tensor grad_code(const BackwardInputs& in) {
   return g;
 }
 
+// ReLU's / Gated's dense backward pass (jump_math.h) for a block of columns: float32 through simd.cpp's clones.
+template <typename scalar_t, typename acc_t>
+void relu_grad_rows(const scalar_t* f, scalar_t* g, int64_t ld, int64_t rows, int64_t n, const acc_t* w,
+                    const acc_t* gsp, acc_t* genc, acc_t* s_w) {
+  relu_dense_grad_rows<scalar_t, acc_t>(f, g, ld, rows, n, w, gsp, genc, s_w);
+}
+void relu_grad_rows(const float* f, float* g, int64_t ld, int64_t rows, int64_t n, const float* w, const float* gsp,
+                    float* genc, float* s_w) {
+  relu_dense_grad_rows_f32(f, g, ld, rows, n, w, gsp, genc, s_w);
+}
+template <typename scalar_t, typename acc_t>
+void gated_grad_rows(const scalar_t* f, const scalar_t* gate, const scalar_t* g2, scalar_t* g, int64_t ld,
+                     int64_t rows, int64_t n, const acc_t* scale, const acc_t* b_mag, const acc_t* gsp, acc_t* genc,
+                     acc_t* s_gate, acc_t* s_mag, acc_t* s_r) {
+  gated_dense_grad_rows<scalar_t, acc_t>(f, gate, g2, g, ld, rows, n, scale, b_mag, gsp, genc, s_gate, s_mag, s_r);
+}
+void gated_grad_rows(const float* f, const float* gate, const float* g2, float* g, int64_t ld, int64_t rows,
+                     int64_t n, const float* scale, const float* b_mag, const float* gsp, float* genc, float* s_gate,
+                     float* s_mag, float* s_r) {
+  gated_dense_grad_rows_f32(f, gate, g2, g, ld, rows, n, scale, b_mag, gsp, genc, s_gate, s_mag, s_r);
+}
+
 at::Tensor count_tensor(int64_t n, const at::TensorOptions& opt) { return at::full({}, n, opt.dtype(at::kLong)); }
 
 template <typename scalar_t>
@@ -263,20 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_sae_
     acc_t* gwp = gw.data_ptr<acc_t>();
     column_blocks(d_sae, [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> sb(c1 - c0, acc_t(0)), sw(c1 - c0, acc_t(0));
-      for (int64_t b = 0; b < B; ++b) {
-        const scalar_t* frow = fp + b * d_sae;
-        scalar_t* grow = gp + b * d_sae;
-        for (int64_t j = c0; j < c1; ++j) {
-          const acc_t v = static_cast<acc_t>(frow[j]);
-          acc_t ge = 0;
-          if (v > acc_t(0)) {
-            const acc_t gf = static_cast<acc_t>(grow[j]);
-            ge = gspp ? relu_entry<acc_t>(v, gf, gspp[b], w[j], sw[j - c0]) : gf;
-          }
-          grow[j] = static_cast<scalar_t>(ge);
-          sb[j - c0] += ge;
-        }
-      }
+      relu_grad_rows(fp + c0, gp + c0, d_sae, B, c1 - c0, w + c0, gspp, sb.data(), sw.data());
       for (int64_t j = c0; j < c1; ++j) {
         gencp[j] = sb[j - c0];
         gwp[j] = sw[j - c0];
@@ -392,24 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     column_blocks(d_sae, [&](int64_t c0, int64_t c1) {
       const int64_t n = c1 - c0;
       std::vector<acc_t> sb(n, acc_t(0)), s3(3 * n, acc_t(0));
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t o = b * d_sae;
-        for (int64_t j = c0; j < c1; ++j) {
-          acc_t ge = 0;
-          if (static_cast<acc_t>(qp[o + j]) > acc_t(0)) {
-            const acc_t d2 = g2p ? static_cast<acc_t>(g2p[o + j]) : acc_t(0);
-            const acc_t g_gate = gspp ? d2 + gspp[b] : d2;
-            acc_t s[3] = {s3[j - c0], s3[n + j - c0], s3[2 * n + j - c0]};
-            ge = gated_entry<acc_t>(static_cast<acc_t>(fp[o + j]), static_cast<acc_t>(gp[o + j]), g_gate, sc[j],
-                                    bmp[j], s);
-            s3[j - c0] = s[0];
-            s3[n + j - c0] = s[1];
-            s3[2 * n + j - c0] = s[2];
-          }
-          gp[o + j] = static_cast<scalar_t>(ge);
-          sb[j - c0] += ge;
-        }
-      }
+      const scalar_t* g2c = g2p ? g2p + c0 : nullptr;
+      gated_grad_rows(fp + c0, qp + c0, g2c, gp + c0, d_sae, B, n, sc + c0, bmp + c0, gspp, sb.data(), s3.data(),
+                      s3.data() + n, s3.data() + 2 * n);
       for (int64_t j = c0; j < c1; ++j) {
         gencp[j] = sb[j - c0];
         for (int k = 0; k < 3; ++k) sp[k * d_sae + j] = s3[k * n + j - c0];

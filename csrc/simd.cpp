@@ -3,6 +3,11 @@
 // 8/16-wide FMAs. The summation order of dot is fixed per machine, independent of thread count.
 #include <cstdint>
 
+#define FASTSAE_SCAN_VECTOR
+#if defined(__GNUC__) && !defined(__clang__)
+// scan.h's vector helpers are inline and used only inside this file's clones: no ABI crosses a file boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #include "jump_math.h"
 #include "scan.h"
 #include "simd.h"
@@ -72,8 +77,37 @@ FASTSAE_CLONES void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t
   jump_dense_grad_rows<float, float, float>(pre, g, ld, rows, n, th, eps, gl0, ste, genc, s_th);
 }
 
+FASTSAE_CLONES void relu_dense_grad_rows_f32(const float* f, float* g, int64_t ld, int64_t rows, int64_t n,
+                                             const float* w, const float* gsp, float* genc, float* s_w) {
+  relu_dense_grad_rows<float, float>(f, g, ld, rows, n, w, gsp, genc, s_w);
+}
+
+FASTSAE_CLONES void gated_dense_grad_rows_f32(const float* f, const float* gate, const float* g2, float* g, int64_t ld,
+                                              int64_t rows, int64_t n, const float* scale, const float* b_mag,
+                                              const float* gsp, float* genc, float* s_gate, float* s_mag, float* s_r) {
+  gated_dense_grad_rows<float, float>(f, gate, g2, g, ld, rows, n, scale, b_mag, gsp, genc, s_gate, s_mag, s_r);
+}
+
+#if defined(__GNUC__) || defined(__clang__)
 FASTSAE_CLONES int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
+  return candidates_vec(row, lo, n, cand);
+}
+
+FASTSAE_CLONES int64_t candidates_above_f32(const float* row, float lo, int64_t n, int64_t* cand) {
+  return candidates_above_vec(row, lo, n, cand);
+}
+#else
+int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand) {
   return candidates<float, float>(row, lo, n, cand);
+}
+
+int64_t candidates_above_f32(const float* row, float lo, int64_t n, int64_t* cand) {
+  return candidates_above<float, float>(row, lo, n, cand);
+}
+#endif
+
+FASTSAE_CLONES void add_bias_f32(float* __restrict__ row, const float* __restrict__ bias, int64_t n) {
+  add_bias<float>(row, bias, n);
 }
 
 }  // namespace fastsae

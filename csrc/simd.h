@@ -15,4 +15,10 @@ int64_t jump_dense_row_f32(const float* pre, const float* th, const float* eps, 
                            int64_t* entries);
 void jump_dense_grad_rows_f32(const float* pre, float* g, int64_t ld, int64_t rows, int64_t n, const float* th,
                               const float* eps, const float* gl0, bool ste, float* genc, float* s_th);
+// ReLU's and Gated's dense backward passes in float32 (jump_math.h's relu_dense_grad_rows / gated_dense_grad_rows).
+void relu_dense_grad_rows_f32(const float* f, float* g, int64_t ld, int64_t rows, int64_t n, const float* w,
+                              const float* gsp, float* genc, float* s_w);
+void gated_dense_grad_rows_f32(const float* f, const float* gate, const float* g2, float* g, int64_t ld, int64_t rows,
+                               int64_t n, const float* scale, const float* b_mag, const float* gsp, float* genc,
+                               float* s_gate, float* s_mag, float* s_r);
 }  // namespace fastsae
