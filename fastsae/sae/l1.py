@@ -41,7 +41,10 @@ class _L1FamilySAE(SAE):
     #: (64 dims, 1M tokens); the clean job stays at 100%. An explicit ``lr=`` replaces it.
     default_lr_scale = 2.0
 
-    def _init_l1_options(self, controller_start, resample_bias) -> None:
+    def __init__(self, d_in: int, d_sae: int, *, sparsity_coefficient: float, target_l0: Optional[float],
+                 controller_start: float, resample_bias: str, **base):
+        super().__init__(d_in, d_sae, **base)
+        self._init_sparsity(sparsity_coefficient, target_l0)
         if isinstance(controller_start, bool) or not isinstance(controller_start, (int, float)) or not (
                 0.0 <= controller_start < 1.0):
             raise ValueError(f"controller_start must be a fraction of the run in [0, 1), got {controller_start!r}")
@@ -121,10 +124,9 @@ class ReLUSAE(_L1FamilySAE):
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
-        super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
-                         device=device)
-        self._init_sparsity(sparsity_coefficient, target_l0)
-        self._init_l1_options(controller_start, resample_bias)
+        super().__init__(d_in, d_sae, sparsity_coefficient=sparsity_coefficient, target_l0=target_l0,
+                         controller_start=controller_start, resample_bias=resample_bias, backend=backend,
+                         apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype, device=device)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
 
     @torch.no_grad()
@@ -176,10 +178,9 @@ class GatedSAE(_L1FamilySAE):
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
-        super().__init__(d_in, d_sae, backend=backend, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype,
-                         device=device)
-        self._init_sparsity(sparsity_coefficient, target_l0)
-        self._init_l1_options(controller_start, resample_bias)
+        super().__init__(d_in, d_sae, sparsity_coefficient=sparsity_coefficient, target_l0=target_l0,
+                         controller_start=controller_start, resample_bias=resample_bias, backend=backend,
+                         apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype, device=device)
         factory = dict(dtype=self.dtype, device=device)
         self.b_gate = nn.Parameter(torch.zeros(d_sae, **factory))
         self.r_mag = nn.Parameter(torch.zeros(d_sae, **factory))
