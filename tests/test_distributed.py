@@ -132,6 +132,7 @@ def _reference_run(arch, d_sae, xs, use_dead, **kw):
     history = []
     for step, x in enumerate(xs):
         opt.zero_grad()
+        sae.on_train_step(step, len(xs))  # BatchTopK: its TopK warm-up, then the batch top-k
         out = sae.training_forward(x, dead_mask=_dead_mask(d_sae, step) if use_dead else None)
         out.loss.backward()
         history.append((out.loss.detach().clone(), {n: p.grad.clone() for n, p in sae.named_parameters()},
@@ -150,7 +151,8 @@ def _check_model(log, arch, sae, batch, data_size, latent_size, use_dead):
     cfg = sae.config()
     model = fd.comm_per_step(arch, batch=batch, d_in=D_IN, d_sae=cfg["d_sae"], k=cfg.get("k", 0),
                              k_aux=cfg.get("k_aux", 0), latent_size=latent_size, data_size=data_size,
-                             value_bytes=8, aux=use_dead, apply_b_dec_to_input=cfg["apply_b_dec_to_input"])
+                             value_bytes=8, aux=use_dead, apply_b_dec_to_input=cfg["apply_b_dec_to_input"],
+                             per_row_selection=sae.training and getattr(sae, "per_row_selection", False))
     assert sorted(log) == sorted((op, n, b) for _, op, n, b in model), (arch, log, model)
 
 
@@ -203,6 +205,7 @@ def _run_latent(arch, rank, world, d_sae, use_dead, data_size=1, **kw):
         x_local = fd.shard_rows(x)
         # The whole [d_sae] mask on even steps, this shard's slice on odd ones: both are accepted.
         dead = (_dead_mask(d_sae, step)[lo:hi] if step % 2 else _dead_mask(d_sae, step)) if use_dead else None
+        sharded.on_train_step(step, len(xs))
         with fd.count_bytes() as log:
             out = sharded.training_forward(x_local, dead_mask=dead)
             out.loss.backward()
@@ -224,6 +227,13 @@ def _run_latent(arch, rank, world, d_sae, use_dead, data_size=1, **kw):
     ref_params = dict(ref_sae.named_parameters())
     for n, p in sharded.shard.named_parameters():
         _close(p.detach(), fd._slice(ref_params[n].detach(), sharded.split[n], lo, hi), f"{arch} latent final {n}")
+    if arch == "batchtopk":  # the running threshold, then the end-of-training calibration over all latents
+        _close(sharded.threshold, ref_sae.threshold, "batchtopk latent running threshold")
+        x = torch.randn(17, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        assert sharded.calibrate(x) == ref_sae.calibrate(x)
+        _close(sharded.threshold, ref_sae.threshold, "batchtopk latent calibrated threshold")
+    elif arch in ("topk", "relu", "jumprelu"):
+        assert getattr(sharded, "calibrate", None) is None
     return sharded, ref_sae
 
 
@@ -289,7 +299,7 @@ def sc_latent(rank, world, out_dir):
     # k = 4 exceeds the 3-latent shards of the 3-way split: padded candidates must never win.
     _run_latent("topk", rank, world, d_sae, use_dead=True, k=4)
     _run_latent("jumprelu", rank, world, d_sae, use_dead=False, apply_b_dec_to_input=True)
-    _run_latent("batchtopk", rank, world, d_sae, use_dead=True)
+    _run_latent("batchtopk", rank, world, d_sae, use_dead=True)  # step 0 in the TopK warm-up (1/3 of 3 steps)
     sharded, ref_sae = _run_latent("relu", rank, world, d_sae, use_dead=False)
     # Sharded checkpoint -> single-process SAE with the same outputs; resume on the same grid.
     path = os.path.join(out_dir, "ckpt")

@@ -21,27 +21,30 @@ def comm_per_step(
     aux: bool = False,
     apply_b_dec_to_input: bool = False,
     naive: bool = False,
+    per_row_selection: bool = False,
 ) -> list[tuple[str, str, int, int]]:
     """The collectives one training step issues on one rank: ``(what, op, group_size, payload_bytes)``.
 
     ``batch`` is the per-rank batch. ``naive=True`` models the baseline that all-gathers the dense
     ``[B, d_sae / latent_size]`` activations instead of the ``(value, index)`` top-k candidates.
     Data-parallel collectives (gradients, buffers, fired) are listed when ``data_size > 1``.
+    ``per_row_selection``: BatchTopK in its TopK warm-up, whose selection (and its collectives) are TopK's.
     """
     P, D, vb = latent_size, data_size, value_bytes
     n_local = -(-d_sae // P)  # the largest shard (what the padded collectives carry)
     out = []
+    selection = "topk" if architecture == "batchtopk" and per_row_selection else architecture
     if P > 1:
-        if architecture in ("topk", "batchtopk"):
+        if selection in ("topk", "batchtopk"):
             if naive:
                 out.append(("dense activations", "all_gather", P, batch * n_local * vb))
-            elif architecture == "topk":
+            elif selection == "topk":
                 out.append(("top-k candidates", "all_gather", P, batch * k * (vb + 4)))
             else:
                 ib = torch.empty((), dtype=index_dtype_for(batch * d_sae)).element_size()
                 out.append(("batch top-k candidates", "all_gather", P, batch * k * (vb + ib)))
             out.append(("partial x_hat", "all_reduce", P, batch * d_in * vb))
-            if architecture == "batchtopk":
+            if selection == "batchtopk":
                 out.append(("l0", "all_reduce", P, batch * 4))
         else:  # jumprelu / relu: no selection to merge
             if naive:

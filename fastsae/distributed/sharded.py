@@ -3,6 +3,7 @@ latent group (one all-gather of ``(value, global index)`` candidates per row) an
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -204,6 +205,27 @@ class ShardedSAE(nn.Module):
             if dim is None and name in state:
                 broadcast_(state[name], src, g.latent_group)
 
+    @property
+    def calibrate(self):
+        """BatchTopK's end-of-training calibration over the whole SAE's latents: the shard's own method would
+        keep the ``N·k`` largest activations of its slice only, so every rank would set a different, too low
+        threshold. Absent (``AttributeError``) for the architectures without one, as on the module."""
+        if not hasattr(self.shard, "calibrate"):
+            raise AttributeError(f"a {self.architecture} SAE has no calibrate")
+        return self._calibrate_whole
+
+    @torch.no_grad()
+    def _calibrate_whole(self, x: Tensor, batch_size: Optional[int] = None) -> float:
+        """Collective over the latent group, which must pass the same rows ``x``."""
+        s = self.shard
+        x2, _ = s._flatten(x)
+        n_keep = x2.shape[0] * self.full_config["k"]
+        local = s._largest_activations(x2, n_keep, batch_size)
+        group = self.grid.latent_group if self.grid.latent_size > 1 else None
+        cand = _pad(local.unsqueeze(0), n_keep, float("-inf"))
+        top, _, _ = merge_topk(cand, torch.zeros_like(cand, dtype=torch.int32), n_keep, group, self.grid.latent_rank)
+        return s._set_calibrated_threshold(top[0])
+
     def save(self, path) -> Path:
         """Collective: every rank calls it (see :func:`save_sharded`)."""
         return save_sharded(self, path)
@@ -253,7 +275,9 @@ class ShardedSAE(nn.Module):
         pre = F.relu(x_in @ s.W_enc + s.b_enc)  # [B, n_local]
         B, n = pre.shape
         k = self.full_config["k"]
-        if arch == "topk":
+        # BatchTopK's warm-up (set by its on_train_step) selects each row's k largest, exactly as the module does
+        per_row = arch == "topk" or (s.training and getattr(s, "per_row_selection", False))
+        if per_row:
             vals, idx = ops.topk(pre, min(k, n))
             cand_v = _pad(vals.detach(), k, float("-inf"))
             cand_i = _pad(idx + self.start, k, 0)
@@ -278,24 +302,19 @@ class ShardedSAE(nn.Module):
             kept_local[fidx[mine & (vals > 0)]] = True
             kept_local = kept_local.reshape(B, n)
             idx = None
-            positive = top[top > 0]
-            min_kept = positive.min().detach() if positive.numel() else None
+            # +inf when nothing was kept: the shard's running mean skips it (no host sync)
+            min_kept = torch.where(top > 0, top, torch.full_like(top, float("inf"))).min().detach()
         x_hat = reduce_out(partial, group) + s.b_dec
         with torch.no_grad():
-            if arch == "topk":
+            if per_row:
                 l0 = (top > 0).sum(-1).float()
                 fired = torch.zeros(n, dtype=torch.bool, device=pre.device)
                 fired[idx[kept_local]] = True
             else:
                 l0 = all_reduce_(kept_local.sum(-1).float(), group)
                 fired = kept_local.any(0)
-        if arch == "batchtopk" and s.training and min_kept is not None:
-            with torch.no_grad():
-                m = min_kept.float()
-                if s.calibrated:
-                    s.threshold.mul_(s.threshold_decay).add_((1 - s.threshold_decay) * m)
-                else:
-                    s.threshold.copy_(m)
+        if min_kept is not None:
+            s._update_threshold(SimpleNamespace(min_kept=min_kept))  # the module's bias-corrected running mean
         if dead_mask is not None and B:
             e_hat = self._auxk(x_in, dead_mask, group, ops, B)
             if e_hat is not None:

@@ -160,15 +160,20 @@ class BatchTopKSAE(TopKSAE):
         (the smallest of the ``N·k`` largest activations of all rows: BatchTopK over one batch of N rows).
         Returns the threshold."""
         x2, _ = self._flatten(x)
-        n_keep = x2.shape[0] * self.k
+        return self._set_calibrated_threshold(self._largest_activations(x2, x2.shape[0] * self.k, batch_size))
+
+    def _largest_activations(self, x2: Tensor, n_keep: int, batch_size: Optional[int]) -> Tensor:
+        """The ``n_keep`` largest ``relu(pre)`` of all rows of ``x2`` (unsorted), one bounded slab at a time."""
         batch_size = batch_size or max(1, 2**24 // self.d_sae)  # a [rows, d_sae] slab of at most 16M entries
-        kept = None
+        kept = x2.new_empty(0)
         for a in range(0, x2.shape[0], batch_size):
-            pre = F.relu(self._pre(x2[a:a + batch_size])).reshape(-1)
-            pool = pre if kept is None else torch.cat([kept, pre])
+            pool = torch.cat([kept, F.relu(self._pre(x2[a:a + batch_size])).reshape(-1)])
             kept = torch.topk(pool, min(n_keep, pool.numel()), sorted=False).values
-        positive = kept[kept > 0] if kept is not None else None
-        if positive is None or positive.numel() == 0:
+        return kept
+
+    def _set_calibrated_threshold(self, kept: Tensor) -> float:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:  # nothing fires on these rows: keep the running estimate
             return float(self.threshold)
         self.threshold.fill_(float(positive.min()))
         self._threshold_weight.fill_(1.0)

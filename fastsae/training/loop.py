@@ -164,7 +164,7 @@ def train(
 
     resampler = _resampler(sae, source, steps, batch_size, resample_every, seed, state.scale, state.target_scale,
                            device, dist_ctx)
-    on_step = getattr(sae, "on_train_step", None) or (lambda step, steps: None)  # a latent-sharded module: none
+    on_step = getattr(sae, "on_train_step", None) or (lambda step, steps: None)  # a latent-sharded module: its shard's
     check = FiniteCheck(sae, state.step)
     interrupt = _Interrupt(ckpt_path is not None and dist_ctx.dp is None)
     bar = _progress(progress and dist_ctx.is_main, steps, state.step)
