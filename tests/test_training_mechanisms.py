@@ -104,12 +104,13 @@ def test_batchtopk_inference_l0_is_k_after_300_steps():
     assert float((f != 0).sum(1).float().mean()) == pytest.approx(4.0, rel=0.1)
     # the batch top-k of the whole held-out set (what training computes) against the thresholded code
     sae.train()
-    pre = torch.relu((held - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    top = torch.topk(pre.reshape(-1), 4000 * 4).indices
-    batch_code = torch.zeros_like(pre).reshape(-1)
-    batch_code[top] = pre.reshape(-1)[top]
-    x_batch = batch_code.reshape(pre.shape) @ sae.W_dec + sae.b_dec
-    x_inf = sae.decode(f)
+    with torch.no_grad():
+        pre = torch.relu((held - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        top = torch.topk(pre.reshape(-1), 4000 * 4).indices
+        batch_code = torch.zeros_like(pre).reshape(-1)
+        batch_code[top] = pre.reshape(-1)[top]
+        x_batch = batch_code.reshape(pre.shape) @ sae.W_dec + sae.b_dec
+        x_inf = sae.decode(f)
     rel = float((x_batch - x_inf).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
     assert rel < 0.01, rel
 
