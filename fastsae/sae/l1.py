@@ -137,6 +137,40 @@ class ReLUSAE(_L1FamilySAE):
         if self.resample_bias == "rate":
             self.b_enc[idx] = self._rate_bias(idx, probe, fire_rate)
 
+    #: ``fastsae.train`` calls :meth:`fit_magnitudes` on 16,384 rows at the end of a run (``False``: it does not)
+    fit_magnitudes_at_end = True
+
+    @torch.no_grad()
+    def fit_magnitudes(self, x: Tensor, ridge: float = 1e-6) -> Tensor:
+        """Undo the L1 shrinkage after training: multiply each latent's encoder column and bias by the ``α_j > 0``
+        of the least-squares fit ``min_α ‖x - b_dec - (f ⊙ α) W_dec‖²`` on the (scaled) sample ``x [N, d_in]``;
+        returns α.
+
+        ``relu(α·pre) = α·relu(pre)`` for ``α > 0``, so which latents fire on which rows does not change (L0,
+        decoder directions and feature recovery are untouched); only the magnitudes grow back towards what the
+        reconstruction wants. The L1 penalty shrinks every active latent by ~λ/2 of the features' size, which is
+        most of ReLU's reconstruction error on clean data (CLI job: held-out FVU 0.204 at L0 5.0 without it).
+        The normal equations are ``(FᵀF ⊙ W_dec W_decᵀ) α = diag(Fᵀ (x - b_dec) W_decᵀ)``; latents that never fire
+        on the sample, or whose fit is not positive, keep ``α = 1``."""
+        x2, _ = self._flatten(x.to(self.dtype))
+        f = self._dense_code(x2).double()
+        t = (x2 - self.b_dec).double()
+        w = self.W_dec.double()
+        gram = (f.t() @ f) * (w @ w.t())
+        rhs = (f * (t @ w.t())).sum(0)
+        fired = gram.diagonal() > 0
+        idx = fired.nonzero().squeeze(1)
+        g = gram[idx][:, idx]
+        g = g + ridge * g.diagonal().mean() * torch.eye(len(idx), dtype=g.dtype, device=g.device)
+        alpha = torch.ones(self.d_sae, dtype=torch.float64, device=x2.device)
+        if len(idx):
+            alpha[idx] = torch.linalg.solve(g, rhs[idx])
+        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+        a = alpha.to(self.dtype)
+        self.W_enc.mul_(a)
+        self.b_enc.mul_(a)
+        return a
+
     def _training_forward(self, x, dead_mask, coefficient):
         out = self.ops(x.device).relu_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
                                           self.apply_b_dec_to_input)
