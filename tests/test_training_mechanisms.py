@@ -303,3 +303,31 @@ def test_off_active_residual_is_what_the_rows_active_latents_cannot_explain():
     assert (out[0] @ W_dec[[1, 4, 7]].t()).abs().max() < 1e-4
     assert (out[1] @ W_dec[2]).abs() < 1e-4 and (out[1] @ W_dec[3]).abs() > 1e-2  # latent 3 is not active
     assert fastsae.ReLUSAE.resample_off_active and not fastsae.GatedSAE.__dict__.get("resample_off_active", False)
+
+
+def test_relu_fit_magnitudes_solves_the_least_squares_scale_and_keeps_the_firing():
+    """α against the exact normal-equation solve (dense, small), without touching which latents fire."""
+    torch.manual_seed(0)
+    sae = fastsae.ReLUSAE(13, 37, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc.sub_(0.3)  # a sparse code, with some latents that fire on no row of the sample
+        sae.b_enc[:5] = -100.0
+    x = 2 * torch.randn(301, 13, dtype=torch.float64)
+    with torch.no_grad():
+        f, t, w = sae._dense_code(x), x - sae.b_dec, sae.W_dec
+        gram = (f.t() @ f) * (w @ w.t())
+        rhs = (f * (t @ w.t())).sum(0)
+        fired = gram.diagonal() > 0
+        want = torch.ones(37, dtype=torch.float64)
+        g = gram[fired][:, fired]
+        want[fired] = torch.linalg.solve(g + 1e-6 * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype),
+                                         rhs[fired])  # the method's default ridge
+        want = torch.where(want > 0, want, torch.ones_like(want))
+        before = (sae(x) - x).pow(2).sum()
+    assert 0 < int((~fired).sum()) and int((want[fired] != 1).sum()) > 20
+    alpha = sae.fit_magnitudes(x)
+    torch.testing.assert_close(alpha, want, atol=1e-5, rtol=1e-4)  # CG to its tolerance
+    with torch.no_grad():
+        assert torch.equal(sae._dense_code(x) != 0, f != 0)
+        assert (sae(x) - x).pow(2).sum() < before
+    assert fastsae.ReLUSAE.fit_magnitudes_at_end and not getattr(fastsae.GatedSAE, "fit_magnitudes_at_end", False)

@@ -109,11 +109,11 @@ def test_matryoshka_prefixes_are_dictionaries_on_realistic_data(real):
 
 
 def test_relu_defaults_recover_the_clean_dictionary(clean):
-    """ReLU's L1 penalty shrinks every activation by λ/2 (no architecture here undoes that but Gated), so its FVU
-    at a sparse L0 is about twice the others'."""
+    """ReLU's L1 penalty shrinks every activation by ~λ/2; ``fastsae.train`` refits the magnitudes at the end
+    (``ReLUSAE.fit_magnitudes``): FVU 0.151 without the refit, 0.104 with it on this run."""
     torch.manual_seed(0)
     m = _fit(fastsae.ReLUSAE(D_IN, D_SAE), clean)
-    assert m["recovery"] >= 0.95 and m["fvu"] <= 0.25, m
+    assert m["recovery"] >= 0.95 and m["fvu"] <= 0.13, m
     assert clean.true_l0 / 2 <= m["l0"] <= 2 * clean.true_l0, m
     assert m["uniqueness"] >= 0.9, m
 
