@@ -182,7 +182,7 @@ def test_resampling_revives_dead_latents_towards_the_residual_and_resets_their_a
     assert n >= 10
     _, idx = sae.encode_sparse(probe)
     assert torch.isin(torch.arange(10), idx.unique()).all()  # every revived latent fires again
-    assert float(sae.b_enc[:10].abs().max()) == 0.0
+    assert float(sae.b_enc[:10].detach().abs().max()) == 0.0
     sq = opt.state[sae.W_dec]["exp_avg_sq"]
     assert torch.allclose(sq[:10], sq[:10][0].expand(10, -1)) and float(sq[:10].abs().sum()) > 0
     assert float(opt.state[sae.W_dec]["exp_avg"][:10].abs().sum()) == 0.0

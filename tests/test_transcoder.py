@@ -274,3 +274,17 @@ def test_training_a_transcoder_resamples_and_calibrates_on_the_input_side(arch):
     assert fvu < 0.9 and 1.0 < l0 < 8.0, (fvu, l0)
     if arch != "jumprelu":
         assert sae.calibrated
+
+
+def test_relu_transcoder_fit_magnitudes_fits_its_target_less_the_skip():
+    """The refit at the end of training compares the code's decode with the transcoder's target, not its input."""
+    torch.manual_seed(0)
+    tc = fastsae.Transcoder("relu", 6, 12, d_out=4, skip_connection=True, dtype=torch.float64)
+    with torch.no_grad():
+        tc.W_skip.normal_()
+    x = torch.randn(200, 6, dtype=torch.float64)
+    y = 3 * (torch.relu(x @ tc.W_enc + tc.b_enc) @ tc.W_dec) + tc.b_dec + x @ tc.W_skip  # α = 3 fits exactly
+    alpha = tc.fit_magnitudes(x, y)
+    fired = (torch.relu(x @ tc.W_enc / 3 + tc.b_enc / 3) > 0).any(0)
+    torch.testing.assert_close(alpha[fired], torch.full((int(fired.sum()),), 3.0, dtype=torch.float64),
+                               atol=1e-5, rtol=1e-5)

@@ -141,10 +141,11 @@ class ReLUSAE(_L1FamilySAE):
     fit_magnitudes_at_end = True
 
     @torch.no_grad()
-    def fit_magnitudes(self, x: Tensor, ridge: float = 1e-6, iterations: int = 200, tol: float = 1e-12) -> Tensor:
+    def fit_magnitudes(self, x: Tensor, target: Optional[Tensor] = None, ridge: float = 1e-6, iterations: int = 200,
+                       tol: float = 1e-12) -> Tensor:
         """Undo the L1 shrinkage after training: multiply each latent's encoder column and bias by the ``α_j > 0``
-        of the least-squares fit ``min_α ‖x - b_dec - (f ⊙ α) W_dec‖²`` on the (scaled) sample ``x [N, d_in]``;
-        returns α.
+        of the least-squares fit ``min_α ‖y - b_dec - (f ⊙ α) W_dec‖²`` on the (scaled) sample ``x [N, d_in]``
+        (``y = x``; a transcoder's ``target [N, d_out]`` less its skip term); returns α.
 
         ``relu(α·pre) = α·relu(pre)`` for ``α > 0``, so which latents fire on which rows does not change (L0,
         decoder directions and feature recovery are untouched); only the magnitudes grow back towards what the
@@ -166,7 +167,8 @@ class ReLUSAE(_L1FamilySAE):
         if v.numel() == 0:
             return alpha.to(self.dtype)
         w = self.W_dec.double()
-        per_block = max(1, 2**22 // self.d_in)  # code entries per gathered [entries, d_in] block
+        d_out = w.shape[1]
+        per_block = max(1, 2**22 // d_out)  # code entries per gathered [entries, d_out] block
 
         def project(y: Tensor) -> Tensor:
             """``diag(Fᵀ y W_decᵀ)``: Σ over each latent's entries of f_ij (y_i · w_j)."""
@@ -178,7 +180,7 @@ class ReLUSAE(_L1FamilySAE):
 
         def decode(p: Tensor) -> Tensor:
             """``(F ⊙ p) W_dec``: the code with each latent scaled by ``p``, decoded."""
-            y = torch.zeros(x2.shape[0], self.d_in, dtype=torch.float64, device=x2.device)
+            y = torch.zeros(x2.shape[0], d_out, dtype=torch.float64, device=x2.device)
             for a in range(0, v.numel(), per_block):
                 s_ = slice(a, a + per_block)
                 y.index_add_(0, r[s_], (v[s_] * p[c[s_]])[:, None] * w[c[s_]])
@@ -194,7 +196,9 @@ class ReLUSAE(_L1FamilySAE):
         def gram(p: Tensor) -> Tensor:  # (FᵀF ⊙ W_dec W_decᵀ) p over the fired latents, plus the ridge
             return (project(decode(p)) + damp * p) * mask
 
-        b = project((x2 - self.b_dec).double()) * mask
+        y = x2 if target is None else target.reshape(-1, d_out).to(self.dtype)
+        skip = getattr(self, "_skip", lambda _: None)(x2)  # a skip transcoder: its inner model fits y - x W_skip
+        b = project((y - self.b_dec - (0 if skip is None else skip)).double()) * mask
         # CG from α = 1 (the trained magnitudes), preconditioned by the diagonal
         inv = torch.where(fired, 1.0 / (diag + damp), torch.zeros_like(diag))
         sol = mask.clone()

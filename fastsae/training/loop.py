@@ -235,7 +235,8 @@ def train(
     check.raise_if_bad(last_saved)
 
     if getattr(sae, "fit_magnitudes_at_end", False) and state.step > 0:  # ReLU: its L1 shrinkage undone
-        sae.fit_magnitudes(_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale)[0])
+        sae.fit_magnitudes(*_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale,
+                                          state.target_scale))
     calibrate = getattr(sae, "calibrate", None)  # BatchTopK: its inference threshold, exactly k per row
     if calibrate is not None and state.step > 0:
         calibrate(_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale)[0])
