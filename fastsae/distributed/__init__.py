@@ -36,6 +36,8 @@ merged with one all-gather of ``(value, global index)`` pairs per row (``[B, k]`
 JumpReLU/ReLU need no merge: partial ``x̂`` and ``l0`` are all-reduced. Backward mirrors it (Megatron's
 "copy in / reduce out" pair): the all-reduce of partial sums has an identity backward, and the replicated
 ``b_dec`` entering the encoder all-reduces its gradient. AuxK runs the same merge over the dead latents.
+BatchTopK keeps the module's TopK warm-up and running threshold, and its end-of-training ``calibrate`` merges
+the shards' largest activations, so every rank sets the whole SAE's threshold.
 Data and latent parallelism combine on the 2-D grid.
 
 Checkpoints
