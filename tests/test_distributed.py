@@ -574,3 +574,16 @@ def test_sharded_code_path_matches_the_module_on_every_backend(arch, backend):
 def test_gated_cannot_be_sharded():
     with pytest.raises(ValueError, match="latent sharding supports"):
         fd.ShardedSAE.from_full(fastsae.GatedSAE(4, 6), fd.Grid(world_size=2, latent_size=2))
+
+
+def test_sharded_relu_skips_the_shard_local_magnitude_refit():
+    """A shard's refit would fit its slice's latents to the whole input; the sharded module's end hook runs only
+    BatchTopK's whole-SAE calibration."""
+    sharded = fd.ShardedSAE.from_full(_make("relu", 23, dtype=torch.float32), fd.Grid())
+    before = {n: t.clone() for n, t in sharded.shard.state_dict().items()}
+    sharded.on_train_end(torch.randn(50, D_IN))
+    for n, t in sharded.shard.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    btk = fd.ShardedSAE.from_full(_make("batchtopk", 23, dtype=torch.float32), fd.Grid())
+    btk.on_train_end(torch.randn(50, D_IN))
+    assert btk.shard.calibrated

@@ -214,6 +214,13 @@ class ShardedSAE(nn.Module):
             raise AttributeError(f"a {self.architecture} SAE has no calibrate")
         return self._calibrate_whole
 
+    def on_train_end(self, x: Tensor, target: Optional[Tensor] = None) -> None:
+        """BatchTopK: the calibration over all shards' latents. The shard's own hook is not called: ReLU's
+        magnitude refit on one shard would fit its slice's latents to the whole input (not sharded yet)."""
+        calibrate = getattr(self, "calibrate", None)
+        if calibrate is not None:
+            calibrate(x)
+
     @torch.no_grad()
     def _calibrate_whole(self, x: Tensor, batch_size: Optional[int] = None) -> float:
         """Collective over the latent group, which must pass the same rows ``x``."""

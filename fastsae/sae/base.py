@@ -211,6 +211,11 @@ class SAE(nn.Module):
         """Training-loop hook, called before every step with the 0-based ``step`` of a run of ``steps``: for
         schedules over the run's progress (BatchTopK's TopK warm-up). The default does nothing."""
 
+    def on_train_end(self, x: Tensor, target: Optional[Tensor] = None) -> None:
+        """Training-loop hook, called once after the last step with fresh rows ``x [N, d_in]`` scaled as training
+        saw them (a transcoder's ``target`` too): for fits to the trained model (BatchTopK's inference threshold,
+        ReLU's magnitudes). The default does nothing."""
+
     def observe(self, x: Tensor, out: TrainOutput) -> None:
         """Training-loop hook, called after every optimizer step with the batch ``x [B, d_in]`` (in the
         parameters' dtype) and its ``TrainOutput``. Running statistics are updated here: the target-L0

@@ -140,6 +140,10 @@ class ReLUSAE(_L1FamilySAE):
     #: ``fastsae.train`` calls :meth:`fit_magnitudes` on 16,384 rows at the end of a run (``False``: it does not)
     fit_magnitudes_at_end = True
 
+    def on_train_end(self, x: Tensor, target: Optional[Tensor] = None) -> None:
+        if self.fit_magnitudes_at_end:
+            self.fit_magnitudes(x, target)
+
     @torch.no_grad()
     def fit_magnitudes(self, x: Tensor, target: Optional[Tensor] = None, ridge: float = 1e-6, iterations: int = 200,
                        tol: float = 1e-12) -> Tensor:

@@ -154,6 +154,9 @@ class BatchTopKSAE(TopKSAE):
                 step = seen * (1 - self.threshold_decay) / w.clamp_min(1e-12)
                 self.threshold.add_(step * (torch.where(seen > 0, m, self.threshold) - self.threshold))
 
+    def on_train_end(self, x: Tensor, target: Optional[Tensor] = None) -> None:
+        self.calibrate(x)
+
     @torch.no_grad()
     def calibrate(self, x: Tensor, batch_size: Optional[int] = None) -> float:
         """Set ``threshold`` so that ``encode`` keeps ``k`` latents per row on average over ``x [N, d_in]``

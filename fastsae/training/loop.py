@@ -234,12 +234,9 @@ def train(
         bar.close()
     check.raise_if_bad(last_saved)
 
-    if getattr(sae, "fit_magnitudes_at_end", False) and state.step > 0:  # ReLU: its L1 shrinkage undone
-        sae.fit_magnitudes(*_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale,
-                                          state.target_scale))
-    calibrate = getattr(sae, "calibrate", None)  # BatchTopK: its inference threshold, exactly k per row
-    if calibrate is not None and state.step > 0:
-        calibrate(_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale)[0])
+    if state.step > 0:  # BatchTopK's inference threshold (exactly k per row), ReLU's magnitudes
+        sae.on_train_end(*_scaled_batch(source.sample(CALIBRATION_ROWS, seed + 1), sae, device, state.scale,
+                                        state.target_scale))
     sae.eval()
     if state.scale != 1.0 or state.target_scale is not None:
         fold_input_scale(sae, state.scale, state.target_scale)
