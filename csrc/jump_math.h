@@ -28,15 +28,16 @@ inline bool jump_window(wide_t v, wide_t th, wide_t eps) {
   return (u > wide_t(-0.5)) & (u < wide_t(0.5));
 }
 
-// JumpReLU: g_pre = H·∂L/∂f (+ with the straight-through option (1/ε)K·∂L/∂l0_b);
-// ∂L/∂θ_j += K·(-(θ/ε)·∂L/∂f - (1/ε)·∂L/∂l0_b).
+// JumpReLU: g_pre = H·∂L/∂f; ∂L/∂θ_j += K·(-(θ/ε)·∂L/∂f - (1/ε)·∂L/∂l0_b). With the straight-through option
+// (reference.py's ste_to_input) the jump's and the step's pseudo-derivatives reach pre too: f and H depend on pre
+// only through pre - θ, so g_pre gains minus the entry's θ term, K·((θ/ε)·∂L/∂f + (1/ε)·∂L/∂l0_b).
 template <typename acc_t, typename wide_t>
 inline acc_t jump_grad(bool active, bool window, acc_t gf, wide_t th, wide_t eps, wide_t gl0, bool ste, wide_t& s_th) {
   acc_t g = active ? gf : acc_t(0);
   wide_t t = -(th / eps) * static_cast<wide_t>(gf);
   t -= (wide_t(1) / eps) * gl0;
   s_th += window ? t : wide_t(0);
-  if (ste) g += window ? static_cast<acc_t>((wide_t(1) / eps) * gl0) : acc_t(0);
+  if (ste) g -= window ? static_cast<acc_t>(t) : acc_t(0);
   return g;
 }
 

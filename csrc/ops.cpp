@@ -36,7 +36,8 @@ TORCH_LIBRARY(fastsae, m) {
   // Fused sparse SAE training forwards (csrc/sae.cpp): encoder GEMM in row slabs, compaction into CSR
   // by row of the entries the backward needs (JumpReLU: active ∪ window; TopK: k per row; BatchTopK: the
   // batch's B·k largest; ReLU: pre > 0; Gated: open gates), and the sparse decode.
-  // straight_through: the backward adds (1/ε)K·∂L/∂l0 to ∂L/∂pre at window entries (∂H/∂pre := (1/ε)K).
+  // straight_through (reference.py's ste_to_input): the backward adds K·((θ/ε)·∂L/∂f + (1/ε)·∂L/∂l0) to ∂L/∂pre at
+  // window entries (∂f/∂pre += (θ/ε)K, ∂H/∂pre := (1/ε)K).
   m.def("jumprelu_sae(Tensor x, Tensor W_enc, Tensor b_enc, Tensor W_dec, Tensor b_dec, Tensor threshold, "
         "Tensor bandwidth, bool apply_b_dec_to_input, bool straight_through=False) -> (Tensor x_hat, Tensor l0, "
         "Tensor fired, "

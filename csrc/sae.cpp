@@ -456,7 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_spars
 
 // Gradients of jumprelu_sae (flags given) or topk_sae / batchtopk_sae (no flags) from their CSR entries.
 // JumpReLU: ∂L/∂f = SDDMM + grad_values at every entry; g_pre = ∂L/∂f at active entries (plus, with
-// straight_through, (1/ε)·∂L/∂l0 at window entries); grad_θ_j = Σ_window -(θ_j/ε_j) ∂L/∂f - (1/ε_j) ∂L/∂l0_b.
+// straight_through, K·((θ/ε)·∂L/∂f + (1/ε)·∂L/∂l0) at window entries);
+// grad_θ_j = Σ_window -(θ_j/ε_j) ∂L/∂f - (1/ε_j) ∂L/∂l0_b.
 // TopK: g_pre = ∂L/∂f + grad_values at entries with value > 0 (relu).
 // Returns (grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_threshold in threshold's dtype or [0]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_sae_backward_cpu(

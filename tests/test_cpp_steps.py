@@ -215,8 +215,9 @@ def test_sparse_and_dense_paths_agree_float32(arch):
 
 
 def test_jumprelu_grad_values_and_straight_through():
-    """Features the training recipes build on: a gradient reaching the active/window values (a penalty on f) and
-    the optional straight-through ∂H/∂pre := (1/ε)K, against an eager formulation of the same math."""
+    """Features the training recipes build on: a gradient reaching the active/window values (a penalty on f:
+    the tanh recipe) and the straight-through option (the reference's ``ste_to_input``: ∂f/∂pre += (θ/ε)K,
+    ∂H/∂pre := (1/ε)K), against reference.py."""
     from fastsae.ops import cpp
 
     x, p, extra = setup_case("jumprelu", (23, 9, 57), True)
@@ -224,18 +225,6 @@ def test_jumprelu_grad_values_and_straight_through():
     We, be, Wd, bd = p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"]
     inputs = [We, be, Wd, bd, th]
     c = 0.7
-
-    class StepSTE(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, pre, threshold):
-            ctx.save_for_backward(pre, threshold)
-            return (pre > threshold).to(pre.dtype)
-
-        @staticmethod
-        def backward(ctx, g):
-            pre, threshold = ctx.saved_tensors
-            k = ref.rectangle((pre - threshold) / bw)
-            return g * k / bw, (-(1.0 / bw) * k * g).sum(0)
 
     for ste in (False, True):
         for dense in (False, True):
@@ -251,16 +240,45 @@ def test_jumprelu_grad_values_and_straight_through():
             loss = (out[0] - x).pow(2).sum(-1).mean() + 0.3 * out[1].mean() + 0.2 * pen
             got = torch.autograd.grad(loss, inputs)
             pre = (x - bd) @ We + be
-            f_ref = ref.jumprelu(pre, th, bw)
-            l0 = (StepSTE.apply(pre, th) if ste else ref.step(pre, th, bw)).sum(-1, dtype=torch.float32)
+            f_ref = ref.jumprelu(pre, th, bw, ste)
+            l0 = ref.step(pre, th, bw, ste).sum(-1, dtype=torch.float32)
             loss_ref = ((f_ref @ Wd + bd - x).pow(2).sum(-1).mean() + 0.3 * l0.mean()
                         + 0.2 * torch.tanh(c * f_ref * Wd.norm(dim=1)).sum(-1).mean())
             for a, e in zip(got, torch.autograd.grad(loss_ref, inputs)):
                 torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-11)
-    # the straight-through term is exercised: it changes the encoder gradient
-    g0 = torch.autograd.grad(cpp.jumprelu_sae(x, We, be, Wd, bd, th, bw, True, False)[1].sum(), We, allow_unused=True)[0]
-    g1 = torch.autograd.grad(cpp.jumprelu_sae(x, We, be, Wd, bd, th, bw, True, True)[1].sum(), We)[0]
-    assert (g0 is None or g0.abs().max() == 0) and g1.abs().max() > 0
+    # both straight-through terms are exercised: each changes the encoder gradient
+    for term in (lambda o: o[1].sum(), lambda o: (o[0] - x).pow(2).sum()):
+        g0 = torch.autograd.grad(term(cpp.jumprelu_sae(x, We, be, Wd, bd, th, bw, True, False)), We,
+                                 allow_unused=True)[0]
+        g1 = torch.autograd.grad(term(cpp.jumprelu_sae(x, We, be, Wd, bd, th, bw, True, True)), We)[0]
+        assert g0 is None or not torch.allclose(g0, g1)
+    assert torch.autograd.grad(cpp.jumprelu_sae(x, We, be, Wd, bd, th, bw, True, True)[1].sum(), We)[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("recipe", [dict(sparsity_loss="tanh", sparsity_coefficient=0.05),
+                                    dict(sparsity_loss="step", ste_to_input=True),
+                                    dict(sparsity_loss="tanh", ste_to_input=True, target_l0=5.0)])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_jumprelu_recipes_run_fused_and_match_eager(monkeypatch, recipe, path, dtype):
+    """The tanh sparsity and the straight-through recipe run on the fused kernels (both sides of the crossover),
+    with the eager module's loss and gradients."""
+    called = _spy(monkeypatch)
+    x = torch.randn(37, 24, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    grads, losses = [], []
+    for backend in ("cpp", "eager"):
+        sae = _module("jumprelu", dtype=dtype, **recipe)
+        sae.backend = backend
+        with override_crossover(path, arch="jumprelu", backend="cpp"):
+            out = sae.training_forward(x)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: q.grad for n, q in sae.named_parameters()})
+    assert ("jumprelu_sae_dense" if path == "dense" else "jumprelu_sae") in called
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(losses[0], losses[1], **tol)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name, **tol)
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "relu", "gated", "batchtopk"])
@@ -489,13 +507,13 @@ def test_training_run_across_switches_matches_eager(monkeypatch, arch, dtype):
 
 
 @pytest.mark.parametrize("arch,kw", [("jumprelu", dict(target_l0=12.0)),  # quadratic target-L0, init_l0="auto"
-                                     ("jumprelu", dict(target_l0=12.0, sparsity_loss="tanh")),  # eager fallback
-                                     ("jumprelu", dict(ste_to_input=True)),  # eager fallback
+                                     ("jumprelu", dict(target_l0=12.0, sparsity_loss="tanh")),  # a penalty on f
+                                     ("jumprelu", dict(ste_to_input=True)),  # the straight-through option
                                      ("relu", dict(target_l0=12.0)), ("gated", dict(target_l0=12.0))])
 def test_train_with_the_sparsity_controllers_matches_eager(monkeypatch, arch, kw):
     """fastsae.train with issue-18's recipes (target-L0 controllers driving a tensor λ, the data-driven θ
-    initialisation, the recipes the fused kernels hand to the reference) on cpp follows eager, float64, through
-    the first (dense) step and the sparse steps after it."""
+    initialisation, the tanh and straight-through recipes) on cpp follows eager, float64, through the first
+    (dense) step and the sparse steps after it."""
     called = _spy(monkeypatch)
     data = torch.randn(6 * 64, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     states = {}
@@ -505,7 +523,6 @@ def test_train_with_the_sparsity_controllers_matches_eager(monkeypatch, arch, kw
         with override_crossover(0.9):  # the first step (no history: all 96 latents) dense, then sparse
             fastsae.train(sae, data, steps=6, batch_size=64, seed=0, progress=False)
         states[backend] = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    fused = not (kw.get("sparsity_loss") == "tanh" or kw.get("ste_to_input"))
-    assert (called == [f"{arch}_sae_dense"] + [f"{arch}_sae"] * 5) if fused else called == []
+    assert called == [f"{arch}_sae_dense"] + [f"{arch}_sae"] * 5
     for k, v in states["eager"].items():
         torch.testing.assert_close(states["cpp"][k], v, atol=1e-9, rtol=1e-9, msg=k)

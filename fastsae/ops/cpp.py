@@ -426,8 +426,9 @@ def jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_de
 
     ``(row_ptr [B+1], cols [nnz])`` is the CSR of the active ∪ window entries; ``values`` is ``f`` there
     (0 at inactive window entries, differentiable); ``flags`` bit 0 = active, bit 1 = in the window
-    ``|pre - θ| < ε/2``. ``straight_through``: the backward also passes ``(1/ε)K·∂L/∂l0`` to the
-    pre-activations at window entries (``∂H/∂pre := (1/ε)K``; the reference's step passes none).
+    ``|pre - θ| < ε/2``. ``straight_through`` (the reference's ``ste_to_input``): the backward also passes the
+    jump's and the step's pseudo-derivatives to the pre-activations at window entries
+    (``∂f/∂pre += (θ/ε)K``, ``∂H/∂pre := (1/ε)K``; without it the step passes none).
     """
     return _ops().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
                                straight_through)
@@ -532,19 +533,21 @@ class CppBackend(Backend):
     # -- training steps ---------------------------------------------------------------------
     def jumprelu_sae(self, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
                      ste_to_input=False, need_values=False):
-        if ste_to_input or need_values:  # not in the fused kernels yet: the reference computes them
+        if not _fusable(x, W_enc, b_enc, W_dec, b_dec):
             return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
                                         ste_to_input, need_values)
-        if not _fusable(x, W_enc, b_enc, W_dec, b_dec):
-            return super().jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input)
-        args = (x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, bool(apply_b_dec_to_input))
+        args = (x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, bool(apply_b_dec_to_input), bool(ste_to_input))
         if self.density.sparse("jumprelu", W_enc):
-            x_hat, l0, fired, _, cols, _, _ = jumprelu_sae(*args)
-            entries = cols.shape[0]
+            # the code at the CSR entries (active ∪ window; 0 at window-only ones), a layout of SAEForward's
+            x_hat, l0, fired, _, cols, values, _ = jumprelu_sae(*args)
+            entries, indices = cols.shape[0], cols
         else:
-            x_hat, l0, fired, entries, _, _ = jumprelu_sae_dense(*args)
+            x_hat, l0, fired, entries, _, values = jumprelu_sae_dense(*args)
+            indices = None  # the dense code
         self.density.record(W_enc, entries, x.shape[0])
-        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+        if not need_values:
+            return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired)
+        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=indices)
 
     def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
         if not _fusable(x, W_enc, b_enc, W_dec, b_dec) or not self.density.sparse_at("topk", W_enc, k):
