@@ -1,6 +1,8 @@
 """Matryoshka on the quality benchmark's realistic data at the true L0 (k=4): one point per variant (prefix-loss
 scale, widths, topk_warmup). Usage: PYTHONPATH=$PWD python experiments/matryoshka_prefix_sweep.py "scale=0.5" "widths=[256,512]"
-The prefix-loss scale is applied by wrapping reference.matryoshka_loss (an experiment knob, not a library option)."""
+The prefix-loss scale is applied by wrapping reference.matryoshka_loss, on top of the class's prefix_weights (default
+"width" since issue 18; the table in arch_defaults.md was measured before, with the unweighted sum).
+experiments/matryoshka_weights_sweep.py sweeps prefix_weights itself."""
 import sys, torch, time
 torch.set_num_threads(1)
 import fastsae, fastsae.reference as ref
@@ -11,7 +13,7 @@ data = Q.make_data("realistic", cfg)
 l0 = 4
 orig = ref.matryoshka_loss
 def run(name, widths=None, scale=1.0, warm=None):
-    T.ref.matryoshka_loss = lambda p, t: scale * orig(p, t)
+    T.ref.matryoshka_loss = lambda p, t, w=None: scale * orig(p, t, w)
     torch.manual_seed(0)
     kw = dict(widths=widths or fastsae.MatryoshkaBatchTopKSAE.nested_widths(cfg.d_sae))
     if warm is not None: kw["topk_warmup"] = warm

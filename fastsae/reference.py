@@ -14,7 +14,7 @@ Conventions (shared by every backend):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -529,7 +529,14 @@ def matryoshka_batchtopk_sae_forward(
                              values=values, rows=rows, cols=cols)
 
 
-def matryoshka_loss(prefixes: Tensor, target: Tensor) -> Tensor:
-    """``Σ_g mean_b Σ_i (x̂_g - target)²`` over the inner prefixes (the full width is the ordinary MSE); SAELens'
-    ``matryoshka_batchtopk`` weighting (each prefix once, unweighted)."""
-    return (prefixes[:-1] - target).pow(2).sum(-1).mean(-1).sum()
+def matryoshka_loss(prefixes: Tensor, target: Tensor, weights: Optional[Sequence[float]] = None) -> Tensor:
+    """``Σ_g w_g · mean_b Σ_i (x̂_g - target)²`` over the inner prefixes (the full width is the ordinary MSE, weight
+    1). ``weights``: one per inner prefix (``len(prefixes) - 1``); None = all 1, SAELens' ``matryoshka_batchtopk``
+    weighting (each prefix once, unweighted; dictionary_learning's default ``1/G`` for every group, the full one
+    included, is the same up to the overall scale)."""
+    per_prefix = (prefixes[:-1] - target).pow(2).sum(-1).mean(-1)
+    if weights is None:
+        return per_prefix.sum()
+    if len(weights) != per_prefix.shape[0]:
+        raise ValueError(f"matryoshka_loss: {per_prefix.shape[0]} inner prefixes but {len(weights)} weights")
+    return (per_prefix * per_prefix.new_tensor(list(weights))).sum()

@@ -14,8 +14,19 @@ from conftest import BACKENDS, assert_matches_oracle
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _oracle_weights(sae):
+    """Each width's weight in the loss: w / d_sae under the default ``prefix_weights="width"`` (the full width: 1),
+    1 for every width under ``"uniform"``, the given list (and 1 for the full width) otherwise."""
+    if sae.prefix_weights == "width":
+        return [w / sae.d_sae for w in sae.widths]
+    if sae.prefix_weights == "uniform":
+        return [1.0] * len(sae.widths)
+    return list(sae.prefix_weights) + [1.0]
+
+
 def _dense_oracle(sae, x):
-    """The textbook formula: dense BatchTopK code f, x̂_w = f[:, :w] @ W_dec[:w] + b_dec for every width."""
+    """The textbook formula: dense BatchTopK code f, x̂_w = f[:, :w] @ W_dec[:w] + b_dec for every width, each
+    width's mean squared error weighted."""
     x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
     pre = F.relu(x_in @ sae.W_enc + sae.b_enc)
     flat = pre.reshape(-1)
@@ -23,12 +34,13 @@ def _dense_oracle(sae, x):
     mask = torch.zeros_like(flat, dtype=torch.bool).index_fill(0, keep, True).reshape(pre.shape)
     f = pre * mask
     prefixes = [f[:, :w] @ sae.W_dec[:w] + sae.b_dec for w in sae.widths]
-    return sum((p - x).pow(2).sum(-1).mean() for p in prefixes), prefixes[-1]
+    return (sum(w * (p - x).pow(2).sum(-1).mean() for w, p in zip(_oracle_weights(sae), prefixes)),
+            prefixes[-1])
 
 
-def _module(backend, dtype=torch.float64, d_in=11, d_sae=37, k=3, widths=(5, 16)):
+def _module(backend, dtype=torch.float64, d_in=11, d_sae=37, k=3, widths=(5, 16), **kw):
     torch.manual_seed(1)
-    sae = fastsae.MatryoshkaBatchTopKSAE(d_in, d_sae, k, widths=list(widths), backend=backend, dtype=dtype)
+    sae = fastsae.MatryoshkaBatchTopKSAE(d_in, d_sae, k, widths=list(widths), backend=backend, dtype=dtype, **kw)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -37,8 +49,9 @@ def _module(backend, dtype=torch.float64, d_in=11, d_sae=37, k=3, widths=(5, 16)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centred", [True, False])
-def test_forward_and_backward_match_dense_float64_oracle(backend, centred):
-    sae = _module(backend)
+@pytest.mark.parametrize("prefix_weights", ["width", "uniform", [0.5, 2.0]])
+def test_forward_and_backward_match_dense_float64_oracle(backend, centred, prefix_weights):
+    sae = _module(backend, prefix_weights=prefix_weights)
     sae.apply_b_dec_to_input = centred
     x = torch.randn(13, 11, dtype=torch.float64) * 1.7
     out = sae.training_forward(x)
@@ -64,6 +77,29 @@ def test_widths_are_validated_and_completed():
             fastsae.MatryoshkaBatchTopKSAE(4, 16, 2, widths=bad)
     with pytest.raises(TypeError, match="widths"):
         fastsae.MatryoshkaBatchTopKSAE(4, 16, 2, widths="4,8")
+
+
+def test_prefix_weights_default_to_the_prefix_width():
+    """Issue 18: each inner prefix's loss is weighted by its share of d_sae (the full width's MSE by 1), not 1 as
+    in SAELens — the unweighted 1/16-width prefix's loss made its latents means of feature groups. A change of
+    this default must come with the measurements in MatryoshkaBatchTopKSAE's docstring."""
+    sae = fastsae.MatryoshkaBatchTopKSAE(4, 64, 2, widths=[4, 16])
+    assert sae.prefix_weights == "width" and sae.inner_prefix_weights == [4 / 64, 16 / 64]
+    assert fastsae.MatryoshkaBatchTopKSAE(4, 64, 2, widths=[4, 16], prefix_weights="uniform").inner_prefix_weights \
+        == [1.0, 1.0]
+    assert fastsae.MatryoshkaBatchTopKSAE(4, 64, 2, widths=[4, 16], prefix_weights=[0.3, 0]).inner_prefix_weights \
+        == [0.3, 0.0]
+    for bad in ("area", [1.0], [1.0, 2.0, 3.0], [-1.0, 1.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="prefix_weights"):
+            fastsae.MatryoshkaBatchTopKSAE(4, 64, 2, widths=[4, 16], prefix_weights=bad)
+    with pytest.raises(TypeError, match="prefix_weights"):
+        fastsae.MatryoshkaBatchTopKSAE(4, 64, 2, widths=[4, 16], prefix_weights=0.5)
+    # the loss itself: the inner prefixes' mean squared errors, weighted (reference.matryoshka_loss)
+    prefixes, target = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    per = (prefixes - target).pow(2).sum(-1).mean(-1)
+    torch.testing.assert_close(ref.matryoshka_loss(prefixes, target, sae.inner_prefix_weights),
+                               per[0] * 4 / 64 + per[1] * 16 / 64)
+    torch.testing.assert_close(ref.matryoshka_loss(prefixes, target), per[0] + per[1])
 
 
 class _Shapes(TorchDispatchMode):
@@ -100,6 +136,7 @@ def test_saves_loads_and_exports(tmp_path):
     sae.save(tmp_path / "own")
     back = fastsae.load(tmp_path / "own")
     assert type(back) is fastsae.MatryoshkaBatchTopKSAE and back.widths == sae.widths
+    assert back.prefix_weights == sae.prefix_weights == "width"
     x = torch.randn(9, 11)
     torch.testing.assert_close(back(x), sae(x))
     sae.save(tmp_path / "sl", format="saelens")  # a JumpReLU SAE at inference, as SAELens saves its own

@@ -60,7 +60,7 @@ def _oracle(sae, x, y, dead):
     y_hat = f @ W_dec + b_dec + skip
     loss = mse(y_hat)
     if arch == "matryoshka_batchtopk":
-        loss = loss + sum(mse(f[:, :w] @ W_dec[:w] + b_dec + skip) for w in sae.widths[:-1])
+        loss = loss + sum(w / sae.d_sae * mse(f[:, :w] @ W_dec[:w] + b_dec + skip) for w in sae.widths[:-1])  # by width
     e = (y - y_hat).detach()
     dead_pre = F.relu(x @ W_enc[:, dead] + sae.b_enc[dead])
     v, i = torch.topk(dead_pre, min(sae.k_aux, int(dead.numel())))
