@@ -8,8 +8,9 @@ Usage: PYTHONPATH=$PWD python experiments/matryoshka_weights_sweep.py "job='benc
   pw:     MatryoshkaBatchTopKSAE's prefix_weights ('width', 'uniform' or a list); None = the class default
   widths: a list, or 'div:a,b' for [d_sae//a, d_sae//b, d_sae]; None = nested_widths(d_sae)
   warm:   topk_warmup; seed: the torch seed of the SAE and of the training run (the data stay seed 0)
-Prints one JSON line per point and appends it to ./matryoshka_weights_sweep.jsonl."""
+Prints one JSON line per point and appends it to experiments/results/matryoshka_weights_sweep.jsonl."""
 import json, sys, time
+from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import fastsae
@@ -66,7 +67,7 @@ def run(job="bench", data="realistic", pw=None, widths=None, warm=None, seed=0, 
         ev = evaluate(sae, held.float())
         out.update(cli_fvu=round(ev["fvu"], 4), cli_l0=round(ev["l0"], 2), cli_dead=round(ev["dead"], 3))
     print(json.dumps(out), flush=True)
-    open("matryoshka_weights_sweep.jsonl", "a").write(json.dumps(out) + "\n")
+    open(Path(__file__).parent / "results" / "matryoshka_weights_sweep.jsonl", "a").write(json.dumps(out) + "\n")
 
 
 for spec in sys.argv[1:]:

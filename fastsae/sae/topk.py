@@ -2,6 +2,7 @@
 (Bussmann et al. 2025)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -252,8 +253,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             if isinstance(prefix_weights, (bytes, bool)) or not hasattr(prefix_weights, "__iter__"):
                 raise TypeError(f"prefix_weights must be a name or a list of floats, got {prefix_weights!r}")
             prefix_weights = [float(w) for w in prefix_weights]
-            if len(prefix_weights) != len(widths) - 1 or not all(w >= 0 and w == w and w != float("inf")
-                                                                 for w in prefix_weights):
+            if len(prefix_weights) != len(widths) - 1 or not all(w >= 0 and math.isfinite(w) for w in prefix_weights):
                 raise ValueError(f"prefix_weights must hold {len(widths) - 1} finite non-negative floats (one per "
                                  f"inner prefix of {widths}), got {prefix_weights!r}")
         self.prefix_weights = prefix_weights
