@@ -192,10 +192,14 @@ Outputs topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::
         std::vector<acc_t> acc(decode ? d_in : 0);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = slab.r0 + r;
-          scalar_t* row = slab.row<scalar_t>(r);
+          // the dense output is written over its own row (biased in place); the sparse one only reads it
+          scalar_t* row = dense ? slab.row<scalar_t>(r) : nullptr;
           scalar_t* v = dense ? tv.data() : values.data_ptr<scalar_t>() + b * k;
           int64_t* i = dense ? ti.data() : indices.data_ptr<int64_t>() + b * k;
-          sel.run(row, d_sae, v, i);
+          if (dense)
+            sel.run(row, d_sae, v, i);
+          else
+            sel.run(slab.raw_row<scalar_t>(r), d_sae, v, i, slab.pending_bias<scalar_t>());
           for (int64_t j = 0; j < k; ++j)
             if (v[j] < scalar_t(0)) v[j] = scalar_t(0);
           if (dense) {

@@ -147,6 +147,16 @@ struct Slab {
   at::Tensor late_bias;  // [d_sae] still to be added to every row, or undefined
   template <typename scalar_t>
   scalar_t* row(int64_t r) const;
+  // Row r without the pending bias, and that bias (null when the GEMM added it): for a scan that forms
+  // row + bias where it reads it instead of adding it in a pass of its own (TopK's selection).
+  template <typename scalar_t>
+  const scalar_t* raw_row(int64_t r) const {
+    return pre.data_ptr<scalar_t>() + r * d_sae;
+  }
+  template <typename scalar_t>
+  const scalar_t* pending_bias() const {
+    return late_bias.defined() ? late_bias.data_ptr<scalar_t>() : nullptr;
+  }
 };
 
 // The encoder GEMM of x_in [B, d_in] @ W [d_in, d_sae] (+ bias) in row slabs: f(slab) sees the [rows, d_sae]

@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
         std::vector<acc_t> acc(d_in);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = slab.r0 + r;
-          sel.run(slab.row<scalar_t>(r), d_sae, vp + b * k, ip + b * k);
+          sel.run(slab.raw_row<scalar_t>(r), d_sae, vp + b * k, ip + b * k, slab.pending_bias<scalar_t>());
           // relu after selection: the k largest of relu(pre) are relu of the k largest of pre.
           int64_t act = 0;
           for (int64_t j = 0; j < k; ++j) {

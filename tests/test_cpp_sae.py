@@ -262,3 +262,38 @@ def test_module_training_step_uses_the_fused_op(monkeypatch):
         with override_crossover("sparse") if called else override_crossover(None):
             sae.training_forward(torch.randn(5, 8)).loss.backward()
     assert called == ["jumprelu_sae_dense", "jumprelu_sae", "topk_sae"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_sae_long_rows_ties_and_scale_jumps(dtype):
+    """Rows long enough for the grouped-maxima selection (d_sae >= 64·k) with the encoder bias formed inside the
+    selection (float32 / float64 add it late), many rows per task so each row starts from the previous row's
+    hint, rows whose scale jumps 30× (the hint is then rejected) and integer pre-activations (ties everywhere):
+    the kept entries are exactly the stable descending sort's first k, lower index first among equals."""
+    from fastsae.ops import cpp
+
+    g = torch.Generator().manual_seed(5)
+    B, d_in, d_sae, k = 83, 16, 4099, 32
+    x = torch.randint(-3, 4, (B, d_in), generator=g).to(dtype)
+    x[::5] *= 30
+    x[2::9] = 0  # a row of ties at the bias alone
+    W_enc = torch.randint(-2, 3, (d_in, d_sae), generator=g).to(dtype)
+    b_enc = torch.randint(-2, 3, (d_sae,), generator=g).to(dtype)
+    W_dec = torch.randn(d_sae, d_in, generator=g, dtype=dtype)
+    b_dec = torch.zeros(d_in, dtype=dtype)
+    x_hat, values, indices, l0, fired = cpp.topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, False)
+    pre = x @ W_enc + b_enc
+    want_v, want_i = pre.sort(dim=1, descending=True, stable=True)
+    want_v, want_i = want_v[:, :k].clamp_min(0), want_i[:, :k]
+    assert torch.equal(values, want_v)
+    pos = want_v > 0
+    assert torch.equal(indices[pos], want_i[pos])
+    torch.testing.assert_close(x_hat, ref.sparse_decode(want_v, want_i, W_dec, b_dec), atol=1e-4, rtol=1e-5)
+    # inference: the same selection through encode_sparse's fused path (which orders equal values its own way)
+    sae = fastsae.TopKSAE(d_in, d_sae, k=k, backend="cpp", dtype=dtype, apply_b_dec_to_input=False)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc), sae.b_enc.copy_(b_enc), sae.W_dec.copy_(W_dec), sae.b_dec.zero_()
+        v2, i2 = sae.encode_sparse(x)
+    assert torch.equal(v2, want_v)
+    live = pos.all(1)
+    assert live.sum() > B // 2 and torch.equal(i2[live].sort(1).values, want_i[live].sort(1).values)
