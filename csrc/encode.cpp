@@ -59,7 +59,7 @@ Outputs padded_from_csr(const std::vector<int64_t>& rp, const std::vector<int64_
 }
 
 // The shared body of threshold_encode and gated_encode: keep(row, cand, entries) fills one row's entries
-// (nonzero values, latent order) from its slab row; apply_dense(row) thresholds a row of f in place.
+// (nonzero values, latent order) from its slab row (a RowRef); apply_dense(row) thresholds a row of f in place.
 template <typename scalar_t, typename Keep, typename Dense>
 Outputs select_encode(const at::Tensor& x_in, const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias,
                       const at::Tensor& W_dec, const at::Tensor& b_dec, bool dense, Keep&& keep, Dense&& apply_dense) {
@@ -112,12 +112,13 @@ Outputs threshold_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
     dispatch_wide(th.scalar_type(), [&](auto wide_tag) {
       using wide_t = decltype(wide_tag);
       const JumpSelect<wide_t> sel(th.data_ptr<wide_t>(), nullptr, d_sae);
-      auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& e) {
-        const int64_t nc = candidates<scalar_t, wide_t>(row, sel.lo.data(), d_sae, cand);
+      const std::vector<wide_t> lo = raw_bounds<scalar_t, wide_t>(sel.lo.data(), x_in, b_enc, d_sae);
+      auto keep = [&](const RowRef<scalar_t>& row, int64_t* cand, std::vector<Entry<scalar_t>>& e) {
+        const int64_t nc = candidates<scalar_t, wide_t>(row.z, lo.data(), d_sae, cand);
         for (int64_t c = 0; c < nc; ++c) {
           const int64_t j = cand[c];
-          if (sel.classify(static_cast<wide_t>(row[j]), j) && row[j] != scalar_t(0))
-            e.push_back({j, row[j], scalar_t(0), kActive});
+          const scalar_t v = row[j];
+          if (sel.classify(static_cast<wide_t>(v), j) && v != scalar_t(0)) e.push_back({j, v, scalar_t(0), kActive});
         }
       };
       auto apply_dense = [&](scalar_t* row) {
@@ -143,11 +144,11 @@ Outputs gated_encode_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at
     using acc_t = at::opmath_type<scalar_t>;
     auto bg = b_gate.contiguous(), rm = r_mag.contiguous(), bm = b_mag.contiguous();
     const GatedSelect<acc_t> sel(bg.data_ptr<scalar_t>(), rm.data_ptr<scalar_t>(), bm.data_ptr<scalar_t>(), d_sae);
-    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& e) {
-      const int64_t nc = candidates<scalar_t, acc_t>(row, sel.lo.data(), d_sae, cand);
+    auto keep = [&](const RowRef<scalar_t>& row, int64_t* cand, std::vector<Entry<scalar_t>>& e) {
+      const int64_t nc = candidates<scalar_t, acc_t>(row.z, sel.lo.data(), d_sae, cand);  // no GEMM bias: row.z
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t j = cand[c];
-        const acc_t z = static_cast<acc_t>(row[j]);
+        const acc_t z = static_cast<acc_t>(row.z[j]);
         if (!sel.gate(z, j)) continue;
         const scalar_t f = static_cast<scalar_t>(sel.mag(z, j));
         if (f != scalar_t(0)) e.push_back({j, f, scalar_t(0), kActive});

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -159,6 +160,11 @@ struct Slab {
   }
 };
 
+// Whether for_each_slab leaves the bias to the scan (float32 / float64 slabs of its own) rather than to the GEMM.
+inline bool bias_added_late(const at::Tensor& x_in, const at::Tensor& bias, const at::Tensor& target) {
+  return bias.defined() && !target.defined() && x_in.scalar_type() != at::kBFloat16;
+}
+
 // The encoder GEMM of x_in [B, d_in] @ W [d_in, d_sae] (+ bias) in row slabs: f(slab) sees the [rows, d_sae]
 // pre-activations of rows r0..r0+rows while they are in cache. With `target` the slabs are views of target's rows
 // (the dense output of an inference encode) and the GEMM adds the bias; otherwise each thread reuses one slab
@@ -174,7 +180,7 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
   const int64_t B = x_in.size(0), d_sae = W.size(1);
   const int64_t chunk = encode_chunk_rows(B, d_sae);
   const int64_t nslabs = (B + chunk - 1) / chunk;
-  const bool late = bias.defined() && !target.defined() && x_in.scalar_type() != at::kBFloat16;
+  const bool late = bias_added_late(x_in, bias, target);
   const at::Tensor late_bias = late ? bias.contiguous() : at::Tensor();
   auto slab = [&](int64_t s, at::Tensor& buf) {
     const int64_t r0 = s * chunk, rows = std::min(chunk, B - r0);
@@ -210,6 +216,36 @@ void for_each_slab(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor
 template <>
 inline void add_bias<float>(float* row, const float* bias, int64_t n) {
   add_bias_f32(row, bias, n);
+}
+
+// A slab row as a scan reads it: z = x_in · W, plus the pending bias b when the GEMM left it (element j of the
+// pre-activation is row[j] = z[j] + b[j], rounded once, as Slab::row's in-place add gives). The scans test z
+// against bounds that already have the bias subtracted (raw_bounds), so the bias is added only to the candidates:
+// no pass of its own over the row.
+template <typename scalar_t>
+struct RowRef {
+  const scalar_t* z;
+  const scalar_t* b;  // null: z is the pre-activation
+  scalar_t operator[](int64_t j) const { return b ? static_cast<scalar_t>(z[j] + b[j]) : z[j]; }
+};
+
+// Bounds on z for the scan's superset test `row[j] >= lo[j]` on the biased row: z[j] >= lo[j] - b[j] less a
+// margin for the roundings of z + b and of the subtraction, so every entry the biased test would pass is a
+// candidate (the exact test then runs on row[j]). lo itself where the GEMM adds the bias.
+template <typename scalar_t, typename wide_t>
+std::vector<wide_t> raw_bounds(const wide_t* lo, const at::Tensor& x_in, const at::Tensor& bias, int64_t n) {
+  std::vector<wide_t> out(lo, lo + n);
+  if (!bias_added_late(x_in, bias, at::Tensor())) return out;
+  const at::Tensor bc = bias.contiguous();
+  const scalar_t* b = bc.data_ptr<scalar_t>();
+  const wide_t rel = 4 * (static_cast<wide_t>(std::numeric_limits<scalar_t>::epsilon()) +
+                          std::numeric_limits<wide_t>::epsilon());
+  for (int64_t j = 0; j < n; ++j) {
+    const wide_t bj = static_cast<wide_t>(b[j]);
+    if (std::isfinite(lo[j]))
+      out[j] = lo[j] - bj - rel * (std::abs(lo[j]) + std::abs(bj)) - std::numeric_limits<wide_t>::min();
+  }
+  return out;
 }
 
 template <typename scalar_t>
@@ -328,7 +364,7 @@ struct CsrBuilder {
   bool two, with_flags;
 };
 
-// For every row b of the batch: keep(row, cand, arena) pushes the row's kept entries (latent order) onto the
+// For every row b of the batch: keep(row, cand, arena) (row: a RowRef) pushes the row's kept entries (latent order) onto the
 // thread's arena (`cand`: scratch of d_sae indices), then post(b, entries, n, acc) computes the row's outputs
 // from them (decode, counts; `acc`: scratch of 2·d_in accumulators). Then csr.finish() or csr.padded().
 template <typename scalar_t, typename Keep, typename Post>
@@ -343,7 +379,7 @@ void compact_rows(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor&
       auto& arena = csr.new_arena();
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = slab.r0 + r, start = static_cast<int64_t>(arena.size());
-        keep(slab.row<scalar_t>(r), cand.data(), arena);
+        keep(RowRef<scalar_t>{slab.raw_row<scalar_t>(r), slab.pending_bias<scalar_t>()}, cand.data(), arena);
         csr.set_row(b, arena, start);
         post(b, arena.data() + start, static_cast<int64_t>(arena.size()) - start, acc.data());
       }

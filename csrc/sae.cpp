@@ -159,12 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* xh = x_hat.data_ptr<scalar_t>();
       float* l0p = l0.data_ptr<float>();
       CsrBuilder<scalar_t> csr(B, false, true);
-      auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
-        const int64_t nc = candidates<scalar_t, wide_t>(row, sel.lo.data(), d_sae, cand);
+      const std::vector<wide_t> lo = raw_bounds<scalar_t, wide_t>(sel.lo.data(), x_in, b_enc, d_sae);
+      auto keep = [&](const RowRef<scalar_t>& row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
+        const int64_t nc = candidates<scalar_t, wide_t>(row.z, lo.data(), d_sae, cand);
         for (int64_t c = 0; c < nc; ++c) {
           const int64_t j = cand[c];
-          const uint8_t f = sel.classify(static_cast<wide_t>(row[j]), j);
-          if (f) out.push_back({j, (f & kActive) ? row[j] : scalar_t(0), scalar_t(0), f});
+          const scalar_t v = row[j];
+          const uint8_t f = sel.classify(static_cast<wide_t>(v), j);
+          if (f) out.push_back({j, (f & kActive) ? v : scalar_t(0), scalar_t(0), f});
         }
       };
       auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
@@ -308,9 +310,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* sp = sparsity.data_ptr<scalar_t>();
     float* l0p = l0.data_ptr<float>();
     CsrBuilder<scalar_t> csr(B, false, false);
-    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
-      const int64_t nc = candidates_above<scalar_t, acc_t>(row, acc_t(0), d_sae, cand);
-      for (int64_t c = 0; c < nc; ++c) out.push_back({cand[c], row[cand[c]], scalar_t(0), kActive});
+    const std::vector<acc_t> zero(d_sae, acc_t(0));
+    const std::vector<acc_t> lo = raw_bounds<scalar_t, acc_t>(zero.data(), x_in, b_enc, d_sae);
+    auto keep = [&](const RowRef<scalar_t>& row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
+      const int64_t nc = candidates<scalar_t, acc_t>(row.z, lo.data(), d_sae, cand);
+      for (int64_t c = 0; c < nc; ++c) {
+        const scalar_t v = row[cand[c]];
+        if (static_cast<acc_t>(v) > acc_t(0)) out.push_back({cand[c], v, scalar_t(0), kActive});
+      }
     };
     auto post = [&](int64_t b, const Entry<scalar_t>* e, int64_t n, acc_t* acc) {
       acc_t s = 0;
@@ -359,11 +366,11 @@ gated_sae_cpu(const at::Tensor& x, const at::Tensor& W_gate, const at::Tensor& b
     scalar_t* sp = sparsity.data_ptr<scalar_t>();
     float* l0p = l0.data_ptr<float>();
     CsrBuilder<scalar_t> csr(B, true, false);
-    auto keep = [&](const scalar_t* row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
-      const int64_t nc = candidates<scalar_t, acc_t>(row, sel.lo.data(), d_sae, cand);
+    auto keep = [&](const RowRef<scalar_t>& row, int64_t* cand, std::vector<Entry<scalar_t>>& out) {
+      const int64_t nc = candidates<scalar_t, acc_t>(row.z, sel.lo.data(), d_sae, cand);  // no GEMM bias: row.z
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t j = cand[c];
-        const acc_t z = static_cast<acc_t>(row[j]);
+        const acc_t z = static_cast<acc_t>(row.z[j]);
         if (sel.gate(z, j))
           out.push_back({j, static_cast<scalar_t>(sel.mag(z, j)), static_cast<scalar_t>(sel.pi_gate(z, j)), kActive});
       }

@@ -297,3 +297,46 @@ def test_topk_sae_long_rows_ties_and_scale_jumps(dtype):
     assert torch.equal(v2, want_v)
     live = pos.all(1)
     assert live.sum() > B // 2 and torch.equal(i2[live].sort(1).values, want_i[live].sort(1).values)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_bias_added_in_the_scan_keeps_boundary_entries(arch):
+    """float32 with an encoder bias 100× the GEMM's output (so z + b rounds) and thresholds placed exactly on some
+    pre-activations, on ε / 2 from them and one float step either side: the scan tests z against bounds with the
+    bias subtracted and adds the bias to its candidates only; the kept entries, flags and values are those of the
+    biased pre-activation itself, as the reference computes it."""
+    from fastsae.ops import cpp
+
+    g = torch.Generator().manual_seed(11)
+    B, d_in, d_sae = 37, 24, 301
+    x = torch.randn(B, d_in, generator=g)
+    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5
+    b_enc = 100 * torch.randn(d_sae, generator=g)
+    W_dec = torch.randn(d_sae, d_in, generator=g) / d_in ** 0.5
+    b_dec = torch.zeros(d_in)
+    pre = x @ W_enc + b_enc  # the reference's rounding: the GEMM, then the bias
+    if arch == "relu":
+        b_enc = -(x @ W_enc)[5] + torch.randint(-1, 2, (d_sae,), generator=g) * 1e-6  # row 5 lands on 0 ± 1e-6
+        pre = x @ W_enc + b_enc
+        x_hat, sparsity, l0, fired, row_ptr, cols, values = cpp.relu_sae(x, W_enc, b_enc, W_dec, b_dec,
+                                                                       torch.ones(d_sae), False)
+        keep = pre > 0
+    else:
+        bw = torch.full((d_sae,), 1e-3)
+        th = pre[torch.randint(0, B, (d_sae,), generator=g), torch.arange(d_sae)].clone()
+        third = d_sae // 3
+        th[:third] = torch.nextafter(th[:third], th[:third] + 1)  # one float step above an entry
+        th[third:2 * third] = torch.nextafter(th[third:2 * third], th[third:2 * third] - 1)  # one step below
+        x_hat, l0, fired, row_ptr, cols, values, flags = cpp.jumprelu_sae(x, W_enc, b_enc, W_dec, b_dec, th, bw,
+                                                                            False)
+        active = pre > th
+        window = ((pre - th) / bw).abs() < 0.5
+        keep = active | window
+        rows = torch.repeat_interleave(torch.arange(B), keep.sum(-1))
+        assert torch.equal(flags & 1 == 1, active[rows, cols]) and active.any() and (window & ~active).any()
+        keep_values = pre * active
+    assert row_ptr.tolist() == [0] + keep.sum(-1).cumsum(0).tolist()
+    rows = torch.repeat_interleave(torch.arange(B), keep.sum(-1))
+    assert torch.equal(rows * d_sae + cols, keep.reshape(-1).nonzero().squeeze(1))
+    want = pre if arch == "relu" else keep_values
+    assert torch.equal(values, want[rows, cols])
