@@ -231,7 +231,7 @@ Outputs batchtopk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batchtopk_encode", [&] {
     std::vector<int64_t> rp, cols;
     std::vector<scalar_t> vals;
-    batch_topk_entries<scalar_t>(x_in, W_enc, b_enc, k, rp, cols, vals);
+    batch_topk_entries<scalar_t>(x_in, W_enc, b_enc, k, 0.0, rp, cols, vals);
     if (dense) {
       auto f = at::zeros({B, d_sae}, x.options());
       scalar_t* fp = f.data_ptr<scalar_t>();

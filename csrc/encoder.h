@@ -442,10 +442,11 @@ inline void decode_entries2(int64_t d_in, const Entry<scalar_t>* e, int64_t n, c
 }
 
 // The batch-wide top-k of relu(x_in · W + b): the min(B·k, B·d_sae) largest positive entries as CSR by
-// row (csrc/sae.cpp).
+// row (csrc/sae.cpp; bound_hint: a starting bound for the scan, 0 for none, which never changes the result).
 template <typename scalar_t>
 void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& b, int64_t k,
-                        std::vector<int64_t>& row_ptr, std::vector<int64_t>& cols, std::vector<scalar_t>& vals);
+                        double bound_hint, std::vector<int64_t>& row_ptr, std::vector<int64_t>& cols,
+                        std::vector<scalar_t>& vals);
 
 // ---- the selection rules: what each architecture keeps of a pre-activation ----------------------
 

@@ -44,9 +44,10 @@ TORCH_LIBRARY(fastsae, m) {
         "Tensor row_ptr, Tensor cols, Tensor values, Tensor flags)");
   m.def("topk_sae(Tensor x, Tensor W_enc, Tensor b_enc, Tensor W_dec, Tensor b_dec, int k, "
         "bool apply_b_dec_to_input) -> (Tensor x_hat, Tensor values, Tensor indices, Tensor l0, Tensor fired)");
+  // bound_hint: a guess below the batch's B·k-th value (speed only: the selection is exact whatever it is).
   m.def("batchtopk_sae(Tensor x, Tensor W_enc, Tensor b_enc, Tensor W_dec, Tensor b_dec, int k, "
-        "bool apply_b_dec_to_input) -> (Tensor x_hat, Tensor l0, Tensor fired, Tensor row_ptr, Tensor cols, "
-        "Tensor values, Tensor min_kept)");
+        "bool apply_b_dec_to_input, float bound_hint=0.0) -> (Tensor x_hat, Tensor l0, Tensor fired, "
+        "Tensor row_ptr, Tensor cols, Tensor values, Tensor min_kept)");
   m.def("relu_sae(Tensor x, Tensor W_enc, Tensor b_enc, Tensor W_dec, Tensor b_dec, Tensor latent_weight, "
         "bool apply_b_dec_to_input) -> (Tensor x_hat, Tensor sparsity, Tensor l0, Tensor fired, Tensor row_ptr, "
         "Tensor cols, Tensor values)");

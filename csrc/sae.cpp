@@ -50,9 +50,17 @@ at::Tensor fired_from(const std::vector<int64_t>& cols, const std::vector<uint8_
 // Kept entries of relu(x_in · W + b) [B, d_sae]: the n_keep = min(B·k, B·d_sae) largest, as CSR by row
 // in latent order. Entries <= 0 are never kept (they carry no value and no gradient). Ties at the
 // boundary are broken by the lower flat index, so the result is a deterministic function of the batch.
+//
+// `bound_hint` (> 0: a guess at a value below the final n_keep-th, such as a fraction of the previous step's
+// smallest kept value) is the scan's starting bound instead of 0: from the first slab on only the entries above
+// it are candidates, where a bound that starts at 0 rises to the final one only slab by slab (about 5·n_keep
+// candidates copied, pruned and ranked; 30% of a step at d_sae 8192, k 32). The result does not depend on it:
+// when at least n_keep entries are above the hint the n_keep-th largest is too, and otherwise the selection
+// runs again from 0 (its GEMM included).
 template <typename scalar_t>
 void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::Tensor& b, int64_t k,
-                        std::vector<int64_t>& row_ptr, std::vector<int64_t>& cols, std::vector<scalar_t>& vals) {
+                        double bound_hint, std::vector<int64_t>& row_ptr, std::vector<int64_t>& cols,
+                        std::vector<scalar_t>& vals) {
   using key_t = at::opmath_type<scalar_t>;
   struct Cand {
     int64_t flat;  // row * d_sae + col
@@ -60,11 +68,12 @@ void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::T
   };
   const int64_t B = x_in.size(0), d_sae = W.size(1);
   const int64_t n_keep = std::min(B * k, B * d_sae);
+  const key_t hint = std::isfinite(bound_hint) && bound_hint > 0 ? static_cast<key_t>(bound_hint) : key_t(0);
   // Candidates are appended (and pruned) under `mu`. `lo` only rises: every value it takes is the n_keep-th
-  // largest of a subset of the batch, so never above the final one.
+  // largest of a subset of the batch, so never above the final one (the hint excepted: checked below).
   std::vector<Cand> all;
   std::mutex mu;
-  std::atomic<key_t> lo{key_t(0)};  // keep v > lo
+  std::atomic<key_t> lo{hint};  // keep v > lo
   auto prune = [&] {  // under mu
     std::vector<key_t> tmp(all.size());
     for (size_t e = 0; e < all.size(); ++e) tmp[e] = all[e].v;
@@ -90,6 +99,10 @@ void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::T
     std::lock_guard<std::mutex> lock(mu);
     if (n_keep > 0 && static_cast<int64_t>(all.size()) > 2 * n_keep) prune();
   });
+  if (hint > key_t(0) && static_cast<int64_t>(all.size()) < n_keep) {
+    batch_topk_entries<scalar_t>(x_in, W, b, k, 0.0, row_ptr, cols, vals);  // the hint was above the final bound
+    return;
+  }
   // The exact n_keep: rank by value, ties by the lower flat index.
   auto better = [](const Cand& a, const Cand& c) { return a.v > c.v || (a.v == c.v && a.flat < c.flat); };
   if (static_cast<int64_t>(all.size()) > n_keep) {
@@ -123,11 +136,11 @@ void batch_topk_entries(const at::Tensor& x_in, const at::Tensor& W, const at::T
   });
 }
 
-template void batch_topk_entries<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+template void batch_topk_entries<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
                                         std::vector<int64_t>&, std::vector<int64_t>&, std::vector<float>&);
-template void batch_topk_entries<double>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+template void batch_topk_entries<double>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
                                          std::vector<int64_t>&, std::vector<int64_t>&, std::vector<double>&);
-template void batch_topk_entries<at::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+template void batch_topk_entries<at::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
                                                std::vector<int64_t>&, std::vector<int64_t>&,
                                                std::vector<at::BFloat16>&);
 
@@ -241,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_sae_
 // (x_hat, l0, fired, row_ptr, cols, values, min_kept [1], or [0] when nothing is kept)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batchtopk_sae_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& W_dec,
-    const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input) {
+    const at::Tensor& b_dec, int64_t k, bool apply_b_dec_to_input, double bound_hint) {
   const char* op = "batchtopk_sae";
   const SaeInputs in = prepare_sae(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, op);
   const int64_t B = in.B, d_in = in.d_in, d_sae = in.d_sae;
@@ -257,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<int64_t> rp, cs;
     std::vector<scalar_t> vs;
-    batch_topk_entries<scalar_t>(x_in, W_enc, b_enc, k, rp, cs, vs);
+    batch_topk_entries<scalar_t>(x_in, W_enc, b_enc, k, bound_hint, rp, cs, vs);
     const scalar_t* W = Wd.data_ptr<scalar_t>();
     const scalar_t* bias = bd.data_ptr<scalar_t>();
     scalar_t* xh = x_hat.data_ptr<scalar_t>();

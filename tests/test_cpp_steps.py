@@ -321,6 +321,28 @@ def test_batchtopk_selection_exact_under_pruning():
     assert float(out[6][0]) == float(want.min())
 
 
+def test_batchtopk_bound_hint_never_changes_the_selection():
+    """``bound_hint`` only sets where the scan starts: hints below the batch's B·k-th value, on it, above it (the
+    selection then runs again from 0), above every entry, and invalid ones give the selection without a hint bit
+    for bit; the cpp backend starts each step from a fraction of the previous step's smallest kept value."""
+    from fastsae.ops import cpp
+
+    B, d_in, d_sae, k = 700, 16, 6000, 3
+    x, p = params(B, d_in, d_sae, dtype=torch.float32, seed=4)
+    args = (x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], k, False)
+    with torch.no_grad():
+        base = cpp.batchtopk_sae(*args)
+        tau = float(base[6][0])
+        for hint in (0.5 * tau, 0.999 * tau, tau, 1.001 * tau, 1e30, float("inf"), float("nan"), -1.0):
+            out = cpp.batchtopk_sae(*args, bound_hint=hint)
+            assert all(torch.equal(a, b) for a, b in zip(out, base)), hint
+        backend = cpp.CppBackend()
+        first = backend.batchtopk_sae(*args)
+        assert backend._batch_bounds[p["W_enc"]] == pytest.approx(backend.BATCH_BOUND_FRACTION * tau)
+        second = backend.batchtopk_sae(*args)  # from the recorded hint
+        assert torch.equal(first.x_hat, second.x_hat) and torch.equal(first.x_hat, base[0])
+
+
 def test_batchtopk_fewer_positive_than_budget():
     from fastsae.ops import cpp
 
@@ -390,6 +412,7 @@ def test_opcheck():
                           test_utils=dyn)
     torch.library.opcheck(ops.gated_sae.default, (x, We, be, rm, bm, Wd, bd, False), test_utils=dyn)
     torch.library.opcheck(ops.batchtopk_sae.default, (x, We, be, Wd, bd, 3, True), test_utils=dyn)
+    torch.library.opcheck(ops.batchtopk_sae.default, (x, We, be, Wd, bd, 3, True, 0.05), test_utils=dyn)
     torch.library.opcheck(ops.jumprelu_sae.default, (x, We, be, Wd, bd, th, bw, False, True), test_utils=dyn)
     # The backward ops on their own (no autograd of their own).
     d = [t.detach() for t in (x, We, be, Wd, bd)]

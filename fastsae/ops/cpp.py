@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from torch import Tensor
 
 from .. import reference as ref
@@ -151,7 +152,7 @@ if _IMPORT_ERROR is None:
         return x.new_empty((B, d_in)), x.new_empty((B, k)), x.new_empty((B, k), dtype=torch.int64), l0, fired
 
     @torch.library.register_fake("fastsae::batchtopk_sae")
-    def _batchtopk_sae_fake(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
+    def _batchtopk_sae_fake(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, bound_hint=0.0):
         B, d_in, d_sae = _check_sae_fake(x, W_enc, W_dec)
         (row_ptr, cols, values), _ = _csr_fake(x, B)
         min_kept = x.new_empty((torch.library.get_ctx().new_dynamic_size(max=1),))  # [1], or [0] if none kept
@@ -291,7 +292,7 @@ if _IMPORT_ERROR is None:
     torch.library.register_autograd("fastsae::topk_sae", _topk_sae_backward, setup_context=_topk_sae_setup)
 
     def _batchtopk_sae_setup(ctx, inputs, output):
-        x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input = inputs
+        x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input = inputs[:7]
         _, _, fired, row_ptr, cols, values, min_kept = output
         ctx.apply_b_dec_to_input = apply_b_dec_to_input
         ctx.mark_non_differentiable(fired, row_ptr, cols, min_kept)
@@ -303,7 +304,7 @@ if _IMPORT_ERROR is None:
         gWe, gbe, gWd, gbd, _ = _ops().sparse_sae_backward(
             _zeros_if_none(grad_x_hat, x), None, grad_values, x, W_enc, W_dec, b_dec, ctx.apply_b_dec_to_input,
             row_ptr, cols, values, None, None, None)
-        return _pick(ctx, (gWe, gbe, gWd, gbd)) + (None, None)
+        return _pick(ctx, (gWe, gbe, gWd, gbd)) + (None, None, None)
 
     torch.library.register_autograd("fastsae::batchtopk_sae", _batchtopk_sae_backward,
                                     setup_context=_batchtopk_sae_setup)
@@ -448,10 +449,12 @@ def topk_sae(x, W_enc, b_enc, W_dec, b_dec, k: int, apply_b_dec_to_input=True):
     return _ops().topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
 
 
-def batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k: int, apply_b_dec_to_input=True):
+def batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k: int, apply_b_dec_to_input=True, bound_hint: float = 0.0):
     """Fused sparse BatchTopK SAE forward: ``(x_hat, l0, fired, row_ptr, cols, values, min_kept)`` — the CSR of
-    the batch's ``B·k`` largest relu'd pre-activations; ``min_kept`` is ``[1]`` (``[0]`` when none is > 0)."""
-    return _ops().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+    the batch's ``B·k`` largest relu'd pre-activations; ``min_kept`` is ``[1]`` (``[0]`` when none is > 0).
+    ``bound_hint``: a guess below the batch's ``B·k``-th value that the scan starts from (speed only; the selection
+    is exact whatever it is, recomputed from 0 when fewer than ``B·k`` entries lie above it)."""
+    return _ops().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, float(bound_hint))
 
 
 def relu_sae(x, W_enc, b_enc, W_dec, b_dec, latent_weight, apply_b_dec_to_input=False):
@@ -555,11 +558,21 @@ class CppBackend(Backend):
         x_hat, values, indices, l0, fired = topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, bool(apply_b_dec_to_input))
         return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=indices)
 
+    #: the next step's BatchTopK scan starts from this fraction of the previous step's smallest kept value (the
+    #: batch's B·k-th moves by a few % from step to step; a guess above it only costs that step a second pass)
+    BATCH_BOUND_FRACTION = 0.8
+
     def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
         if not _fusable(x, W_enc, b_enc, W_dec, b_dec) or not self.density.sparse_at("batchtopk", W_enc, k):
             return super().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+        # Keyed by the encoder weight like the density record; a hint never changes the result, so it is not saved.
+        bounds = self.__dict__.setdefault("_batch_bounds", WeakIdKeyDictionary())
+        traced = torch.compiler.is_compiling()
+        hint = 0.0 if traced else bounds.get(W_enc, 0.0)
         x_hat, l0, fired, _, _, _, min_kept = batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k,
-                                                            bool(apply_b_dec_to_input))
+                                                            bool(apply_b_dec_to_input), hint)
+        if not traced:
+            bounds[W_enc] = self.BATCH_BOUND_FRACTION * float(min_kept[0]) if min_kept.numel() else 0.0
         return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, min_kept=min_kept[0] if min_kept.numel() else None)
 
     def relu_sae(self, x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input):
