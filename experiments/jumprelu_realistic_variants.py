@@ -3,7 +3,7 @@
 Usage: python experiments/jumprelu_realistic_variants.py NAME '{"bandwidth": "adaptive"}'
   JSON keys: JumpReLUSAE kwargs, and
   - "arch": "topk" with "k" for the TopK yardstick; "target_l0" (default 4.4); "steps" (3000); "width" (2048);
-  - "seed": the SAE's and the run's seed (the data stay seed 0); "train": extra fastsae.train kwargs;
+  - "seed": the SAE's and the run's seed (the data stay seed 0); "batch" (1024); "train": extra fastsae.train kwargs;
   - "patch": a training change tried without a module option (experiments/results/arch_defaults.md, session 8):
     "row_quadratic" (the target-L0 penalty per row, mean_b (L0_b/T - 1)²), "recon_ste" (with "ste_to_input": true
     and "backend": "eager": the jump's pseudo-derivative reaches the encoder, the L0 term's does not),
@@ -25,6 +25,7 @@ kw = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 arch = kw.pop("arch", "jumprelu")
 train_kw = kw.pop("train", {})
 steps = kw.pop("steps", 3000)
+batch = kw.pop("batch", 1024)
 seed = kw.pop("seed", 0)
 width = kw.pop("width", 2048)
 patch = kw.pop("patch", None)
@@ -61,10 +62,10 @@ if arch == "jumprelu":
 else:
     sae = fastsae.TopKSAE(128, width, k=kw.pop("k", 4), **kw)
 t = time.time()
-res = train(sae, synth, steps=steps, batch_size=1024, seed=seed, progress=False, **train_kw)
+res = train(sae, synth, steps=steps, batch_size=batch, seed=seed, progress=False, **train_kw)
 ev = evaluate(sae, held.float())
 tr = synth.evaluate(sae)
-out = dict(name=name, seed=seed, s=round(time.time() - t, 1), fvu=round(ev["fvu"], 4), l0=round(ev["l0"], 2),
+out = dict(name=name, seed=seed, batch=batch, steps=steps, s=round(time.time() - t, 1), fvu=round(ev["fvu"], 4), l0=round(ev["l0"], 2),
            dead=round(ev["dead"], 3), rec=round(tr["recovery"], 4), mcc=round(tr["mcc"], 3),
            uniq=round(tr["uniqueness"], 3), prec=round(tr["precision"], 2), recall=round(tr["recall"], 2))
 print(json.dumps(out))
