@@ -55,6 +55,32 @@ inline void add_bias(scalar_t* row, const scalar_t* bias, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] = row[j] + bias[j];
 }
 
+// TopK's grouped maxima (csrc/topk.h): m[b] = max_t (row + bias)[t·S + b] over T = 16 strided slices of length
+// S, with each element row[i] + bias[i] rounded once to scalar_t (bias may be null); returns the number of NaNs in
+// row[0:n], tail included. The bias test is a template parameter so that each loop is a plain vectorisable max.
+template <typename scalar_t, typename key_t, bool kBias>
+inline int group_maxima(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t S, key_t* m) {
+  constexpr int64_t T = 16;
+  auto v = [&](int64_t i) {
+    return static_cast<key_t>(kBias ? static_cast<scalar_t>(row[i] + bias[i]) : row[i]);
+  };
+  int nan = 0;
+  for (int64_t b = 0; b < S; ++b) {
+    const key_t x = v(b);
+    m[b] = x;
+    nan += x != x;
+  }
+  for (int64_t t = 1; t < T; ++t) {
+    for (int64_t b = 0; b < S; ++b) {
+      const key_t x = v(t * S + b);
+      m[b] = x > m[b] ? x : m[b];
+      nan += x != x;
+    }
+  }
+  for (int64_t i = T * S; i < n; ++i) nan += v(i) != v(i);
+  return nan;
+}
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(FASTSAE_SCAN_VECTOR)
 // (Compiled in simd.cpp only, which defines FASTSAE_SCAN_VECTOR: 64-byte vector types outside its per-ISA clones
 // would change the ABI of these inline functions between translation units.)
@@ -127,5 +153,6 @@ inline int64_t candidates_above_vec(const float* row, float lo, int64_t n, int64
 int64_t candidates_f32(const float* row, const float* lo, int64_t n, int64_t* cand);
 int64_t candidates_above_f32(const float* row, float lo, int64_t n, int64_t* cand);
 void add_bias_f32(float* row, const float* bias, int64_t n);
+int group_maxima_f32(const float* row, const float* bias, int64_t n, int64_t S, float* m);
 
 }  // namespace fastsae

@@ -110,36 +110,9 @@ FASTSAE_CLONES void add_bias_f32(float* __restrict__ row, const float* __restric
   add_bias<float>(row, bias, n);
 }
 
-// TopK's grouped maxima (csrc/topk.h, TopK::group_maxima): m[b] = max_t (row + bias)[t·S + b] over T = 16 strided
-// slices, bias optional; returns the row's NaN count.
-template <bool kBias>
-static inline int group_maxima_f32_impl(const float* __restrict__ row, const float* __restrict__ bias, int64_t n,
-                                        int64_t S, float* __restrict__ m) {
-  constexpr int64_t T = 16;
-  int nan = 0;
-  for (int64_t b = 0; b < S; ++b) {
-    const float x = kBias ? row[b] + bias[b] : row[b];
-    m[b] = x;
-    nan += x != x;
-  }
-  for (int64_t t = 1; t < T; ++t) {
-    const float* r = row + t * S;
-    const float* c = kBias ? bias + t * S : nullptr;
-    for (int64_t b = 0; b < S; ++b) {
-      const float x = kBias ? r[b] + c[b] : r[b];
-      m[b] = x > m[b] ? x : m[b];
-      nan += x != x;
-    }
-  }
-  for (int64_t i = T * S; i < n; ++i) {
-    const float x = kBias ? row[i] + bias[i] : row[i];
-    nan += x != x;
-  }
-  return nan;
-}
-
 FASTSAE_CLONES int group_maxima_f32(const float* row, const float* bias, int64_t n, int64_t S, float* m) {
-  return bias ? group_maxima_f32_impl<true>(row, bias, n, S, m) : group_maxima_f32_impl<false>(row, bias, n, S, m);
+  return bias ? group_maxima<float, float, true>(row, bias, n, S, m)
+              : group_maxima<float, float, false>(row, bias, n, S, m);
 }
 
 }  // namespace fastsae

@@ -10,9 +10,6 @@ void axpy_f32(float* y, float a, const float* x, int64_t n);
 float dot_axpy_f32(const float* g, const float* w, float* acc, float v, int64_t n);
 // y1 += a1·x and y2 += a2·x over one pass through x (two decodes sharing the decoder rows).
 void axpy2_f32(float* y1, float a1, float* y2, float a2, const float* x, int64_t n);
-// TopK's grouped maxima in float32 (csrc/topk.h): m[b] = max over 16 strided slices of row (+ bias, may be null);
-// returns the number of NaNs in row[0:n].
-int group_maxima_f32(const float* row, const float* bias, int64_t n, int64_t S, float* m);
 // JumpReLU's dense step in float32 (jump_math.h's jump_dense_row / jump_dense_grad_rows, vectorised).
 int64_t jump_dense_row_f32(const float* pre, const float* th, const float* eps, int64_t n, float* f, uint8_t* fired,
                            int64_t* entries);

@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "simd.h"
+#include "scan.h"
 
 namespace fastsae {
 
@@ -110,38 +110,14 @@ struct TopK {
   }
 
  private:
-  // m[b] = max_t (row + bias)[t·S + b]; returns the number of NaNs in the row (the whole row, tail included).
-  // float32: simd.cpp's per-ISA clone (the same loops, 8 or 16 lanes wide).
+  // scan.h's group_maxima; in float32 simd.cpp's per-ISA clone of it (8 or 16 lanes wide).
   static int maxima(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t S, key_t* m) {
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<key_t, float>) {
       return group_maxima_f32(row, bias, n, S, m);
     } else {
-      return bias ? group_maxima<true>(row, bias, n, S, m) : group_maxima<false>(row, bias, n, S, m);
+      return bias ? group_maxima<scalar_t, key_t, true>(row, bias, n, S, m)
+                  : group_maxima<scalar_t, key_t, false>(row, bias, n, S, m);
     }
-  }
-
-  // The bias test is a template parameter so that each loop is a plain vectorisable max.
-  template <bool kBias>
-  static int group_maxima(const scalar_t* row, const scalar_t* bias, int64_t n, int64_t S, key_t* m) {
-    constexpr int64_t T = 16;
-    auto v = [&](int64_t i) {
-      return static_cast<key_t>(kBias ? static_cast<scalar_t>(row[i] + bias[i]) : row[i]);
-    };
-    int nan = 0;
-    for (int64_t b = 0; b < S; ++b) {
-      const key_t x = v(b);
-      m[b] = x;
-      nan += x != x;
-    }
-    for (int64_t t = 1; t < T; ++t) {
-      for (int64_t b = 0; b < S; ++b) {
-        const key_t x = v(t * S + b);
-        m[b] = x > m[b] ? x : m[b];
-        nan += x != x;
-      }
-    }
-    for (int64_t i = T * S; i < n; ++i) nan += v(i) != v(i);
-    return nan;
   }
 
   static scalar_t value_at(const scalar_t* row, const scalar_t* bias, int64_t i) {
