@@ -29,17 +29,23 @@ def column_quantile(pre: torch.Tensor, density: float) -> torch.Tensor:
     return 0.5 * (top[r - 1] + top[r])
 
 
+#: the architectures whose sparsity is ``k`` (the others get theirs from per-latent quantiles)
+K_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
 def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, density: float, k: int,
           calibrate: bool = False, dtype: Optional[torch.dtype] = None) -> fastsae.SAE:
     """An SAE of ``arch`` whose rows of ``x`` keep about ``density · d_sae`` latents (JumpReLU thresholds, ReLU
-    encoder biases, Gated gate biases at per-latent quantiles; TopK / BatchTopK: ``k``). ``calibrate``: a BatchTopK
+    encoder biases, Gated gate biases at per-latent quantiles; TopK / BatchTopK / Matryoshka: ``k``). ``calibrate``: a BatchTopK
     with its inference threshold set to keep about k per row. ``"<arch>-fresh"``: the library's default module.
     The module lives on ``x``'s device, in ``dtype`` (default: the default dtype)."""
     torch.manual_seed(1)
     base = arch.removesuffix("-fresh")
     cls = fastsae.sae.ARCHITECTURES[base]
     where = dict(backend=backend, device=x.device, dtype=dtype)
-    sae = cls(d_in, d_sae, k, **where) if base in ("topk", "batchtopk") else cls(d_in, d_sae, **where)
+    if base == "matryoshka_batchtopk":
+        where["widths"] = cls.nested_widths(d_sae)
+    sae = cls(d_in, d_sae, k, **where) if base in K_ARCHS else cls(d_in, d_sae, **where)
     x = x.to(sae.dtype)
     if arch.endswith("-fresh"):
         return sae

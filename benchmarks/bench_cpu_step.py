@@ -13,7 +13,8 @@ Rows (the sparsity each is set to comes from the batch's own pre-activations):
   ε = 1e-3 on inputs with E‖x‖² = 1 (the paper's setting).
 - ``jumprelu-fresh``: the library's default initialisation, untouched: the first steps of a real run, where a
   JumpReLU fires on about half its latents (the dispatcher runs the dense formulation there).
-- ``topk`` / ``batchtopk``: k = ``--k``, without AuxK (no dead latents).
+- ``topk`` / ``batchtopk``: k = ``--k``, without AuxK (no dead latents); ``matryoshka_batchtopk``: the same
+  BatchTopK with the default nested widths (1/16, 1/4, 1), its inner prefixes decoded from the kept entries.
 - ``relu`` / ``gated``: encoder / gate biases shifted per latent so each row has ~``--l0`` active latents.
 - ``relu-fresh`` / ``gated-fresh``: the library's default modules (about half the latents fire: the dense path).
 The ``cpp`` module takes one warm-up step first, so its dispatcher (fastsae.dispatch.Density) has the previous
@@ -38,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 import fastsae
-from bench_cpu_common import build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
+from bench_cpu_common import K_ARCHS, build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
 
-ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "relu", "relu-fresh", "gated", "gated-fresh")
+ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "relu-fresh", "gated",
+         "gated-fresh")
 
 
 def module_step(sae, x):
@@ -71,7 +73,7 @@ def sparsify_step(sae, x):
 
 
 def sparsity_label(arch, sae, out, x):
-    if arch in ("topk", "batchtopk"):
+    if arch in K_ARCHS:
         return f"k={sae.k}"
     label = f"L0={float(out.l0):.1f}"
     if arch.startswith("jumprelu"):
@@ -96,8 +98,9 @@ def bench(args):
                                                             args.k), x)
             out = steps["cpp"]()  # the dispatcher's first step: from here on it knows the density
             ops = cpp.ops()
-            if arch in ("topk", "batchtopk"):
-                path = "sparse" if ops.density.sparse_at(arch, cpp.W_enc, cpp.k) else "dense"
+            if arch in K_ARCHS:
+                selection = "batchtopk" if arch == "matryoshka_batchtopk" else arch
+                path = "sparse" if ops.density.sparse_at(selection, cpp.W_enc, cpp.k) else "dense"
             else:
                 path = "sparse" if ops.density.sparse(arch.removesuffix("-fresh"), cpp.W_enc) else "dense"
             with torch.no_grad():

@@ -37,13 +37,18 @@ from fastsae.dispatch import get_crossover
 from fastsae.data import synthetic
 from fastsae.sae import ARCHITECTURES
 
-ALL = ("jumprelu", "topk", "batchtopk", "relu", "gated")
+ALL = ("jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "gated")
+#: the architectures whose sparsity is k; SAELENS: the ones the SAELens worker builds
+K_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
+SAELENS = ("jumprelu", "topk", "batchtopk", "relu", "gated")
 
 
 def fresh(arch: str, d_in: int, d_sae: int, k: int, backend: str, seed: int, target_l0=None):
     torch.manual_seed(seed)
     cls = ARCHITECTURES[arch]
-    if arch in ("topk", "batchtopk"):
+    if arch == "matryoshka_batchtopk":
+        return cls(d_in, d_sae, k, widths=cls.nested_widths(d_sae), backend=backend)
+    if arch in K_ARCHS:
         return cls(d_in, d_sae, k, backend=backend)
     return cls(d_in, d_sae, backend=backend, **({} if target_l0 is None else dict(target_l0=target_l0)))
 
@@ -53,8 +58,9 @@ def run_fastsae(arch, backend, data, args):
     trace = []
     t_prev = [time.perf_counter()]
     ops = sae.ops()
-    crossover = get_crossover(ops.name, sae.device, arch) * sae.d_sae
-    fixed = getattr(sae, "k", None) if arch in ("topk", "batchtopk") else None
+    selection = "batchtopk" if arch == "matryoshka_batchtopk" else arch  # the step Matryoshka's runs on
+    crossover = get_crossover(ops.name, sae.device, selection) * sae.d_sae
+    fixed = getattr(sae, "k", None) if arch in K_ARCHS else None
     before = [None]  # entries per row the dispatcher saw before the step (None: no history, the dense step)
 
     def record(rec):
@@ -83,7 +89,8 @@ def run_saelens(archs, data, args, python):
     scale = 1.0 / math.sqrt(float(data.x[:16384].double().pow(2).sum(-1).mean()))
     x = data.x.float() * scale
     x_eval = synthetic(2048, args.d_in, args.n_features, active=args.active, seed=args.seed + 1).x.float() * scale
-    specs = []
+    specs, skipped = [], {a: "the SAELens worker builds no " + a for a in archs if a not in SAELENS}
+    archs = [a for a in archs if a in SAELENS]
     for arch in archs:
         spec = dict(arch=arch, d_sae=args.d_sae, steps=args.steps, batch_size=args.batch, seed=args.seed)
         if arch in ("topk", "batchtopk"):
@@ -99,7 +106,7 @@ def run_saelens(archs, data, args, python):
                     final_l0=float(t["fired"].float().sum(-1).mean()), final_fvu=fvu, peer=info)
 
     out = run_saelens_jobs(python, specs, x, x_eval, args.threads, print, consume)
-    return {arch: (r if "status" not in r else r["status"]) for arch, r in zip(archs, out)}
+    return {**skipped, **{arch: (r if "status" not in r else r["status"]) for arch, r in zip(archs, out)}}
 
 
 def plot(results, path):

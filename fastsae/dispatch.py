@@ -254,8 +254,19 @@ class Backend:
         return ref.jumprelu_sae_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, apply_b_dec_to_input,
                                         ste_to_input)
 
+    def kept_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input,
+                 per_row: bool) -> Optional[ref.SAEForward]:
+        """This backend's fused TopK (``per_row``: each row's ``k`` largest) or BatchTopK (the batch's ``B·k``
+        largest) step, or ``None`` where it has none for these tensors (the eager reference runs instead). Its
+        result also holds the kept entries: ``values`` (differentiable) at latents ``indices``, ``[B, k]`` for
+        TopK, flat lists with their ``rows`` for BatchTopK. The TopK, BatchTopK and Matryoshka steps all come
+        from here: Matryoshka decodes its inner prefixes from those entries."""
+        return None
+
     def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
-        return ref.topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+        out = self.kept_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, per_row=True)
+        return out if out is not None else ref.topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k,
+                                                                apply_b_dec_to_input)
 
     def abstopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
         """Composed from this backend's ``topk`` (on ``|pre|``) and ``sparse_decode`` kernels."""
@@ -263,7 +274,9 @@ class Backend:
                                        decode=self.sparse_decode)
 
     def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input) -> ref.SAEForward:
-        return ref.batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+        out = self.kept_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, per_row=False)
+        return out if out is not None else ref.batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k,
+                                                                     apply_b_dec_to_input)
 
     def relu_sae(self, x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input) -> ref.SAEForward:
         return ref.relu_sae_forward(x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input)
@@ -273,9 +286,11 @@ class Backend:
 
     def matryoshka_batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, widths,
                                  apply_b_dec_to_input, per_row=False) -> ref.MatryoshkaForward:
-        # No fused kernel yet: the eager path is already sparse after the encoder GEMM (prefix running sums).
-        return ref.matryoshka_batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, widths, apply_b_dec_to_input,
-                                                    per_row=per_row)
+        out = self.kept_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, per_row=per_row)
+        if out is None:  # the eager forward, sparse after its encoder GEMM (prefix running sums)
+            return ref.matryoshka_batchtopk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, widths,
+                                                        apply_b_dec_to_input, per_row=per_row)
+        return ref.matryoshka_from_kept(out, W_dec, b_dec, widths)
 
     @property
     def density(self) -> Density:

@@ -146,6 +146,8 @@ class SAEForward:
               code with ``indices = None``. ``None`` where the backend does not expose it.
     sparsity: ``[B]`` differentiable per-row sparsity penalty where it is not ``l0`` (ReLU, Gated).
     aux:      scalar auxiliary loss computed inside the forward (Gated's frozen-decoder term).
+    rows:     ``[nnz]`` integer, the row of each entry when ``values``/``indices`` are flat lists of entries (a
+              fused BatchTopK step's kept entries, grouped by row); ``None`` otherwise.
     min_kept: BatchTopK's smallest kept activation (for its inference threshold).
     kept:     ``[B]`` int64, only when asked for (``count_kept``): the entries per row a sparse formulation of
               the step keeps (JumpReLU: active ∪ window; Gated: open gates) — what a backend's density-aware
@@ -161,6 +163,7 @@ class SAEForward:
     aux: Optional[Tensor] = None
     min_kept: Optional[Tensor] = None
     kept: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
 
 
 def encoder_input(x: Tensor, b_dec: Tensor, apply_b_dec_to_input: bool) -> Tensor:
@@ -463,10 +466,9 @@ def gated_loss(
 class MatryoshkaForward(SAEForward):
     """A Matryoshka forward pass: ``prefixes [G, B, d_out]`` holds the reconstruction from the latents below each
     width ``widths[g]`` (plus ``b_dec``); ``prefixes[-1]`` is ``x_hat``. ``values``/``rows``/``cols``: the kept
-    entries (differentiable values), sorted by row, then latent."""
+    entries (differentiable values), flat, grouped by row (the reference's sorted by latent within a row)."""
 
     prefixes: Optional[Tensor] = None
-    rows: Optional[Tensor] = None
     cols: Optional[Tensor] = None
 
 
@@ -526,6 +528,30 @@ def matryoshka_batchtopk_sae_forward(
         fired = torch.zeros(W_enc.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, cols[active], True)
         min_kept = values[active].min() if bool(active.any()) else None
     return MatryoshkaForward(x_hat=prefixes[-1], l0=l0, fired=fired, min_kept=min_kept, prefixes=prefixes,
+                             values=values, rows=rows, cols=cols)
+
+
+def matryoshka_from_kept(out: SAEForward, W_dec: Tensor, b_dec: Tensor, widths: list) -> MatryoshkaForward:
+    """The Matryoshka forward from a fused TopK / BatchTopK step (``Backend.kept_sae``): that step's ``x_hat`` is
+    the full width's reconstruction, and the inner prefixes are running sums of one ``embedding_bag`` over the
+    entries below ``widths[-2]`` only, one bag per (inner group, row) — the full width's entries, the most, are
+    decoded once, by the step. About 3x less time than :func:`prefix_reconstructions`' gather and ``index_add``
+    at d_sae 8192, k 32 (AMD EPYC); one device→host read (how many entries are inner)."""
+    B = out.x_hat.shape[0]
+    values, cols = out.values.reshape(-1), out.indices.reshape(-1).long()
+    rows = out.rows.long() if out.rows is not None else \
+        torch.arange(B, device=cols.device).repeat_interleave(out.values.shape[-1])
+    prefixes = out.x_hat[None]
+    if len(widths) > 1:
+        G = len(widths) - 1
+        group = torch.bucketize(cols, cols.new_tensor(widths), right=True)
+        inner = (group < G).nonzero().squeeze(1)
+        bag, order = torch.sort(group[inner] * B + rows[inner], stable=True)
+        inner = inner[order]
+        starts = torch.searchsorted(bag, torch.arange(G * B, device=bag.device))
+        parts = F.embedding_bag(cols[inner], W_dec, starts, mode="sum", per_sample_weights=values[inner])
+        prefixes = torch.cat([parts.reshape(G, B, -1).cumsum(0) + b_dec, prefixes])
+    return MatryoshkaForward(x_hat=out.x_hat, l0=out.l0, fired=out.fired, min_kept=out.min_kept, prefixes=prefixes,
                              values=values, rows=rows, cols=cols)
 
 

@@ -7,11 +7,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsae
 from fastsae import reference as ref
+from fastsae.dispatch import override_crossover
 from fastsae.metrics import evaluate
 
 from conftest import BACKENDS, assert_matches_oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+from_kept = ref.matryoshka_from_kept
 
 
 def _oracle_weights(sae):
@@ -24,14 +26,17 @@ def _oracle_weights(sae):
     return list(sae.prefix_weights) + [1.0]
 
 
-def _dense_oracle(sae, x):
-    """The textbook formula: dense BatchTopK code f, x̂_w = f[:, :w] @ W_dec[:w] + b_dec for every width, each
-    width's mean squared error weighted."""
+def _dense_oracle(sae, x, per_row=False):
+    """The textbook formula: dense BatchTopK code f (``per_row``: each row's top k, the warm-up's), x̂_w =
+    f[:, :w] @ W_dec[:w] + b_dec for every width, each width's mean squared error weighted."""
     x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
     pre = F.relu(x_in @ sae.W_enc + sae.b_enc)
-    flat = pre.reshape(-1)
-    keep = torch.topk(flat.detach(), x.shape[0] * sae.k).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).index_fill(0, keep, True).reshape(pre.shape)
+    if per_row:
+        mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.detach().topk(sae.k, dim=1).indices, True)
+    else:
+        flat = pre.reshape(-1)
+        keep = torch.topk(flat.detach(), x.shape[0] * sae.k).indices
+        mask = torch.zeros_like(flat, dtype=torch.bool).index_fill(0, keep, True).reshape(pre.shape)
     f = pre * mask
     prefixes = [f[:, :w] @ sae.W_dec[:w] + sae.b_dec for w in sae.widths]
     return (sum(w * (p - x).pow(2).sum(-1).mean() for w, p in zip(_oracle_weights(sae), prefixes)),
@@ -50,12 +55,21 @@ def _module(backend, dtype=torch.float64, d_in=11, d_sae=37, k=3, widths=(5, 16)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("centred", [True, False])
 @pytest.mark.parametrize("prefix_weights", ["width", "uniform", [0.5, 2.0]])
-def test_forward_and_backward_match_dense_float64_oracle(backend, centred, prefix_weights):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_forward_and_backward_match_dense_float64_oracle(backend, centred, prefix_weights, per_row, monkeypatch):
+    """The fused backends decode the inner prefixes from their TopK / BatchTopK step's kept entries
+    (``Backend.kept_sae``, forced here: at this size their crossover would pick the eager step); the eager one
+    runs the reference."""
     sae = _module(backend, prefix_weights=prefix_weights)
     sae.apply_b_dec_to_input = centred
+    sae.per_row_selection = per_row
     x = torch.randn(13, 11, dtype=torch.float64) * 1.7
-    out = sae.training_forward(x)
-    loss, x_hat = _dense_oracle(sae, x)
+    fused = []
+    monkeypatch.setattr(ref, "matryoshka_from_kept", lambda *a: fused.append(1) or from_kept(*a))
+    with override_crossover("sparse"):
+        out = sae.training_forward(x)
+    assert len(fused) == (backend != "eager")
+    loss, x_hat = _dense_oracle(sae, x, per_row)
     assert_matches_oracle(sae, out, loss, x_hat, l0=3.0)
 
 

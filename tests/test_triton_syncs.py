@@ -97,6 +97,19 @@ def test_topk_steps_make_no_host_reads(arch):
     assert out.l0.shape == (13,) and bool(out.fired.any())
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_matryoshka_step_makes_one_host_read(per_row):
+    """The Matryoshka step is the BatchTopK (or, in its warm-up, TopK) step plus the inner prefixes' decode, whose
+    size (the entries below the last inner width) is the one read."""
+    x, W_enc, b_enc, W_dec, b_dec, _, _ = sae_params(13, 11, 41, torch.float32)
+    be = backend()
+    with HostReads() as m, override_crossover(0.5, backend="triton"):
+        out = be.matryoshka_batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, 6, [5, 20, 41], True, per_row=per_row)
+        ref.matryoshka_loss(out.prefixes, x, [0.1, 0.5]).add(ref.mse(out.x_hat, x)).backward()
+    assert m.reads == ["aten::nonzero"], m.reads
+    assert out.prefixes.shape == (3, 13, 11)
+
+
 def test_jumprelu_step_makes_one_host_read_even_when_the_lists_overflow():
     from fastsae.ops import encode
 

@@ -552,28 +552,28 @@ class CppBackend(Backend):
             return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired)
         return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=indices)
 
-    def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
-        if not _fusable(x, W_enc, b_enc, W_dec, b_dec) or not self.density.sparse_at("topk", W_enc, k):
-            return super().topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
-        x_hat, values, indices, l0, fired = topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, bool(apply_b_dec_to_input))
-        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=indices)
-
     #: the next step's BatchTopK scan starts from this fraction of the previous step's smallest kept value (the
     #: batch's B·k-th moves by a few % from step to step; a guess above it only costs that step a second pass)
     BATCH_BOUND_FRACTION = 0.8
 
-    def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
-        if not _fusable(x, W_enc, b_enc, W_dec, b_dec) or not self.density.sparse_at("batchtopk", W_enc, k):
-            return super().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
+    def kept_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, per_row):
+        if not _fusable(x, W_enc, b_enc, W_dec, b_dec) or \
+                not self.density.sparse_at("topk" if per_row else "batchtopk", W_enc, k):
+            return None
+        if per_row:
+            x_hat, values, indices, l0, fired = topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, bool(apply_b_dec_to_input))
+            return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=indices)
         # Keyed by the encoder weight like the density record; a hint never changes the result, so it is not saved.
         bounds = self.__dict__.setdefault("_batch_bounds", WeakIdKeyDictionary())
         traced = torch.compiler.is_compiling()
         hint = 0.0 if traced else bounds.get(W_enc, 0.0)
-        x_hat, l0, fired, _, _, _, min_kept = batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k,
-                                                            bool(apply_b_dec_to_input), hint)
+        x_hat, l0, fired, row_ptr, cols, values, min_kept = batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k,
+                                                                          bool(apply_b_dec_to_input), hint)
         if not traced:
             bounds[W_enc] = self.BATCH_BOUND_FRACTION * float(min_kept[0]) if min_kept.numel() else 0.0
-        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, min_kept=min_kept[0] if min_kept.numel() else None)
+        rows = torch.repeat_interleave(torch.arange(x.shape[0]), row_ptr.diff(), output_size=cols.shape[0])
+        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=cols, rows=rows,
+                              min_kept=min_kept[0] if min_kept.numel() else None)
 
     def relu_sae(self, x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input):
         if not _fusable(x, W_enc, b_enc, W_dec, b_dec):

@@ -205,21 +205,18 @@ class TritonBackend(Backend):
         return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, sparsity=gate.sum(-1),
                               aux=ref.mse(x_hat_frozen, x))
 
-    def topk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
-        if not self._ok(x, W_enc, b_enc, W_dec, b_dec) or not self.density.sparse_at("topk", W_enc, k):
-            return super().topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
-        from .encode import encode_topk
+    def kept_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input, per_row):
+        if not self._ok(x, W_enc, b_enc, W_dec, b_dec) or \
+                not self.density.sparse_at("topk" if per_row else "batchtopk", W_enc, k):
+            return None
+        from .encode import encode_batchtopk, encode_topk
 
-        x_hat, values, indices, active, fired, _ = self._kept_sae(
-            x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: encode_topk(*a, k))
-        return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values, indices=indices)
-
-    def batchtopk_sae(self, x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input):
-        if not self._ok(x, W_enc, b_enc, W_dec, b_dec) or not self.density.sparse_at("batchtopk", W_enc, k):
-            return super().batchtopk_sae(x, W_enc, b_enc, W_dec, b_dec, k, apply_b_dec_to_input)
-        from .encode import encode_batchtopk
-
-        x_hat, values, indices, active, fired, row_ptr = self._kept_sae(
+        if per_row:
+            x_hat, values, indices, active, fired, _, _ = self._kept_sae(
+                x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: encode_topk(*a, k))
+            return ref.SAEForward(x_hat=x_hat, l0=active.sum(-1).float(), fired=fired, values=values,
+                                  indices=indices)
+        x_hat, values, indices, active, fired, rows, row_ptr = self._kept_sae(
             x, W_enc, b_enc, W_dec, b_dec, apply_b_dec_to_input, lambda *a: encode_batchtopk(*a, k))
         with torch.no_grad():
             # CSR lists: l0 per row from a prefix sum over the row segments, no host read
@@ -227,7 +224,8 @@ class TritonBackend(Backend):
             l0 = (c[row_ptr[1:]] - c[row_ptr[:-1]]).float()
             # +inf when nothing positive was kept (the reference returns None there, which would need a read)
             min_kept = torch.where(active, values.detach(), torch.full_like(values, float("inf"))).amin()
-        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, min_kept=min_kept)
+        return ref.SAEForward(x_hat=x_hat, l0=l0, fired=fired, values=values, indices=indices, rows=rows,
+                              min_kept=min_kept)
 
     # -- the sparse steps' shared parts ---------------------------------------------------
     def _record_dense(self, W_enc, kept):
@@ -285,7 +283,7 @@ class TritonBackend(Backend):
         with torch.no_grad():
             active = values > 0
             fired = _fired(indices, active, d_sae)
-        return x_hat, values, indices, active, fired, row_ptr
+        return x_hat, values, indices, active, fired, rows, row_ptr
 
     # -- inference: the fused GEMM + compaction encoders (no dense [B, d_sae] beyond one slab) ---------------
     _FUSED_KINDS = ("threshold", "gated", "topk", "batchtopk")
