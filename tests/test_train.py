@@ -10,8 +10,8 @@ import torch
 import fastsae
 from fastsae.data import synthetic
 from fastsae.metrics import evaluate
-from fastsae.training import (CHECKPOINT, estimate_input_scale, fold_input_scale, geometric_median, load_checkpoint,
-                           lr_factor, sparsity_factor, train)
+from fastsae.training import (CHECKPOINT, default_dead_after, estimate_input_scale, fold_input_scale, geometric_median,
+                           load_checkpoint, lr_factor, sparsity_factor, train)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,8 +220,25 @@ def test_dead_latents_are_tracked_and_fed_to_auxk():
     assert r.metrics[0]["dead"] == pytest.approx(8 / 32) or r.metrics[0]["dead"] >= 8 / 32
     assert r.metrics[-1]["dead"] >= 8 / 32
     assert r.metrics[-1]["aux"] > 0  # AuxK is active once latents are dead
-    r2 = train(fastsae.TopKSAE(8, 32, 2), data, steps=4, batch_size=50, progress=False)
-    assert r2.final["dead"] == 0 and r2.final["aux"] == 0  # the 10M-token default: nothing dead yet
+
+
+def test_dead_window_is_10m_tokens_or_a_sixth_of_a_shorter_run():
+    """The default window: AuxK switches on in a run shorter than 10M tokens too (with 10M it never did), and an
+    explicit ``dead_after`` on the module (or to ``train``) wins."""
+    assert default_dead_after(3000 * 1024) == 512_000 and default_dead_after(10**9) == 10_000_000
+    data = torch.randn(2000, 8)
+
+    def run(**kw):
+        sae = fastsae.TopKSAE(8, 32, 2, **kw)
+        with torch.no_grad():
+            sae.b_enc[:8] = -1e3  # these latents can never fire
+        return train(sae, data, steps=12, batch_size=50, log_every=4, progress=False, init_b_dec=False, lr=1e-6,
+                     resample_every=0)
+
+    short = run()  # 600 tokens: dead after 100, from the third step on
+    assert short.final["dead"] >= 8 / 32 and short.final["aux"] > 0
+    long = run(dead_after=10_000_000)
+    assert long.final["dead"] == 0 and long.final["aux"] == 0
 
 
 def test_lr_and_sparsity_schedules():

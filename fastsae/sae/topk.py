@@ -21,7 +21,8 @@ class TopKSAE(SAE):
         k: active latents per row, in ``1..d_sae``.
         k_aux: dead latents used by AuxK (default ``d_in // 2``, as in sparsify).
         aux_coefficient: α of AuxK (default 1/32).
-        dead_after: tokens without firing after which a latent counts as dead (for the trainer).
+        dead_after: tokens without firing after which a latent counts as dead (for the trainer; default
+            ``None``: the trainer's :func:`fastsae.training.default_dead_after`, 10M or a sixth of a shorter run).
     """
 
     architecture = "topk"
@@ -36,7 +37,7 @@ class TopKSAE(SAE):
         *,
         k_aux: Optional[int] = None,
         aux_coefficient: float = 1 / 32,
-        dead_after: int = 10_000_000,
+        dead_after: Optional[int] = None,
         apply_b_dec_to_input: bool = True,
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
@@ -47,7 +48,7 @@ class TopKSAE(SAE):
         self.k = check.k_in_range("k", k, d_sae)
         self.k_aux = check.positive_int("k_aux", k_aux) if k_aux is not None else max(1, d_in // 2)
         self.aux_coefficient = float(aux_coefficient)
-        self.dead_after = check.positive_int("dead_after", dead_after)
+        self.dead_after = None if dead_after is None else check.positive_int("dead_after", dead_after)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
 
     def _sae_forward(self, ops, x) -> ref.SAEForward:

@@ -28,11 +28,11 @@ from .checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, METR
                          TrainResult, _META_KEY, _State, _SUMS, _accumulate, _dead_mask, _fresh_state,
                          _module_counters, _module_tensors, _payload, _restore, _rng_state, _set_rng_state,
                          _truncate_metrics, _update_dead, load_checkpoint, reduce_metrics, save_checkpoint)
-from .loop import (CALIBRATION_ROWS, RESAMPLE_PROBE_ROWS, TrainingInterrupted, _Interrupt, _progress,  # noqa: F401
-                   _resampler, train)
+from .loop import (CALIBRATION_ROWS, DEAD_AFTER_RUN_FRACTION, DEAD_AFTER_TOKENS, RESAMPLE_PROBE_ROWS,  # noqa: F401
+                   TrainingInterrupted, _Interrupt, _progress, _resampler, default_dead_after, train)
 from .cli import (CLI_ARCHITECTURES, DEFAULT_JOB, K_ARCHITECTURES, _RUN_FILES, _check_train_args,  # noqa: F401
                   _prepare_out, _resume_hint, add_cli, build_sae, cmd_train)
 
 
 __all__ = ["train", "TrainResult", "default_hyperparameters", "fold_input_scale", "estimate_input_scale",
-           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted", "paired_rows"]
+           "geometric_median", "CHECKPOINT", "FiniteCheck", "TrainingInterrupted", "paired_rows", "default_dead_after"]

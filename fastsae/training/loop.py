@@ -26,6 +26,25 @@ CALIBRATION_ROWS = 16384
 # ----------------------------------------------------------------------------------------------
 
 
+#: tokens without firing after which a latent is dead in a long run (sparsify's and Gao et al.'s 10M) ...
+DEAD_AFTER_TOKENS = 10_000_000
+#: ... and the fraction of a shorter run that counts instead
+DEAD_AFTER_RUN_FRACTION = 1 / 6
+
+
+def default_dead_after(run_tokens: int) -> int:
+    """The trainer's dead-latent window for a run of ``run_tokens`` tokens: 10M, or a sixth of a shorter run.
+
+    With 10M alone, AuxK never switched on in a run shorter than 10M tokens (every ``fastsae train`` default job:
+    3M tokens) and the logged dead fraction stayed 0. A sixth of the run, on the CLI realistic job (``k`` 4,
+    3,000 × 1,024 tokens, ``experiments/jumprelu_realistic_variants.py``, experiments/results/arch_defaults.md,
+    session 9): BatchTopK 86.4 / 97.3 / 86.1% → 88.1 / 97.4 / 87.0% of the true features recovered (seeds 0-2),
+    Matryoshka 84.2 / 83.7% → 85.7 / 83.8% (seeds 2-3), TopK unchanged (93.9-94.0 / 96.9%); a third of the run
+    (1M tokens) changed nothing: resampling revives the dead latents during the first 60% of the run, and AuxK
+    matters after that."""
+    return max(1, min(DEAD_AFTER_TOKENS, int(run_tokens * DEAD_AFTER_RUN_FRACTION)))
+
+
 def train(
     sae: SAE,
     data,
@@ -65,8 +84,9 @@ def train(
         lr_decay_steps: linear decay to 0 at the end (default: the last 20% of the steps).
         sparsity_coefficient: λ for JumpReLU / ReLU / Gated (default: the module's).
         sparsity_warmup_steps: λ rises linearly from 0 over these steps (default ``steps // 10``; ignored by TopK).
-        dead_after: tokens without firing after which a latent is dead (default ``sae.dead_after`` or 10M);
-            dead latents feed AuxK (TopK/BatchTopK) and the ``dead`` metric.
+        dead_after: tokens without firing after which a latent is dead (default ``sae.dead_after`` when set, else
+            :func:`default_dead_after` of the run's tokens: 10M, or a sixth of a shorter run); dead latents feed
+            AuxK (the TopK family), JumpReLU's pre-activation loss and the ``dead`` metric.
         scale_inputs: train on ``s·x`` with ``mean ‖s·(x - mean x)‖² = 1`` (estimated from the data, or ``input_scale``),
             then fold ``s`` into the weights so the returned SAE works on raw activations.
         init_b_dec: set ``b_dec`` to the geometric median of a data sample before the first step.
@@ -130,7 +150,9 @@ def train(
     lam = None if controlled else (getattr(sae, "sparsity_coefficient", None) if sparsity_coefficient is None
                                    else float(sparsity_coefficient))
     lam_warmup = steps // 10 if sparsity_warmup_steps is None else int(sparsity_warmup_steps)
-    dead_after = int(dead_after if dead_after is not None else getattr(sae, "dead_after", 10_000_000))
+    if dead_after is None:
+        dead_after = getattr(sae, "dead_after", None) or default_dead_after(steps * dist_ctx.tokens(batch_size))
+    dead_after = int(dead_after)
     log_every = min(100, max(1, steps // 50)) if log_every is None else max(1, int(log_every))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     ckpt_every = max(1, steps // 10) if checkpoint_every is None else max(1, int(checkpoint_every))
