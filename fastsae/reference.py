@@ -550,7 +550,7 @@ def matryoshka_from_kept(out: SAEForward, W_dec: Tensor, b_dec: Tensor, widths: 
         inner = inner[order]
         starts = torch.searchsorted(bag, torch.arange(G * B, device=bag.device))
         parts = F.embedding_bag(cols[inner], W_dec, starts, mode="sum", per_sample_weights=values[inner])
-        prefixes = torch.cat([parts.reshape(G, B, -1).cumsum(0) + b_dec, prefixes])
+        prefixes = torch.cat([parts.reshape(G, B, W_dec.shape[1]).cumsum(0) + b_dec, prefixes])
     return MatryoshkaForward(x_hat=out.x_hat, l0=out.l0, fired=out.fired, min_kept=out.min_kept, prefixes=prefixes,
                              values=values, rows=rows, cols=cols)
 
