@@ -4,7 +4,7 @@ Usage: python experiments/quality_seeds.py jumprelu,topk 1,2,3,4 experiments/res
 Each seed is the quality benchmark's job (fastsae.bench.quality.QUALITY: 64 dims, 256 features, d_sae 512, 1,000 x
 1,024 tokens) with ``seed`` for both the data and the training run (seed 0 is `python -m benchmarks quality`'s).
 Appends one JSON line per point: seed, arch, multiple of the true L0, the knob's value, recovery, L0, FVU."""
-import json, sys, torch
+import inspect, json, sys, torch
 torch.set_num_threads(1)
 from fastsae.bench import quality as Q
 import fastsae
@@ -23,4 +23,7 @@ for seed in seeds:
             r = Q.fastsae_point(cls, knob, value, data, cfg, arch)
             row = dict(seed=seed, arch=arch, mult=m, value=value, rec=round(float(r["recovery"]), 4),
                        l0=round(float(r["l0"]), 2), fvu=round(float(r["fvu"]), 4))
+            if issubclass(cls, fastsae.BatchTopKSAE):  # the TopK warm-up default in force (changed in session 9)
+                warm = inspect.signature(fastsae.BatchTopKSAE.__init__).parameters["topk_warmup"].default
+                row["topk_warmup"] = round(warm, 4)
             print(json.dumps(row), flush=True); out.write(json.dumps(row) + "\n"); out.flush()

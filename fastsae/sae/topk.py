@@ -102,20 +102,27 @@ class BatchTopKSAE(TopKSAE):
       inference L0 is ``k`` even when the activation scale was still drifting in the last steps.
     ``threshold < 0`` means not calibrated yet; ``encode`` then applies the batch top-k.
 
-    ``topk_warmup``: the fraction of a ``fastsae.train`` run (default 1/3) whose training forward keeps each
+    ``topk_warmup``: the fraction of a ``fastsae.train`` run (default 0.8) whose training forward keeps each
     row's ``k`` largest activations (TopK, same parameters) instead of the batch's ``B·k`` largest. The batch
     top-k shares the batch's latents out by activation size, which is only meaningful once latents are features:
     with a random dictionary every pre-activation of a row is proportional to the row's norm, so the batch
     top-k hands the rows of largest norm several times their share (measured at the end of a run: mean 8, 95th
     percentile 22, max 49 latents per row) and the others none, and the dictionary does not form (47% of the
     true features recovered on a small version of the CLI job; 95% with the warm-up). :meth:`on_train_step`
-    switches it from the run's step, so a resumed run switches at the same step.
+    switches it from the run's step, so a resumed run switches at the same step. How long: the batch phase
+    also erodes features the TopK phase found (as a per-latent threshold does on data whose rows differ in norm),
+    so the warm-up takes most of the run and the batch phase tunes the dictionary to the batch-wide selection
+    (experiments/results/arch_defaults.md, session 9; true features recovered, realistic data, k = true L0):
+    1/3 → 0.8 of the run took the CLI job (3M tokens) from 88.0 / 97.2 / 87.1% to 92.2 / 97.1 / 91.0% (seeds 0-2;
+    held-out FVU 0.177-0.178 → 0.180-0.183) and the quality benchmark's job (1M tokens, five seeds) from 79.0% to
+    82.0% at the true L0 (FVU 0.139 → 0.137) and from 66.6% to 78.8% at twice it (FVU 0.106 → 0.104); 0.9 recovers
+    about as many there at a worse FVU (0.146 at the true L0).
     """
 
     architecture = "batchtopk"
     fit_encoder_scale_at_init = True
 
-    def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_decay: float = 0.99, topk_warmup: float = 1 / 3,
+    def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_decay: float = 0.99, topk_warmup: float = 0.8,
                  **kwargs):
         super().__init__(d_in, d_sae, k, **kwargs)
         if not 0.0 <= threshold_decay < 1.0:
@@ -199,7 +206,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     Inference is BatchTopK's (the calibrated global threshold). ``widths``: strictly increasing, ending at
     ``d_sae`` (appended when missing, as SAELens does).
 
-    ``topk_warmup`` is BatchTopK's (default 1/3 of a ``fastsae.train`` run): the prefix losses are computed from
+    ``topk_warmup`` is BatchTopK's (default 0.8 of a ``fastsae.train`` run): the prefix losses are computed from
     each row's ``k`` largest activations until the switch. Without it (the old default, 0) the batch top-k's
     allocation by row norm while the dictionary is random cost as much here as for BatchTopK: 53.5% → 62.1% of the
     true features recovered on the quality benchmark's realistic data at the true L0 (BatchTopK: 80.5%; the
@@ -210,8 +217,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     the largest term); ``"uniform"``: 1 for every prefix, SAELens's ``matryoshka_batchtopk`` (dictionary_learning's
     default ``1/G`` for all G groups is the same up to scale); or a list of ``len(widths) - 1`` floats. Unweighted,
     the 1/16-width prefix's loss weighs as much as the whole reconstruction and its latents become means of
-    feature groups (cosine < 0.9 to every true feature). Measured at k ≈ the true L0 with the default
-    ``nested_widths`` (1/16, 1/4, 1; ``experiments/matryoshka_weights_sweep.py``,
+    feature groups (cosine < 0.9 to every true feature). Measured at k ≈ the true L0 (with the 1/3 warm-up of
+    then) with the default ``nested_widths`` (1/16, 1/4, 1; ``experiments/matryoshka_weights_sweep.py``,
     ``experiments/results/arch_defaults.md``), true features recovered (cos > 0.9):
 
     - quality benchmark (64 dims, 256 features, d_sae 512, realistic data, k = 4, seeds 0–4): ``"uniform"``
