@@ -202,7 +202,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     loss = ``Σ_g w_g · mean_b ‖x̂_g - x‖²`` over every width (the full width's term is ``mse``, ``w = 1``) + α·AuxK, with
     ``x̂_g = b_dec + Σ_{kept j < widths[g]} f_j W_dec[j]``: every prefix is a running sum over each row's kept
-    entries sorted by latent (``reference.prefix_reconstructions``), never a dense ``[B, d_sae]`` product.
+    entries (``reference.prefix_reconstructions``; on the cpp and triton backends the fused BatchTopK step decodes
+    the full width and ``reference.matryoshka_from_kept`` the inner ones), never a dense ``[B, d_sae]`` product.
     Inference is BatchTopK's (the calibrated global threshold). ``widths``: strictly increasing, ending at
     ``d_sae`` (appended when missing, as SAELens does).
 
