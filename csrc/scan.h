@@ -77,7 +77,10 @@ inline int group_maxima(const scalar_t* row, const scalar_t* bias, int64_t n, in
       nan += x != x;
     }
   }
-  for (int64_t i = T * S; i < n; ++i) nan += v(i) != v(i);
+  for (int64_t i = T * S; i < n; ++i) {
+    const key_t x = v(i);
+    nan += x != x;
+  }
   return nan;
 }
 

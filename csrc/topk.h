@@ -129,28 +129,24 @@ struct TopK {
   // runs on those few instead of all S (nth_element over 512 maxima was 2.5% of a TopK step at d_sae 8192, k 32).
   // Exact either way: when at least k maxima are >= hint, the k-th largest of them is the k-th largest of all.
   key_t kth_group_max(const key_t* m, int64_t S) {
-    if (has_hint) {
-      int64_t count = 0;
+    int64_t count = 0;
+    if (has_hint)
       for (int64_t b = 0; b < S; ++b) count += m[b] >= hint;
-      if (count >= k && count <= 8 * k) {
-        sel.clear();
-        for (int64_t b = 0; b < S; ++b)
-          if (m[b] >= hint) sel.push_back(m[b]);
-        std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<key_t>());
-        const key_t tau = sel[k - 1];
-        if (count >= 2 * k) {
-          std::nth_element(sel.begin() + k, sel.begin() + (2 * k - 1), sel.end(), std::greater<key_t>());
-          hint = sel[2 * k - 1];
-        }
-        return tau;
-      }
+    if (has_hint && count >= k && count <= 8 * k) {
+      sel.clear();
+      for (int64_t b = 0; b < S; ++b)
+        if (m[b] >= hint) sel.push_back(m[b]);
+    } else {
+      sel.assign(m, m + S);
+      count = S;
     }
-    sel.assign(m, m + S);
     std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<key_t>());
     const key_t tau = sel[k - 1];
-    std::nth_element(sel.begin() + k, sel.begin() + (2 * k - 1), sel.end(), std::greater<key_t>());
-    hint = sel[2 * k - 1];
-    has_hint = true;
+    if (count >= 2 * k) {  // always on the full set (S >= 4k)
+      std::nth_element(sel.begin() + k, sel.begin() + (2 * k - 1), sel.end(), std::greater<key_t>());
+      hint = sel[2 * k - 1];
+      has_hint = true;
+    }
     return tau;
   }
 
