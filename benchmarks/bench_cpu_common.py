@@ -38,11 +38,14 @@ def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, densi
     """An SAE of ``arch`` whose rows of ``x`` keep about ``density · d_sae`` latents (JumpReLU thresholds, ReLU
     encoder biases, Gated gate biases at per-latent quantiles; TopK / BatchTopK / Matryoshka: ``k``). ``calibrate``: a BatchTopK
     with its inference threshold set to keep about k per row. ``"<arch>-fresh"``: the library's default module.
+    ``"jumprelu-noaux"``: JumpReLU without its AuxK (``k_aux=0``), the fused step alone.
     The module lives on ``x``'s device, in ``dtype`` (default: the default dtype)."""
     torch.manual_seed(1)
-    base = arch.removesuffix("-fresh")
+    base = arch.removesuffix("-fresh").removesuffix("-noaux")
     cls = fastsae.sae.ARCHITECTURES[base]
     where = dict(backend=backend, device=x.device, dtype=dtype)
+    if arch.endswith("-noaux"):
+        where["k_aux"] = 0
     if base == "matryoshka_batchtopk":
         where["widths"] = cls.nested_widths(d_sae)
     sae = cls(d_in, d_sae, k, **where) if base in K_ARCHS else cls(d_in, d_sae, **where)

@@ -10,7 +10,8 @@ providers of a round together, so the ratios are steadier than the absolute time
 
 Rows (the sparsity each is set to comes from the batch's own pre-activations):
 - ``jumprelu``: thresholds at per-latent quantiles so each row has ~``--l0`` active latents (trained sparsity);
-  ε = 1e-3 on inputs with E‖x‖² = 1 (the paper's setting).
+  ε = 1e-3 on inputs with E‖x‖² = 1 (the paper's setting); with its AuxK (the default, ``k_aux=8``: a second,
+  unfused pass with a dense GEMM); ``jumprelu-noaux``: the same with ``k_aux=0``, the fused step alone.
 - ``jumprelu-fresh``: the library's default initialisation, untouched: the first steps of a real run, where a
   JumpReLU fires on about half its latents (the dispatcher runs the dense formulation there).
 - ``topk`` / ``batchtopk``: k = ``--k``, without AuxK (no dead latents); ``matryoshka_batchtopk``: the same
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 import fastsae
 from bench_cpu_common import K_ARCHS, build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
 
-ARCHS = ("jumprelu", "jumprelu-fresh", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "relu-fresh", "gated",
+ARCHS = ("jumprelu", "jumprelu-noaux", "jumprelu-fresh", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "relu-fresh", "gated",
          "gated-fresh")
 
 
@@ -102,7 +103,7 @@ def bench(args):
                 selection = "batchtopk" if arch == "matryoshka_batchtopk" else arch
                 path = "sparse" if ops.density.sparse_at(selection, cpp.W_enc, cpp.k) else "dense"
             else:
-                path = "sparse" if ops.density.sparse(arch.removesuffix("-fresh"), cpp.W_enc) else "dense"
+                path = "sparse" if ops.density.sparse(arch.removesuffix("-fresh").removesuffix("-noaux"), cpp.W_enc) else "dense"
             with torch.no_grad():
                 x_in = (x - cpp.b_dec if cpp.apply_b_dec_to_input else x).detach()
                 W, b = cpp.W_enc.detach(), (cpp.b_gate if arch.startswith("gated") else cpp.b_enc).detach()

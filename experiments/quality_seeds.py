@@ -26,4 +26,6 @@ for seed in seeds:
             if issubclass(cls, fastsae.BatchTopKSAE):  # the TopK warm-up default in force (changed in session 9)
                 warm = inspect.signature(fastsae.BatchTopKSAE.__init__).parameters["topk_warmup"].default
                 row["topk_warmup"] = round(warm, 4)
+            if issubclass(cls, fastsae.JumpReLUSAE):  # its AuxK default in force (added in session 10)
+                row["k_aux"] = fastsae.JumpReLUSAE(cfg.d_in, cfg.d_sae).k_aux
             print(json.dumps(row), flush=True); out.write(json.dumps(row) + "\n"); out.flush()

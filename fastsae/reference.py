@@ -359,6 +359,98 @@ def auxk_reconstruction(
     return decode(values, idx, W_dec[dead], None)
 
 
+class _KeptEntries(torch.autograd.Function):
+    """``values[b, j] = pre[b, idx[b, j]]`` (already computed, passed in) with the gradient of
+    ``x_in @ W_enc + b_enc`` at those entries only: an index-add into ``W_enc``'s and ``b_enc``'s gradients, not a
+    dense ``[B, d_sae]`` one."""
+
+    @staticmethod
+    def forward(ctx, values, x_in, W_enc, b_enc, idx):
+        ctx.save_for_backward(x_in, idx)
+        ctx.d_sae = W_enc.shape[1]
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, idx = ctx.saved_tensors
+        flat = idx.reshape(-1)
+        g_b = grad.new_zeros(ctx.d_sae).index_add_(0, flat, grad.reshape(-1))
+        g_Wt = grad.new_zeros(ctx.d_sae, x_in.shape[1]).index_add_(
+            0, flat, (grad.unsqueeze(-1) * x_in.unsqueeze(1)).reshape(-1, x_in.shape[1]))
+        return None, None, g_Wt.t(), g_b, None
+
+
+def quiet_auxk_loss(
+    x_in: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, threshold: Tensor, residual: Tensor, k_aux: int,
+    max_firing: int = 64, topk=topk, decode=sparse_decode,
+) -> Tensor:
+    """JumpReLU's AuxK: on each row, the ``k_aux`` largest pre-activations among the latents that do *not* fire on
+    it (``pre ≤ θ``) reconstruct ``e⊥``, the part of ``residual`` off the span of the decoder rows of the latents
+    that do (the first ``max_firing`` by index where a row has more, as in a run's dense first steps); the loss is
+    ``‖e⊥ - ê‖² / ‖e - mean e‖²`` over the rows (AuxK's, normalised by the whole residual: ``e⊥`` vanishes where
+    the firing rows span the space). The projection costs ``rows · m² · d_out`` for ``m`` firing latents a row.
+
+    A threshold gives a latent no gradient on the rows it stays below, so a feature no latent has yet is never
+    learned (TopK's per-row rank hands every row's spare slots to the nearest latents instead). This term trains
+    those nearest quiet latents towards what the firing ones miss; projecting the residual off the firing rows
+    keeps it from growing a second latent along a firing one (the magnitude error of a feature the SAE has).
+    Selection, firing set and projection are constants (no autograd, θ untouched); the gradient reaches
+    ``W_enc``/``b_enc`` at the kept entries only and ``W_dec`` at the kept rows."""
+    rows = x_in.shape[0]
+    if rows == 0 or k_aux <= 0:
+        return x_in.new_zeros(())
+    x_in = x_in.detach()
+    with torch.no_grad():
+        W, b, th = W_enc.detach(), b_enc.detach(), threshold.to(W_enc.dtype)
+        k = min(k_aux, W.shape[1])
+        # [slab, d_sae] pre-activations at a time (~8 MB), each read while it is in cache
+        slab = max(1, 2**21 // W.shape[1])
+        pre = x_in.new_empty(min(rows, slab), W.shape[1])
+        quiet, idx, firing_rows, firing = [], [], [], []
+        for a in range(0, rows, slab):
+            p = torch.mm(x_in[a:a + slab], W, out=pre[:min(slab, rows - a)]).add_(b)
+            fires = p > th
+            r_, c_ = fires.nonzero(as_tuple=True)  # row-major: grouped by row, latents ascending
+            firing_rows.append(r_ + a)
+            firing.append(c_)
+            q, i = topk(p.masked_fill_(fires, 0), k)
+            quiet.append(q)
+            idx.append(i)
+        quiet, idx, r, c = torch.cat(quiet), torch.cat(idx), torch.cat(firing_rows), torch.cat(firing)
+        keep = quiet > 0  # a row with fewer positive quiet latents pads with zeros or negatives
+        quiet = quiet * keep
+        # the least squares in float32 at least (no bf16 solve; a bf16 Gram would lose the small singular values)
+        wide = torch.promote_types(pre.dtype, torch.float32)
+        e = residual.detach().to(wide).clone()
+        total = (e - e.mean(0)).pow(2).sum()
+        if r.numel():
+            counts = torch.bincount(r, minlength=rows)
+            starts = counts.cumsum(0) - counts
+            pos = torch.arange(r.numel(), device=r.device) - starts[r]
+            first = pos < max_firing
+            r, c, pos, counts = r[first], c[first], pos[first], counts.clamp(max=max_firing)
+            # rows grouped by their firing count rounded up to a power of two, so a row's least-squares system
+            # is padded to at most twice its size (most rows fire on a few latents, a few on many)
+            width = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp_min(1).double())).long(), 0)
+            for m in width.unique().tolist():
+                if m == 0:
+                    continue
+                group = (width == m).nonzero().squeeze(1)
+                slot = torch.full((rows,), -1, dtype=torch.long, device=r.device)
+                slot[group] = torch.arange(group.numel(), device=r.device)
+                mine = slot[r] >= 0
+                D = e.new_zeros(group.numel(), m, W_dec.shape[1])
+                D[slot[r[mine]], pos[mine]] = W_dec.detach()[c[mine]].to(wide)  # zero padding
+                gram = D @ D.transpose(1, 2)
+                # a small ridge keeps the padding and near-parallel decoder rows solvable
+                diagonal, info = gram.diagonal(dim1=1, dim2=2), torch.finfo(wide)
+                diagonal.add_(info.eps * D.shape[-1] * diagonal.mean() + info.tiny)
+                eg = e[group]
+                e[group] = eg - (D.transpose(1, 2) @ torch.linalg.solve(gram, D @ eg.unsqueeze(-1))).squeeze(-1)
+    values = _KeptEntries.apply(quiet, x_in, W_enc, b_enc, idx) * keep
+    return (decode(values, idx, W_dec, None) - e).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
 def entry_norms(W_dec: Tensor, indices: Optional[Tensor]) -> Tensor:
     """``‖W_dec[j]‖`` at each code entry: ``[d_sae]`` for a dense code, ``[..]`` like ``indices`` otherwise."""
     norms = W_dec.norm(dim=1)

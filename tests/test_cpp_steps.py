@@ -281,6 +281,35 @@ def test_jumprelu_recipes_run_fused_and_match_eager(monkeypatch, recipe, path, d
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name, **tol)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_jumprelu_auxk_on_the_fused_step_matches_eager(monkeypatch, path, dtype):
+    """JumpReLU's AuxK (quiet latents fit the residual) next to the fused step: eager's loss and gradients, and a
+    term that is there (it changes the encoder's and decoder's gradients)."""
+    called = _spy(monkeypatch)
+    x = torch.randn(37, 24, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    results = []
+    for backend, k_aux in (("cpp", 5), ("eager", 5), ("eager", 0)):
+        sae = _module("jumprelu", dtype=dtype, k_aux=k_aux, aux_rows=0.6, target_l0=6.0)
+        sae.backend = backend
+        with torch.no_grad():  # ~15% of the rows fire each latent: the firing rows do not span the space
+            sae.threshold.copy_((x @ sae.W_enc + sae.b_enc).quantile(0.85, dim=0).float().clamp_min(0))
+        with override_crossover(path, arch="jumprelu", backend="cpp"):
+            out = sae.training_forward(x)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.aux.detach(), {n: q.grad for n, q in sae.named_parameters()}))
+    assert ("jumprelu_sae_dense" if path == "dense" else "jumprelu_sae") in called
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+    (lc, ac, gc), (le, ae, ge), (_, a0, g0) = results
+    torch.testing.assert_close(lc, le, **tol)
+    torch.testing.assert_close(ac, ae, **tol)
+    for name in ge:
+        torch.testing.assert_close(gc[name], ge[name], msg=name, **tol)
+    assert float(ae) > 0 and float(a0) == 0
+    assert not torch.allclose(ge["W_enc"], g0["W_enc"]) and not torch.allclose(ge["W_dec"], g0["W_dec"])
+    torch.testing.assert_close(ge["threshold"], g0["threshold"], **tol)  # θ gets nothing from it
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "relu", "gated", "batchtopk"])
 def test_one_and_two_threads_identical(arch):
     # 1100 rows: two encoder slabs, so two threads take the slabs in parallel (csrc/encoder.h for_each_slab)

@@ -100,8 +100,9 @@ def _assert_ok(results):
 
 def _make(arch, d_sae, seed=0, dtype=torch.float64, **kw):
     torch.manual_seed(seed)
-    if arch == "jumprelu":
-        sae = fastsae.JumpReLUSAE(D_IN, d_sae, bandwidth=0.3, threshold_init=0.1, dtype=dtype, **kw)
+    if arch == "jumprelu":  # without its AuxK, which latent sharding does not compute
+        sae = fastsae.JumpReLUSAE(D_IN, d_sae, bandwidth=0.3, threshold_init=0.1, dtype=dtype,
+                                  **dict(dict(k_aux=0), **kw))
     elif arch == "topk":
         sae = fastsae.TopKSAE(D_IN, d_sae, k=kw.pop("k", 4), k_aux=kw.pop("k_aux", 3), dtype=dtype, **kw)
     elif arch == "batchtopk":
@@ -569,6 +570,25 @@ def test_sharded_code_path_matches_the_module_on_every_backend(arch, backend):
     assert torch.equal(b.fired, a.fired)
     for (n, p), q in zip(sae.named_parameters(), sharded.shard.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_sharded_jumprelu_drops_its_auxk_and_rejects_terms_it_does_not_compute():
+    """A default JumpReLU (AuxK on) shards with a warning and k_aux 0 in its config, and then matches the module
+    without AuxK, also with the quadratic target-L0 loss; the tanh, pre-activation and straight-through terms,
+    which the sharded forward does not compute, are refused instead of dropped."""
+    x = torch.randn(9, D_IN, dtype=torch.float64)
+    full = _make("jumprelu", 23, k_aux=None, target_l0=3.0)
+    assert full.k_aux >= 1  # the default: d_in // 16, at least 1
+    with pytest.warns(UserWarning, match="without its AuxK"):
+        sharded = fd.ShardedSAE.from_full(full, fd.Grid())
+    assert sharded.full_config["k_aux"] == 0 and sharded.shard.k_aux == 0
+    plain = _make("jumprelu", 23, target_l0=3.0)
+    a, b = plain.training_forward(x), sharded.training_forward(x)
+    torch.testing.assert_close(b.loss, a.loss)
+    assert float(a.sparsity) != float(a.l0)  # the quadratic penalty, not λ·L0
+    for bad in (dict(sparsity_loss="tanh"), dict(pre_act_coefficient=1e-3), dict(ste_to_input=True)):
+        with pytest.raises(ValueError, match="latent-sharded JumpReLU"):
+            fd.ShardedSAE.from_full(_make("jumprelu", 23, **bad), fd.Grid())
 
 
 def test_gated_cannot_be_sharded():

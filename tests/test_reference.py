@@ -296,6 +296,47 @@ def test_pre_activation_loss_pulls_only_dead_latents_up_to_their_thresholds():
                                          torch.zeros(d_sae, dtype=torch.bool))) == 0.0
 
 
+@pytest.mark.parametrize("max_firing", [64, 2])
+def test_quiet_auxk_fits_the_residual_off_the_firing_rows_with_quiet_latents(max_firing):
+    """JumpReLU's AuxK against a row-by-row oracle: the k_aux largest non-firing pre-activations (ReLU'd)
+    reconstruct the residual projected off the span of the (first max_firing) firing latents' decoder rows
+    (least squares), over
+    the whole residual's variance; gradients reach W_enc / b_enc only at the kept entries, W_dec only at kept
+    rows, and never θ."""
+    B, d_in, d_sae, k_aux = 9, 7, 23, 3
+    p = params(d_in, d_sae)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, d_in, dtype=D64, generator=g)
+    residual = torch.randn(B, d_in, dtype=D64, generator=g)
+    with torch.no_grad():
+        pre = x @ p["W_enc"] + p["b_enc"]
+    theta = (pre.quantile(0.8, dim=0) + 0.01 * torch.rand(d_sae, dtype=D64, generator=g)).requires_grad_()
+    loss = ref.quiet_auxk_loss(x, p["W_enc"], p["b_enc"], p["W_dec"], theta, residual, k_aux, max_firing=max_firing)
+    total, fit, kept = (residual - residual.mean(0)).pow(2).sum(), 0.0, torch.zeros(B, d_sae, dtype=torch.bool)
+    for b in range(B):
+        fires = (pre[b] > theta.detach()).nonzero().squeeze(1)
+        fires = fires[:max_firing]
+        e = residual[b]
+        if fires.numel():
+            D = p["W_dec"].detach()[fires]
+            e = e - D.t() @ torch.linalg.lstsq(D.t(), e.unsqueeze(1)).solution.squeeze(1)
+        quiet = torch.where(pre[b] > theta.detach(), torch.zeros(()), pre[b].clamp_min(0))
+        idx = quiet.argsort(descending=True)[:k_aux]
+        idx = idx[quiet[idx] > 0]
+        kept[b, idx] = True
+        v = torch.relu(x[b] @ p["W_enc"][:, idx] + p["b_enc"][idx])
+        fit = fit + (v @ p["W_dec"][idx] - e).pow(2).sum()
+    want = fit / total
+    torch.testing.assert_close(loss, want)
+    got = torch.autograd.grad(loss, [p["W_enc"], p["b_enc"], p["W_dec"], theta], allow_unused=True)
+    exp = torch.autograd.grad(want, [p["W_enc"], p["b_enc"], p["W_dec"]])
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e)
+    assert got[3] is None
+    assert torch.count_nonzero(got[1][~kept.any(0)]) == 0 and torch.count_nonzero(got[1]) > 0
+    assert float(ref.quiet_auxk_loss(x[:0], p["W_enc"], p["b_enc"], p["W_dec"], theta, residual[:0], k_aux)) == 0.0
+
+
 def test_quadratic_target_l0_is_zero_at_the_target_and_pushes_from_both_sides():
     l0 = torch.tensor([3.0, 5.0, 4.0], dtype=D64, requires_grad=True)
     assert float(ref.quadratic_l0(l0, 4.0).detach()) == 0.0

@@ -15,7 +15,7 @@ from conftest import BACKENDS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_IN, D_OUT, D_SAE, K = 9, 7, 29, 3
-KW = {"relu": {}, "jumprelu": {"bandwidth": 0.05}, "topk": {"k": K}, "batchtopk": {"k": K},
+KW = {"relu": {}, "jumprelu": {"bandwidth": 0.05, "k_aux": 0}, "topk": {"k": K}, "batchtopk": {"k": K},
       "matryoshka_batchtopk": {"k": K, "widths": [6, 15]}, "gated": {}}
 
 
@@ -91,6 +91,30 @@ def test_training_forward_with_target_matches_float64_formula(arch, skip, backen
             torch.testing.assert_close(g, e, msg=name)
     sae.eval()
     assert sae(x.reshape(1, 11, D_IN)).shape == (1, 11, D_OUT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("skip", [False, True])
+def test_jumprelu_transcoder_auxk_fits_the_output_residual(backend, skip):
+    """JumpReLU's AuxK in a transcoder: quiet latents fit the residual of the d_out target (of ``target - x @
+    W_skip`` with a skip connection), projected off the firing latents' d_out decoder rows."""
+    x = torch.randn(11, D_IN, dtype=torch.float64) * 1.5
+    y = torch.randn(11, D_OUT, dtype=torch.float64)
+    losses = []
+    for k_aux in (0, 3):
+        sae = _module("jumprelu", backend, skip)
+        sae.k_aux = k_aux
+        with torch.no_grad():  # few firing latents a row, so the firing rows do not span the output space
+            if skip:
+                sae.W_skip.add_(0.1)
+            sae.threshold.copy_((x @ sae.W_enc + sae.b_enc).quantile(0.9, dim=0).clamp_min(0))
+        out = sae.training_forward(x, y)
+        losses.append(out.loss)
+    t = y - (x @ sae.W_skip if skip else 0)
+    inner = out.x_hat - (x @ sae.W_skip if skip else 0)
+    aux = ref.quiet_auxk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.threshold, t - inner, 3)
+    assert float(aux) > 0
+    torch.testing.assert_close(losses[1] - losses[0], sae.aux_coefficient * aux)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -98,10 +98,10 @@ def test_topk_sae_matches_reference(arch, dtype, apply_b_dec, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_module_training_step_on_triton_matches_eager(mode):
-    """A JumpReLUSAE (also with the tanh penalty and the straight-through gradient), a TopKSAE (with AuxK), a
-    ReLUSAE and a GatedSAE (float32) on backend='triton' give eager's loss and gradients."""
+    """A JumpReLUSAE (also with the tanh penalty and the straight-through gradient, and with its AuxK), a TopKSAE
+    (with AuxK), a ReLUSAE and a GatedSAE (float32) on backend='triton' give eager's loss and gradients."""
     x = torch.randn(17, 12, device=DEV)
-    for arch in ["jumprelu", "jumprelu-tanh", "topk", "relu", "gated"]:
+    for arch in ["jumprelu", "jumprelu-tanh", "jumprelu-auxk", "topk", "relu", "gated"]:
         grads = []
         for be in ["eager", "triton"]:
             torch.manual_seed(3)
@@ -110,6 +110,9 @@ def test_module_training_step_on_triton_matches_eager(mode):
             elif arch == "jumprelu-tanh":
                 sae = fastsae.JumpReLUSAE(12, 45, bandwidth=0.05, threshold_init=0.05, sparsity_loss="tanh",
                                           ste_to_input=True, backend=be, device=DEV)
+            elif arch == "jumprelu-auxk":
+                sae = fastsae.JumpReLUSAE(12, 45, bandwidth=0.05, threshold_init=0.3, k_aux=4, aux_rows=0.5,
+                                          backend=be, device=DEV)
             elif arch == "topk":
                 sae = fastsae.TopKSAE(12, 45, k=4, k_aux=3, backend=be, device=DEV)
             else:

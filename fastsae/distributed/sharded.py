@@ -2,6 +2,8 @@
 latent group (one all-gather of ``(value, global index)`` candidates per row) and resuming from a checkpoint."""
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -114,8 +116,7 @@ class ShardedSAE(nn.Module):
     def from_full(cls, sae: nn.Module, g: Optional[Grid] = None) -> "ShardedSAE":
         """Slice a full SAE (identical on every rank) into this rank's shard."""
         g = g or grid()
-        cfg = sae.config()
-        _check_shardable(cfg, g)
+        cfg = _shardable_config(sae.config(), g)
         start, stop = shard_range(cfg["d_sae"], g.latent_rank, g.latent_size)
         with torch.random.fork_rng(devices=[]):  # building the shard must not move the caller's RNG
             local = _build(cfg, stop - start, backend=sae.backend, device=sae.device)
@@ -138,7 +139,7 @@ class ShardedSAE(nn.Module):
         args = (d_in, d_sae) if k is None else (d_in, d_sae, k)
         with torch.device("meta"):
             cfg = ARCHITECTURES[architecture](*args, **{k_: v for k_, v in kwargs.items() if k_ != "device"}).config()
-        _check_shardable(cfg, g)
+        cfg = _shardable_config(cfg, g)
         start, stop = shard_range(d_sae, g.latent_rank, g.latent_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + g.latent_rank)
@@ -269,7 +270,8 @@ class ShardedSAE(nn.Module):
             l0 = reduce_out(out.l0, group)
             lam = s.sparsity_coefficient if sparsity_coefficient is None else sparsity_coefficient
             fwd = ref.SAEForward(x_hat=x_hat, l0=l0, fired=self._gather_fired(out.fired, group))
-            return s._output(x2, fwd, l0.mean(), aux, lam, 0.0)
+            sparsity = ref.quadratic_l0(l0, s.target_l0) if s.sparsity_loss == "quadratic" else l0.mean()
+            return s._output(x2, fwd, sparsity, aux, lam, 0.0)
         if arch == "relu":
             out = ops.relu_sae(x_in, s.W_enc, s.b_enc, s.W_dec, zero_b, False)
             x_hat = reduce_out(out.x_hat, group) + s.b_dec
@@ -362,9 +364,28 @@ class ShardedSAE(nn.Module):
         return reduce_out(partial, group)
 
 
+def _shardable_config(cfg: dict, g: Grid) -> dict:
+    """``cfg`` checked for latent sharding, with what the sharded forward does not compute switched off."""
+    _check_shardable(cfg, g)
+    if cfg.get("k_aux") and cfg["architecture"] == "jumprelu":
+        # JumpReLU's AuxK selects among each row's quiet latents across every shard and projects off the row's
+        # firing decoder rows: not implemented across shards, so the shards train without it
+        warnings.warn(f"latent-sharded JumpReLU trains without its AuxK (k_aux={cfg['k_aux']} -> 0)", stacklevel=3)
+        cfg = dict(cfg, k_aux=0)
+    return cfg
+
+
 def _check_shardable(cfg: dict, g: Grid) -> None:
     if cfg["architecture"] not in SHARDABLE:
         raise ValueError(f"latent sharding supports architectures {list(SHARDABLE)}, got {cfg['architecture']!r}")
+    if cfg["architecture"] == "jumprelu":
+        # the sharded forward computes the step / quadratic L0 only; these terms would be dropped silently
+        unsupported = [f"{name}={cfg[name]!r}" for name, off in
+                       (("sparsity_loss", ("step", "quadratic")), ("pre_act_coefficient", (0, 0.0)),
+                        ("ste_to_input", (False,))) if cfg.get(name, off[0]) not in off]
+        if unsupported:
+            raise ValueError(f"latent-sharded JumpReLU trains the 'step' or 'quadratic' L0 only, without "
+                             f"pre-activation loss or straight-through gradient; got {', '.join(unsupported)}")
     if cfg["d_sae"] < g.latent_size:
         raise ValueError(f"d_sae={cfg['d_sae']} must be >= the latent-parallel size {g.latent_size}")
 

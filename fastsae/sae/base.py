@@ -26,8 +26,8 @@ class TrainOutput:
     """One training forward pass.
 
     loss: the scalar to differentiate. mse: ``mean_b Σ_i (x̂ - x)²``. sparsity: the architecture's
-    (unweighted) sparsity penalty (0 for TopK/BatchTopK). aux: AuxK (TopK/BatchTopK) or Gated's
-    frozen-decoder reconstruction term (0 elsewhere). l0: mean active latents per row (detached).
+    (unweighted) sparsity penalty (0 for TopK/BatchTopK). aux: AuxK (TopK/BatchTopK), Gated's
+    frozen-decoder reconstruction term, or JumpReLU's AuxK and pre-activation loss (already weighted). l0: mean active latents per row (detached).
     fvu: fraction of variance unexplained in this batch (detached). x_hat: ``[B, d_in]``.
     fired: ``[d_sae]`` bool, latents active on at least one row of the batch.
     """
