@@ -17,8 +17,8 @@ Usage: python experiments/jumprelu_realistic_variants.py NAME '{"bandwidth": "ad
     replace the last one): "auxk_dead" (TopK's AuxK: the top "k_aux" pre-activations of the dead latents fit the
     residual), "auxk_quiet" (each row's top "k_aux" non-firing latents, dense autograd), "auxk_quiet2" (the same,
     selected without autograd on the first "aux_rows" of the batch; with "aux_perp" the residual is projected off
-    the span of the row's (up to 16 largest) firing decoder rows; `fastsae.reference.quiet_auxk_loss` takes the
-    first 16 by index, and normalises by the whole residual's variance, not the projected one's).
+    the span of the row's (up to 16 largest) firing decoder rows, as `fastsae.reference.quiet_auxk_loss` does; it
+    normalises by the whole residual's variance, not the projected one's).
   With SAVE_DIR set, the trained SAE's state dict is saved there as NAME.pt.
 Also reports recovery by the latents that fire on the held-out rows ("rec_live", "uniq_live"): a decoder row that
 never fires reconstructs nothing.

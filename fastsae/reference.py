@@ -382,13 +382,14 @@ class _KeptEntries(torch.autograd.Function):
 
 def quiet_auxk_loss(
     x_in: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, threshold: Tensor, residual: Tensor, k_aux: int,
-    max_firing: int = 64, topk=topk, decode=sparse_decode,
+    max_firing: int = 16, topk=topk, decode=sparse_decode,
 ) -> Tensor:
     """JumpReLU's AuxK: on each row, the ``k_aux`` largest pre-activations among the latents that do *not* fire on
     it (``pre ≤ θ``) reconstruct ``e⊥``, the part of ``residual`` off the span of the decoder rows of the latents
-    that do (the first ``max_firing`` by index where a row has more, as in a run's dense first steps); the loss is
-    ``‖e⊥ - ê‖² / ‖e - mean e‖²`` over the rows (AuxK's, normalised by the whole residual: ``e⊥`` vanishes where
-    the firing rows span the space). The projection costs ``rows · m² · d_out`` for ``m`` firing latents a row.
+    that do (the first ``max_firing`` by index where a row has more: a run's dense first steps, or an L0 above it);
+    the loss is ``‖e⊥ - ê‖² / ‖e - mean e‖²`` over the rows (AuxK's, normalised by the whole residual: ``e⊥``
+    vanishes where the firing rows span the space). The projection costs ``rows · m² · d_out`` for ``m ≤
+    max_firing`` firing latents a row.
 
     A threshold gives a latent no gradient on the rows it stays below, so a feature no latent has yet is never
     learned (TopK's per-row rank hands every row's spare slots to the nearest latents instead). This term trains

@@ -296,7 +296,7 @@ def test_pre_activation_loss_pulls_only_dead_latents_up_to_their_thresholds():
                                          torch.zeros(d_sae, dtype=torch.bool))) == 0.0
 
 
-@pytest.mark.parametrize("max_firing", [64, 2])
+@pytest.mark.parametrize("max_firing", [16, 2])
 def test_quiet_auxk_fits_the_residual_off_the_firing_rows_with_quiet_latents(max_firing):
     """JumpReLU's AuxK against a row-by-row oracle: the k_aux largest non-firing pre-activations (ReLU'd)
     reconstruct the residual projected off the span of the (first max_firing) firing latents' decoder rows
