@@ -67,6 +67,14 @@ def test_module_validation(backend):
         fastsae.JumpReLUSAE(8, 16, bandwidth=0.0, backend=backend)
     with pytest.raises(ValueError, match="bandwidth"):
         fastsae.JumpReLUSAE(8, 16, bandwidth=torch.ones(15), backend=backend)
+    for bad, err in ((dict(k_aux=17), ValueError), (dict(k_aux=-1), ValueError), (dict(k_aux=2.5), TypeError),
+                     (dict(aux_rows=0.0), ValueError), (dict(aux_rows=1.5), ValueError),
+                     (dict(aux_coefficient=-0.1), ValueError), (dict(aux_coefficient=float("nan")), ValueError)):
+        with pytest.raises(err, match=next(iter(bad))):
+            fastsae.JumpReLUSAE(8, 16, backend=backend, **bad)
+    assert fastsae.JumpReLUSAE(8, 16, backend=backend).k_aux == 1  # d_in // 16, at least 1
+    assert fastsae.JumpReLUSAE(64, 2, backend=backend).k_aux == 2  # and at most d_sae
+    assert fastsae.JumpReLUSAE(8, 16, k_aux=0, backend=backend).k_aux == 0
     for sae in [fastsae.JumpReLUSAE(8, 16, backend=backend), fastsae.TopKSAE(8, 16, 3, backend=backend),
                 fastsae.GatedSAE(8, 16, backend=backend)]:
         with pytest.raises(ValueError, match="d_in"):

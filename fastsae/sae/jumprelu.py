@@ -72,9 +72,10 @@ class JumpReLUSAE(SAE):
     help depends on the input width: 8 of 2,048 latents in 128 dims beat 4 and 16 there; in 64 dims (the quality
     benchmark's job, 512 latents) 4 gave 91.4 / 92.5 / 71.8% at 0.5 / 1 / 2× the true L0 over five seeds (8:
     92.4 / 91.6 / 66.3%; none: 89.3 / 86.7 / 65.4%; TopK 82.3 / 85.9 / 65.7%); in 32 dims (128 latents) 8 cost 12
-    points (87.5 → 75.0%) where 2 gained 6 (93.8%). Without the projection it grew co-firing duplicates (uniqueness 0.94 → 0.86); on
-    dead latents only (TopK's AuxK) or at k_aux 64 it gained < 1 point, at weight 1 none; on half of each batch's
-    rows (``aux_rows=0.5``) 95.2% over five seeds, 0.5 points under all rows on each of seeds 0–2
+    points (87.5 → 75.0%) where 2 gained 6 (93.8%). Without the projection it grew co-firing duplicates
+    (uniqueness 0.94 → 0.86); on dead latents only (TopK's AuxK) or at k_aux 64 it gained < 1 point, at weight 1
+    none; on half of each batch's rows (``aux_rows=0.5``) 95.2% over five seeds, 0.5 points under all rows on each
+    of seeds 0–2
     (``experiments/results/arch_defaults.md``, session 10). Its cost is a second, unfused pass over the
     ``aux_rows`` rows: a dense GEMM, a selection and a small least-squares solve per row (``k_aux=0`` turns it
     off; latent-sharded training runs without it).
