@@ -33,6 +33,11 @@ def column_quantile(pre: torch.Tensor, density: float) -> torch.Tensor:
 K_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
 
 
+def base_arch(arch: str) -> str:
+    """The architecture of a benchmark row name (``"jumprelu-fresh"``, ``"jumprelu-noaux"`` -> ``"jumprelu"``)."""
+    return arch.removesuffix("-fresh").removesuffix("-noaux")
+
+
 def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, density: float, k: int,
           calibrate: bool = False, dtype: Optional[torch.dtype] = None) -> fastsae.SAE:
     """An SAE of ``arch`` whose rows of ``x`` keep about ``density · d_sae`` latents (JumpReLU thresholds, ReLU
@@ -41,7 +46,7 @@ def build(arch: str, backend: str, d_in: int, d_sae: int, x: torch.Tensor, densi
     ``"jumprelu-noaux"``: JumpReLU without its AuxK (``k_aux=0``), the fused step alone.
     The module lives on ``x``'s device, in ``dtype`` (default: the default dtype)."""
     torch.manual_seed(1)
-    base = arch.removesuffix("-fresh").removesuffix("-noaux")
+    base = base_arch(arch)
     cls = fastsae.sae.ARCHITECTURES[base]
     where = dict(backend=backend, device=x.device, dtype=dtype)
     if arch.endswith("-noaux"):

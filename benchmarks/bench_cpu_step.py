@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsae
-from bench_cpu_common import K_ARCHS, build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
+from bench_cpu_common import K_ARCHS, base_arch, build as build_sae, make_batch, peak_bytes, time_interleaved, write_table
 
 ARCHS = ("jumprelu", "jumprelu-noaux", "jumprelu-fresh", "topk", "batchtopk", "matryoshka_batchtopk", "relu", "relu-fresh", "gated",
          "gated-fresh")
@@ -103,7 +103,7 @@ def bench(args):
                 selection = "batchtopk" if arch == "matryoshka_batchtopk" else arch
                 path = "sparse" if ops.density.sparse_at(selection, cpp.W_enc, cpp.k) else "dense"
             else:
-                path = "sparse" if ops.density.sparse(arch.removesuffix("-fresh").removesuffix("-noaux"), cpp.W_enc) else "dense"
+                path = "sparse" if ops.density.sparse(base_arch(arch), cpp.W_enc) else "dense"
             with torch.no_grad():
                 x_in = (x - cpp.b_dec if cpp.apply_b_dec_to_input else x).detach()
                 W, b = cpp.W_enc.detach(), (cpp.b_gate if arch.startswith("gated") else cpp.b_enc).detach()

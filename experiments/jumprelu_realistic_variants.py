@@ -77,8 +77,8 @@ elif patch in ("auxk_dead", "auxk_quiet", "auxk_quiet2"):
     k_aux, aux_coef = kw.pop("k_aux", 64), kw.pop("aux_coef", 1 / 32)
     aux_rows = kw.pop("aux_rows", 1.0)
     kw["k_aux"] = 0  # the module's own AuxK (session 10's result) off: the patch is the term
-    aux_until = kw.pop("aux_until", 1.0)
-    aux_perp = kw.pop("aux_perp", False)  # the aux target: the residual off the span of the row's firing rows  # the aux term only during this fraction of the run's steps
+    aux_until = kw.pop("aux_until", 1.0)  # the aux term only during this fraction of the run's steps
+    aux_perp = kw.pop("aux_perp", False)  # the aux target: the residual off the span of the row's firing rows
     calls = [0]
 
     def training_forward(self, x, dead_mask, coefficient):
@@ -87,6 +87,7 @@ elif patch in ("auxk_dead", "auxk_quiet", "auxk_quiet2"):
         if calls[0] > aux_until * steps:
             return res
         x_in = self._encoder_input(x)
+        e = (self._target_of(x) - res.x_hat).detach()
         if patch == "auxk_dead":
             if dead_mask is None or not dead_mask.any():
                 return res
@@ -98,7 +99,7 @@ elif patch in ("auxk_dead", "auxk_quiet", "auxk_quiet2"):
                 pre = x_in @ self.W_enc + self.b_enc
                 quiet = pre.clamp_min(0).masked_fill_(pre > self.threshold.to(pre.dtype), 0)
                 idx = torch.topk(quiet, k_aux, dim=1).indices
-                e = (self._target_of(x)[:n] - res.x_hat[:n]).detach()
+                e = e[:n]
                 if aux_perp:
                     firing = pre.masked_fill(pre <= self.threshold.to(pre.dtype), float("-inf"))
                     fv, fi = torch.topk(firing, 16, dim=1)
@@ -109,16 +110,12 @@ elif patch in ("auxk_dead", "auxk_quiet", "auxk_quiet2"):
             values = torch.einsum("bd,dbk->bk", x_in, self.W_enc[:, idx]) + self.b_enc[idx]
             values = values * (values > 0)
             e_hat = ref.sparse_decode(values, idx, self.W_dec, None)
-            aux = ref.auxk_loss(e, e_hat)
-            res.loss = res.loss + aux_coef * aux
-            res.aux = aux.detach()
-            return res
         else:
             pre = x_in @ self.W_enc + self.b_enc
             quiet = torch.nn.functional.relu(pre).masked_fill(pre > self.threshold.detach().to(pre.dtype), 0)
             values, idx = torch.topk(quiet, k_aux, dim=1)
             e_hat = ref.sparse_decode(values, idx, self.W_dec, None)
-        aux = ref.auxk_loss((self._target_of(x) - res.x_hat).detach(), e_hat)
+        aux = ref.auxk_loss(e, e_hat)
         res.loss = res.loss + aux_coef * aux
         res.aux = aux.detach()
         return res

@@ -366,16 +366,6 @@ class ShardedSAE(nn.Module):
 
 def _shardable_config(cfg: dict, g: Grid) -> dict:
     """``cfg`` checked for latent sharding, with what the sharded forward does not compute switched off."""
-    _check_shardable(cfg, g)
-    if cfg.get("k_aux") and cfg["architecture"] == "jumprelu":
-        # JumpReLU's AuxK selects among each row's quiet latents across every shard and projects off the row's
-        # firing decoder rows: not implemented across shards, so the shards train without it
-        warnings.warn(f"latent-sharded JumpReLU trains without its AuxK (k_aux={cfg['k_aux']} -> 0)", stacklevel=3)
-        cfg = dict(cfg, k_aux=0)
-    return cfg
-
-
-def _check_shardable(cfg: dict, g: Grid) -> None:
     if cfg["architecture"] not in SHARDABLE:
         raise ValueError(f"latent sharding supports architectures {list(SHARDABLE)}, got {cfg['architecture']!r}")
     if cfg["architecture"] == "jumprelu":
@@ -388,6 +378,12 @@ def _check_shardable(cfg: dict, g: Grid) -> None:
                              f"pre-activation loss or straight-through gradient; got {', '.join(unsupported)}")
     if cfg["d_sae"] < g.latent_size:
         raise ValueError(f"d_sae={cfg['d_sae']} must be >= the latent-parallel size {g.latent_size}")
+    if cfg.get("k_aux") and cfg["architecture"] == "jumprelu":
+        # JumpReLU's AuxK selects among each row's quiet latents across every shard and projects off the row's
+        # firing decoder rows: not implemented across shards, so the shards train without it
+        warnings.warn(f"latent-sharded JumpReLU trains without its AuxK (k_aux={cfg['k_aux']} -> 0)", stacklevel=3)
+        cfg = dict(cfg, k_aux=0)
+    return cfg
 
 
 def _slice(t: Tensor, dim: Optional[int], start: int, stop: int) -> Tensor:

@@ -217,7 +217,8 @@ class JumpReLUSAE(SAE):
 
     def _training_forward(self, x, dead_mask, coefficient):
         tanh = self.sparsity_loss == "tanh"
-        out = self.ops(x.device).jumprelu_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold,
+        ops = self.ops(x.device)
+        out = ops.jumprelu_sae(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold,
                                               self.bandwidth, self.apply_b_dec_to_input,
                                               ste_to_input=self.ste_to_input, need_values=tanh)
         if tanh:
@@ -232,7 +233,6 @@ class JumpReLUSAE(SAE):
                 self._encoder_input(x), self.W_enc, self.b_enc, self.threshold, self.W_dec, dead_mask)
         if self.k_aux and self.aux_coefficient:
             n = min(x.shape[0], math.ceil(self.aux_rows * x.shape[0]))
-            ops = self.ops(x.device)
             aux = aux + self.aux_coefficient * ref.quiet_auxk_loss(
                 self._encoder_input(x[:n]), self.W_enc, self.b_enc, self.W_dec, self.threshold,
                 self._target_of(x)[:n] - out.x_hat[:n], self.k_aux, topk=ops.topk, decode=ops.sparse_decode)
